@@ -1,0 +1,169 @@
+"""LAMA-style cloze probing: P@1 per relation and macro-averaged over relations.
+
+A probe fact is a JSON Lines record `{"relation", "template", "subject", "object"}` whose template
+holds `[X]` and `[Y]` once each. The query is the template with `[X]` -> subject and
+`[Y]` -> the tokenizer's mask token; the prediction is the argmax over the whole vocabulary of the
+MLM logits at the mask. Only facts whose object is a single token under the tokenizer are scored
+(as in LAMA); the others are counted as skipped. P@1(relation) = correct / scored, and the macro
+average is the unweighted mean over relations with at least one scored fact.
+
+    python -m trelm_fast.probe --model DIR --probes FILE
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_FIELDS = ("relation", "template", "subject", "object")
+
+
+@dataclass(frozen=True)
+class ProbeFact:
+    relation: str
+    template: str
+    subject: str
+    object: str
+
+
+def load_probes(path: str | os.PathLike) -> list[ProbeFact]:
+    """Read a probe file; errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"probes: {path} does not exist")
+    facts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            for name in _FIELDS:
+                if name not in rec:
+                    raise ValueError(f"{where}: missing field {name!r}")
+                if not isinstance(rec[name], str) or not rec[name].strip():
+                    raise ValueError(f"{where}: field {name!r} must be a non-empty string")
+            for slot in ("[X]", "[Y]"):
+                if rec["template"].count(slot) != 1:
+                    raise ValueError(f"{where}: field 'template' must contain {slot} exactly once: {rec['template']!r}")
+            facts.append(ProbeFact(**{name: rec[name] for name in _FIELDS}))
+    if not facts:
+        raise ValueError(f"probes: {path} holds no facts")
+    return facts
+
+
+@dataclass
+class ProbeResult:
+    """P@1 per relation (`p_at_1`), scored facts per relation (`counts`), the macro average, and
+    how many facts were skipped because their object is not a single token."""
+    p_at_1: dict[str, float]
+    counts: dict[str, int]
+    macro_p_at_1: float
+    skipped: int
+    predictions: list[tuple[ProbeFact, str]] = field(default_factory=list, repr=False)
+
+    def format(self) -> str:
+        width = max([len("relation")] + [len(r) for r in self.p_at_1])
+        lines = [f"{'relation':<{width}}  {'facts':>6}  {'P@1':>6}"]
+        for rel in sorted(self.p_at_1):
+            lines.append(f"{rel:<{width}}  {self.counts[rel]:>6}  {self.p_at_1[rel]:>6.3f}")
+        lines.append(f"{'macro':<{width}}  {sum(self.counts.values()):>6}  {self.macro_p_at_1:>6.3f}")
+        if self.skipped:
+            lines.append(f"({self.skipped} facts skipped: object is not a single token)")
+        return "\n".join(lines)
+
+
+def _object_token(tokenizer: Any, fact: ProbeFact) -> int | None:
+    """The object's token id as it appears at [Y] (a preceding space matters for BPE), or None."""
+    before = fact.template[: fact.template.index("[Y]")]
+    text = (" " if before[-1:].isspace() else "") + fact.object
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+@torch.no_grad()
+def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[ProbeFact],
+                    batch_size: int = 32, device: torch.device | str | None = None) -> ProbeResult:
+    """P@1 of a masked LM (a `transformers` model returning `.logits` [B, n, V]) on `facts`.
+
+    The model is put in eval mode for the evaluation and its previous mode restored.
+    """
+    if tokenizer.mask_token is None:
+        raise ValueError("probes: the tokenizer has no mask token")
+    if device is None:
+        device = next(model.parameters()).device
+    scored, skipped = [], 0
+    for fact in facts:
+        target = _object_token(tokenizer, fact)
+        if target is None:
+            skipped += 1
+        else:
+            scored.append((fact, target))
+
+    was_training = model.training
+    model.eval()
+    correct: dict[str, int] = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
+    predictions = []
+    try:
+        for i in range(0, len(scored), batch_size):
+            chunk = scored[i:i + batch_size]
+            texts = [f.template.replace("[X]", f.subject).replace("[Y]", tokenizer.mask_token) for f, _ in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+            input_ids = enc["input_ids"].to(device)
+            is_mask = input_ids == tokenizer.mask_token_id
+            if not bool((is_mask.sum(1) == 1).all()):
+                bad = texts[int((is_mask.sum(1) != 1).nonzero()[0])]
+                raise ValueError(f"probes: query {bad!r} does not hold exactly one mask token after tokenization")
+            logits = model(input_ids=input_ids, attention_mask=enc["attention_mask"].to(device)).logits
+            predicted = logits[is_mask].argmax(-1).tolist()  # one mask per row, in row order
+            for (fact, target), pred in zip(chunk, predicted):
+                counts[fact.relation] += 1
+                correct[fact.relation] += int(pred == target)
+                predictions.append((fact, tokenizer.convert_ids_to_tokens(pred)))
+    finally:
+        model.train(was_training)
+
+    p_at_1 = {rel: correct[rel] / n for rel, n in counts.items()}
+    macro = sum(p_at_1.values()) / len(p_at_1) if p_at_1 else 0.0
+    return ProbeResult(p_at_1=p_at_1, counts=dict(counts), macro_p_at_1=macro, skipped=skipped,
+                       predictions=predictions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trelm_fast.probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a transformers model directory (with tokenizer files)")
+    parser.add_argument("--probes", required=True, help="probe facts, JSON Lines")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    if not Path(args.model).is_dir():
+        parser.error(f"--model: {args.model} is not a directory")
+    try:
+        facts = load_probes(args.probes)
+    except (OSError, ValueError) as err:
+        parser.error(f"--probes: {err}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model = AutoModelForMaskedLM.from_pretrained(args.model, local_files_only=True).to(args.device)
+    result = evaluate_probes(model, tokenizer, facts, batch_size=args.batch_size, device=args.device)
+    print(result.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
