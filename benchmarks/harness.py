@@ -1,0 +1,259 @@
+"""Measurement primitives shared by every suite: wall-clock, FLOPs, peak memory, result records.
+
+- `time_ms(fn)`: median wall-clock of one call in milliseconds. CPU: `warmup` untimed calls, then
+  `repeats` calls timed with `time.perf_counter`, median. CUDA: `triton.testing.do_bench` with
+  `return_mode="median"` (it synchronizes and flushes the L2 cache between calls).
+- `count_flops(fn)`: FLOPs of one call from `torch.utils.flop_counter.FlopCounterMode` (matmuls,
+  convolutions and attention only; elementwise work is not counted, as in that counter).
+- `peak_mem_mb(fn)`: the high-water mark of bytes allocated during one call, above what was
+  allocated when the call started (activations, gradients, temporaries; parameters and optimizer
+  state that already exist are not counted). CUDA: `torch.cuda.max_memory_allocated()` after
+  `reset_peak_memory_stats()`, minus `memory_allocated()` at the start. CPU: the same quantity from
+  the allocation events of `torch.profiler` (`profile_memory=True`): the maximum of the running sum
+  of allocated and freed bytes over the call, in event order.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+METRICS = {
+    "wall_ms": "ms",
+    "tokens_per_s": "tokens/s",
+    "flops": "FLOP",
+    "peak_mem_mb": "MiB",
+    "lookups_per_s": "lookups/s",
+    "max_rel_err": "1",
+    "time_to_target_s": "s",
+    "efficiency": "1",
+    "attribution_share": "1",
+    "path_jaccard": "1",
+    # the `limit` suite's device figures and floors
+    "flops_per_s": "FLOP/s",
+    "bytes_per_s": "B/s",
+    "floor_ms": "ms",
+    # the `convergence` suite's end-of-run figures
+    "final_loss": "1",
+    "final_p_at_1": "1",
+}
+"""Every metric a record may carry, with its unit (issue 7's names first)."""
+
+SUITES = ("kernels", "step", "limit", "convergence")
+
+
+class MissingComponent(RuntimeError):
+    """A suite needs a part of trelm_fast that is not importable (yet); no numbers are made up."""
+
+
+def require(module: str, *names: str):
+    """Import `module` and return its attributes `names`, or raise MissingComponent naming them."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        raise MissingComponent(f"cannot import {module}: {err}") from err
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise MissingComponent(f"{module} has no {', '.join(missing)}")
+    values = tuple(getattr(mod, n) for n in names)
+    return values[0] if len(values) == 1 else values
+
+
+@dataclass
+class Settings:
+    """What every suite is given: the device, quick mode and the timing repeats."""
+
+    device: torch.device
+    quick: bool
+    warmup: int
+    repeats: int
+    out: Path
+    cases: list[str] | None = None
+    """Glob patterns selecting case names (None: every case)."""
+
+    @classmethod
+    def make(cls, device: str, quick: bool, out: Path, cases: list[str] | None = None) -> "Settings":
+        return cls(torch.device(device), quick, warmup=1 if quick else 2, repeats=3 if quick else 5, out=out, cases=cases)
+
+    def wants(self, case: str) -> bool:
+        return self.cases is None or any(fnmatch.fnmatchcase(case, pattern) for pattern in self.cases)
+
+
+@dataclass
+class Results:
+    """The records of one run, each `{"suite", "case", "variant", "metric", "value", "unit"}`."""
+
+    records: list[dict] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """Convergence curves per variant: loss_wall_s, loss, probe_wall_s, p_at_1 (curves.json)."""
+
+    def add(self, suite: str, case: str, variant: str, metric: str, value: float) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
+        value = float(value)
+        if value != value:
+            raise ValueError(f"{suite}/{case}/{variant}/{metric} is NaN")
+        self.records.append(
+            {"suite": suite, "case": case, "variant": variant, "metric": metric, "value": value, "unit": METRICS[metric]}
+        )
+
+    def note(self, suite: str, text: str) -> None:
+        """A line of context for `summary.md` (shapes, settings, where the time goes)."""
+        self.notes.setdefault(suite, []).append(text)
+
+    def get(self, suite: str, case: str, variant: str, metric: str) -> float | None:
+        for r in self.records:
+            if (r["suite"], r["case"], r["variant"], r["metric"]) == (suite, case, variant, metric):
+                return r["value"]
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], settings: Settings) -> float:
+    """Median wall-clock of one call of `fn`, in ms (see the module docstring)."""
+    if settings.device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(settings.warmup):
+        fn()
+    times = []
+    for _ in range(settings.repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(settings.device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of `fn`, counted by `torch.utils.flop_counter.FlopCounterMode`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        extra = event.extra_fields
+        if type(extra).__name__ == "_ExtraFields_Allocation" and extra.device.type == "cpu":
+            events.append((event.start_time_ns, extra.alloc_size))
+        stack.extend(event.children)
+    events.sort()
+    current = peak = 0
+    for _, size in events:
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak bytes allocated during one call of `fn` above the allocation at its start, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    return _cpu_peak_bytes(fn) / 2**20
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (0 when both are zero)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _git(*args: str) -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)}"
+    return f"CPU {_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def meta(settings: Settings, suites: list[str]) -> dict:
+    """Device, versions, commit and date of a run."""
+    import numpy
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": describe_device(settings.device),
+        "device_type": settings.device.type,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "transformers": transformers.__version__,
+            "numpy": numpy.__version__,
+        },
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "suites": suites,
+        "quick": settings.quick,
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "timing": "triton.testing.do_bench median" if settings.device.type == "cuda" else "perf_counter median after warm-up",
+        "peak_mem": "bytes allocated during one call above the allocation at its start"
+        + (" (torch.cuda.max_memory_allocated)" if settings.device.type == "cuda" else " (torch.profiler allocation events)"),
+    }
+
+
+def to_json(results: Results, meta_: dict) -> dict:
+    return {"meta": {**meta_, "errors": results.errors, "notes": results.notes}, "records": results.records}
+

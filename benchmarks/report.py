@@ -1,0 +1,167 @@
+"""`summary.md` and the PNG plots of a run, from its results (nothing here measures anything).
+
+Ratios are within one run: `wall ratio` = variant wall_ms / baseline wall_ms (lower is better) and
+`speedup` = its inverse; convergence compares time_to_target_s the same way.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from harness import METRICS, SUITES, Results
+
+BASELINES = {"step": "hf_dense", "convergence": "dense"}
+"""Baseline variant per suite; kernels cases use `kernel_baseline`."""
+
+PREFERRED_VARIANT_ORDER = [
+    "hf_dense", "dense_opt", "trelm_naive", "trelm_fast",
+    "dense", "sparse", "naive", "fused",
+    "python_dict", "torch_searchsorted", "entity_table",
+    "trelm", "kmb_only", "routing_only",
+]
+
+
+def kernel_baseline(case: str) -> str | None:
+    if case == "entity_table":
+        return "python_dict"
+    if case.startswith("sparse_ffn-"):
+        return "dense"
+    if case.startswith("attribution-"):
+        return "naive"
+    return None
+
+
+def baseline_for(suite: str, case: str) -> str | None:
+    return kernel_baseline(case) if suite == "kernels" else BASELINES.get(suite)
+
+
+def fmt(value: float, metric: str) -> str:
+    """Human units: FLOP as G, rates with SI prefixes, shares as fractions."""
+    if metric in ("flops",):
+        return f"{value / 1e9:.2f} G"
+    if metric in ("flops_per_s", "bytes_per_s", "lookups_per_s", "tokens_per_s"):
+        for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(value) >= scale:
+                return f"{value / scale:.2f} {prefix}"
+        return f"{value:.1f}"
+    if metric in ("max_rel_err",):
+        return f"{value:.1e}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def _variant_key(variant: str):
+    order = PREFERRED_VARIANT_ORDER
+    return (order.index(variant) if variant in order else len(order), variant)
+
+
+def suite_table(results: Results, suite: str) -> list[str]:
+    """A markdown table: one row per (case, variant), one column per metric, plus the ratios."""
+    rows: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for r in results.records:
+        if r["suite"] == suite:
+            rows[(r["case"], r["variant"])][r["metric"]] = r["value"]
+    if not rows:
+        return []
+    metrics = [m for m in METRICS if any(m in v for v in rows.values())]
+    ratio_metric = "time_to_target_s" if suite == "convergence" else "wall_ms"
+    with_ratio = any(baseline_for(suite, case) for case, _ in rows)
+    header = ["case", "variant"] + [f"{m} ({METRICS[m]})" for m in metrics]
+    if with_ratio:
+        header += [f"{ratio_metric} ratio", "speedup"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cases = list(dict.fromkeys(case for case, _ in rows))
+    for case in cases:
+        variants = sorted((v for c, v in rows if c == case), key=_variant_key)
+        base = baseline_for(suite, case)
+        base_value = rows.get((case, base), {}).get(ratio_metric) if base else None
+        for variant in variants:
+            values = rows[(case, variant)]
+            cells = [case, variant] + [fmt(values[m], m) if m in values else "" for m in metrics]
+            if with_ratio:
+                value = values.get(ratio_metric)
+                if base_value and value:
+                    cells += [f"{value / base_value:.3f}", f"{base_value / value:.2f}x"]
+                else:
+                    cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(results: Results, meta: dict) -> str:
+    lines = [
+        "# trelm-fast benchmarks",
+        "",
+        f"- device: {meta['device']}" + (" (CPU figures)" if meta["device_type"] == "cpu" else ""),
+        f"- command: `{meta['command']}`",
+        f"- commit: {meta['commit']}{' (dirty)' if meta['dirty'] else ''}, date: {meta['date']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- timing: {meta['timing']} ({meta['warmup']} warm-up, {meta['repeats']} timed on CPU); "
+        f"peak memory: {meta['peak_mem']}",
+    ]
+    if meta["quick"]:
+        lines.append("- **--quick**: smallest sizes and fewer repeats; not the reference figures")
+    if results.errors:
+        lines += ["", "## Failures", ""]
+        lines += [f"- **{suite}**: {msg.strip().splitlines()[-1]}" for suite, msg in results.errors.items()]
+    for suite in SUITES:
+        table = suite_table(results, suite)
+        if not table and suite not in results.notes:
+            continue
+        lines += ["", f"## {suite}", ""]
+        lines += [f"- {note}" for note in results.notes.get(suite, [])]
+        if table:
+            lines += [""] + table
+    return "\n".join(lines) + "\n"
+
+
+def plot_step_throughput(results: Results, path: Path) -> bool:
+    """Grouped bars of tokens/s per step variant and case; False when there is nothing to plot."""
+    data = [r for r in results.records if r["suite"] == "step" and r["metric"] == "tokens_per_s"]
+    if not data:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in data))
+    variants = sorted({r["variant"] for r in data}, key=_variant_key)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        heights = [results.get("step", c, variant, "tokens_per_s") or 0.0 for c in cases]
+        ax.bar([j + i * width for j in range(len(cases))], heights, width, label=variant)
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(cases))], cases)
+    ax.set_ylabel("tokens / s (training step)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_convergence(curves: dict[str, dict[str, list[float]]], path: Path) -> bool:
+    """Loss and P@1 against wall-clock, one line per variant."""
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in sorted(curves, key=_variant_key):
+        c = curves[variant]
+        ax_loss.plot(c["loss_wall_s"], c["loss"], label=variant)
+        ax_p.plot(c["probe_wall_s"], c["p_at_1"], marker="o", label=variant)
+    ax_loss.set_xlabel("wall-clock (s)")
+    ax_loss.set_ylabel("training loss")
+    ax_p.set_xlabel("wall-clock (s)")
+    ax_p.set_ylabel("probe P@1")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,78 @@
+"""benchmarks/run.py: the measurement primitives, and `--quick` runs checked against the schema."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from harness import METRICS, Results, Settings, count_flops, peak_mem_mb, time_ms  # noqa: E402
+
+RECORD_KEYS = {"suite", "case", "variant", "metric", "value", "unit"}
+
+
+def test_flops_peak_memory_and_timing_measure_what_they_say(tmp_path):
+    a, b = torch.randn(33, 17), torch.randn(17, 29)
+    assert count_flops(lambda: a @ b) == 2 * 33 * 17 * 29
+
+    def allocate_then_free():
+        x = torch.ones(1 << 20)  # 4 MiB
+        y = torch.ones(1 << 19)  # 2 MiB while x is alive
+        del x, y
+        return torch.ones(1 << 18)  # 1 MiB
+
+    assert peak_mem_mb(allocate_then_free, torch.device("cpu")) == pytest.approx(6.0, rel=0.01)
+    settings = Settings.make("cpu", quick=True, out=tmp_path)
+    calls = []
+    assert time_ms(lambda: calls.append(1), settings) >= 0
+    assert len(calls) == settings.warmup + settings.repeats
+
+
+def test_results_reject_unknown_metrics_and_nan():
+    results = Results()
+    with pytest.raises(ValueError, match="unknown metric"):
+        results.add("step", "minilm", "hf_dense", "speed", 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        results.add("step", "minilm", "hf_dense", "wall_ms", float("nan"))
+
+
+def run_bench(out: Path, *args: str) -> tuple[int, dict, str]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--device", "cpu", "--out", str(out), *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    data = json.loads((out / "results.json").read_text())
+    return proc.returncode, data, proc.stderr
+
+
+def check_schema(data: dict) -> None:
+    assert {"device", "versions", "commit", "date"} <= set(data["meta"])
+    assert data["records"]
+    for r in data["records"]:
+        assert set(r) == RECORD_KEYS
+        assert r["unit"] == METRICS[r["metric"]]
+        assert isinstance(r["value"], float)
+
+
+def values(data: dict, **match) -> dict[tuple[str, str], float]:
+    return {
+        (r["variant"], r["metric"]): r["value"]
+        for r in data["records"]
+        if all(r[k] == v for k, v in match.items())
+    }
+
+
+def test_quick_entity_table(tmp_path):
+    rc, data, err = run_bench(tmp_path, "--suite", "kernels", "--case", "entity_table")
+    assert rc == 0, err
+    check_schema(data)
+    got = values(data, suite="kernels", case="entity_table")
+    for variant in ("entity_table", "python_dict", "torch_searchsorted"):
+        assert got[(variant, "lookups_per_s")] > 0
+    assert got[("entity_table", "lookups_per_s")] > got[("python_dict", "lookups_per_s")]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| entity_table | entity_table |" in summary and "CPU figures" in summary
