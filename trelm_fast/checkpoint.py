@@ -1,0 +1,272 @@
+"""Training checkpoints: atomic directories of safetensors + JSON, the last K kept, export to `transformers`.
+
+One checkpoint is a directory `ROOT/step_00000100/` holding
+  model.safetensors   the training model's weights (tied weights stored once)
+  state.safetensors   every tensor leaf of the training-state tree (optimizer moments and slice
+                      states, memory-bank tensors and entity table, paths, torch RNG states)
+  state.json          the state tree with tensor leaves replaced by references (step, schedule,
+                      data position, python/numpy RNG, ...), and the run's config
+
+Atomicity: a checkpoint is written under `ROOT/.tmp-step_...`, every file fsynced, then renamed to
+its final name and the directory fsynced. A `step_*` directory therefore exists only once complete,
+so a kill at any moment leaves the previous checkpoint loadable; leftover `.tmp-*` directories are
+ignored and removed by the next save. Old checkpoints beyond the last K are renamed to `.del-*`
+before deletion, for the same reason.
+
+Loading never unpickles: tensors come from safetensors, everything else from JSON.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MODEL_FILE = "model.safetensors"
+TENSORS_FILE = "state.safetensors"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# state trees <-> (tensors, JSON)
+
+def flatten_state(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tuples, tensors, numpy arrays, scalars, strings, None,
+    torch dtypes) into a JSON-able skeleton and a flat dict of CPU tensors for safetensors.
+
+    Dicts with non-string keys (optimizer states are keyed by int) and tuples keep their types.
+    Raises TypeError naming the path of any leaf it cannot store.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            key = f"{len(tensors)}:{path}"
+            # a private contiguous CPU copy: safetensors refuses tensors that share storage
+            tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+            return {"__tensor__": key}
+        if isinstance(obj, np.ndarray):
+            return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype), "shape": list(obj.shape)}
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, torch.dtype):
+            return {"__dtype__": str(obj).removeprefix("torch.")}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+                return {k: enc(v, f"{path}/{k}") for k, v in obj.items()}
+            for k in obj:
+                if not isinstance(k, (str, int, bool, float)) and k is not None:
+                    raise TypeError(f"checkpoint: dict key {k!r} of type {type(k).__name__} at {path or '/'} cannot be stored")
+            return {"__dict__": [[k, enc(v, f"{path}/{k}")] for k, v in obj.items()]}
+        if isinstance(obj, tuple):
+            return {"__tuple__": [enc(v, f"{path}/{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [enc(v, f"{path}/{i}") for i, v in enumerate(obj)]
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"checkpoint: cannot store a {type(obj).__name__} at {path or '/'}; "
+                        "state_dict() values must be tensors, arrays, scalars, strings or containers of them")
+
+    return enc(tree, ""), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `flatten_state`."""
+    def dec(obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [dec(v) for v in obj]
+        if not isinstance(obj, dict):
+            return obj
+        if "__tensor__" in obj:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise KeyError(f"checkpoint: tensor {key!r} referenced in {STATE_FILE} is missing from {TENSORS_FILE}")
+            return tensors[key]
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+        if "__dtype__" in obj:
+            dtype = getattr(torch, obj["__dtype__"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"checkpoint: unknown torch dtype {obj['__dtype__']!r}")
+            return dtype
+        if "__tuple__" in obj:
+            return tuple(dec(v) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {k: dec(v) for k, v in obj["__dict__"]}
+        return {k: dec(v) for k, v in obj.items()}
+
+    return dec(skeleton)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: python `random`, numpy's global generator, torch CPU and CUDA."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=False),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured (CUDA states only where CUDA is in use)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its directory, step, training-state tree and config."""
+    path: Path
+    step: int
+    state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_state_json(path: Path, doc: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under `root`, oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """Resolve `--resume PATH`: a checkpoint directory itself, or a root holding `step_*` (latest wins)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    dirs = checkpoint_dirs(path)
+    if not dirs:
+        raise FileNotFoundError(f"resume: {path} is neither a checkpoint (no {STATE_FILE}) "
+                                "nor a directory holding step_* checkpoints")
+    return dirs[-1]
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    config: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write `ROOT/step_{step:08d}` atomically and keep only the `keep_last` newest checkpoints.
+
+    `model`: the (unwrapped) training module; `state`: the rest of the training state as a tree
+    (see `flatten_state`); `config`: a JSON-able dict. Returns the checkpoint's directory.
+    """
+    if keep_last < 1:
+        raise ValueError(f"checkpoint: keep_last must be >= 1, got {keep_last}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step_{step:08d}"
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+
+    save_model(model, str(tmp / MODEL_FILE))
+    skeleton, tensors = flatten_state(state)
+    save_file(tensors, str(tmp / TENSORS_FILE))
+    for f in (MODEL_FILE, TENSORS_FILE):
+        _fsync(tmp / f)
+    _write_state_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": int(step),
+                                         "config": config, "state": skeleton})
+    _fsync(tmp)
+
+    final = root / name
+    if final.exists():  # re-saving the same step (for example after a resume): move the old one away
+        final.rename(root / f".del-{name}-{os.getpid()}")
+    tmp.rename(final)
+    _fsync(root)
+
+    for old in checkpoint_dirs(root)[:-keep_last]:
+        doomed = old.with_name(f".del-{old.name}")
+        old.rename(doomed)
+    for doomed in root.glob(".del-step_*"):
+        shutil.rmtree(doomed, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None) -> Checkpoint:
+    """Load a checkpoint (or the latest under a root, see `find_checkpoint`) onto the CPU.
+
+    If `model` is given its weights are loaded in place (strict: names and shapes must match).
+    """
+    path = find_checkpoint(path)
+    with open(path / STATE_FILE, encoding="utf-8") as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"checkpoint: {path / STATE_FILE} is not valid JSON ({err})") from err
+    if doc.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint: {path / STATE_FILE} has format {doc.get('format')!r}, "
+                         f"this version reads format {FORMAT_VERSION}")
+    state = unflatten_state(doc["state"], load_file(str(path / TENSORS_FILE), device="cpu"))
+    if model is not None:
+        try:
+            load_model(model, str(path / MODEL_FILE), strict=True)
+        except RuntimeError as err:
+            raise RuntimeError(f"checkpoint: weights in {path / MODEL_FILE} do not fit the model: {err}") from err
+    return Checkpoint(path=path, step=int(doc["step"]), state=state, config=doc["config"])
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+def export_pretrained(mlm: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write a plain `transformers` directory loadable by `AutoModelForMaskedLM.from_pretrained`.
+
+    `mlm`: the training `BertForMaskedLM` / `RobertaForMaskedLM` (FFNs possibly swapped); a copy
+    is unswapped with `trelm_fast.unswap_ffn`, so training can go on with `mlm`. `tokenizer`: saved
+    beside the weights when given. The directory is written aside and renamed into place.
+    """
+    from trelm_fast.ffn import unswap_ffn
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain = unswap_ffn(copy.deepcopy(mlm)).to("cpu")
+    plain.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        old = out.with_name(f".del-{out.name}-{os.getpid()}")
+        out.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(out)
+    return out
