@@ -4,9 +4,9 @@ import json
 import pytest
 
 from trelm_fast.config import (
-    Config, ConfigError, config_from_dict, load_config, parse_overrides, tokenizer_identity,
-    resolve_model_path,
+    Config, ConfigError, config_from_dict, load_config, parse_overrides, resolve_model_path,
 )
+from trelm_fast.data.base_model import load_tokenizer, tokenizer_identity
 
 
 def test_default_loads_and_round_trips(tmp_path):
@@ -90,14 +90,14 @@ def _dataset_dir(tmp_path, tokenizer):
 
 
 def test_dataset_for_same_tokenizer_accepted(tmp_path):
-    ident = tokenizer_identity(resolve_model_path("minilm"))
+    ident = tokenizer_identity(load_tokenizer(str(resolve_model_path("minilm"))))
     d = _dataset_dir(tmp_path, ident)
     cfg = load_config(None, [f"data.dir={d}"])
     assert cfg.data.dir == str(d)
 
 
 def test_dataset_for_other_tokenizer_rejected(tmp_path):
-    d = _dataset_dir(tmp_path, {"file": "vocab.json", "sha256": "0" * 64})
+    d = _dataset_dir(tmp_path, {"vocab_size": 50265, "vocab_sha256": "0" * 64, "lowercase": False})
     with pytest.raises(ConfigError, match="another tokenizer"):
         load_config(None, [f"data.dir={d}"])
 

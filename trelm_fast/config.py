@@ -378,18 +378,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _choice(cfg.device.split(":")[0], ("auto", "cpu", "cuda"), "device", s)
 
 
-def tokenizer_identity(model_dir) -> dict:
-    """What identifies a tokenizer: its class, vocabulary size and a hash of its vocabulary file."""
-    import hashlib
-
-    model_dir = Path(model_dir)
-    for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
-        f = model_dir / name
-        if f.is_file():
-            return {"file": name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-    raise ConfigError(f"model.path {model_dir}: no tokenizer file (tokenizer.json, vocab.txt or vocab.json)")
-
-
 def check_dataset(data_dir, model_dir, source: str = "<config>") -> None:
     """Raise ConfigError if ``data_dir`` was built for a tokenizer other than ``model_dir``'s."""
     manifest_path = Path(data_dir) / "manifest.json"
@@ -403,9 +391,10 @@ def check_dataset(data_dir, model_dir, source: str = "<config>") -> None:
     built = manifest.get("tokenizer")
     if built is None:
         raise ConfigError(f"{manifest_path}: no 'tokenizer' field; cannot check the dataset's tokenizer")
-    mine = tokenizer_identity(model_dir)
-    built_hash = built.get("sha256") if isinstance(built, dict) else None
-    if built_hash != mine["sha256"]:
+    from trelm_fast.data.base_model import load_tokenizer, tokenizer_identity
+
+    mine = tokenizer_identity(load_tokenizer(str(model_dir)))
+    if built != mine:
         raise ConfigError(f"{source}: data.dir {data_dir} was built for another tokenizer "
                           f"({built!r}) than model.path {model_dir} ({mine!r}); rebuild the dataset "
                           "or point model.path at the tokenizer it was built with")
