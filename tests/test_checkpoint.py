@@ -127,12 +127,13 @@ KILLED_SAVER = textwrap.dedent("""
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64)
     ck.save_checkpoint(root, 1, model, {"x": torch.ones(3)}, {"run": 1})
-    write = ck._write_state_json
-    def write_then_hang(path, doc):  # the second save stops half-way, with its tensors written
-        write(path, doc)
-        flag.touch()
-        time.sleep(120)
-    ck._write_state_json = write_then_hang
+    write = ck._write_text
+    def write_then_hang(path, text):  # the second save stops half-way, with its tensors written
+        write(path, text)
+        if path.name == ck.STATE_FILE:
+            flag.touch()
+            time.sleep(120)
+    ck._write_text = write_then_hang
     with torch.no_grad():
         model.weight.add_(1.0)
     ck.save_checkpoint(root, 2, model, {"x": torch.zeros(3)}, {"run": 1})

@@ -5,7 +5,8 @@ One checkpoint is a directory `ROOT/step_00000100/` holding
   state.safetensors   every tensor leaf of the training-state tree (optimizer moments and slice
                       states, memory-bank tensors and entity table, paths, torch RNG states)
   state.json          the state tree with tensor leaves replaced by references (step, schedule,
-                      data position, python/numpy RNG, ...), and the run's config
+                      data position, python/numpy RNG, ...)
+  config.yaml         the run's configuration (what `--resume` continues with)
 
 Atomicity: a checkpoint is written under `ROOT/.tmp-step_...`, every file fsynced, then renamed to
 its final name and the directory fsynced. A `step_*` directory therefore exists only once complete,
@@ -13,7 +14,7 @@ so a kill at any moment leaves the previous checkpoint loadable; leftover `.tmp-
 ignored and removed by the next save. Old checkpoints beyond the last K are renamed to `.del-*`
 before deletion, for the same reason.
 
-Loading never unpickles: tensors come from safetensors, everything else from JSON.
+Loading never unpickles: tensors come from safetensors, everything else from JSON or safe YAML.
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MODEL_FILE = "model.safetensors"
 TENSORS_FILE = "state.safetensors"
 STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1
 
 
@@ -138,7 +141,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: its directory, step, training-state tree and config."""
+    """A loaded checkpoint: its directory, step, training-state tree and config (a plain dict)."""
     path: Path
     step: int
     state: dict[str, Any]
@@ -153,9 +156,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_state_json(path: Path, doc: dict[str, Any]) -> None:
+def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -186,7 +189,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     """Write `ROOT/step_{step:08d}` atomically and keep only the `keep_last` newest checkpoints.
 
     `model`: the (unwrapped) training module; `state`: the rest of the training state as a tree
-    (see `flatten_state`); `config`: a JSON-able dict. Returns the checkpoint's directory.
+    (see `flatten_state`); `config`: a dict of plain values (written as YAML). Returns the
+    checkpoint's directory.
     """
     if keep_last < 1:
         raise ValueError(f"checkpoint: keep_last must be >= 1, got {keep_last}")
@@ -203,8 +207,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     save_file(tensors, str(tmp / TENSORS_FILE))
     for f in (MODEL_FILE, TENSORS_FILE):
         _fsync(tmp / f)
-    _write_state_json(tmp / STATE_FILE, {"format": FORMAT_VERSION, "step": int(step),
-                                         "config": config, "state": skeleton})
+    _write_text(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+    _write_text(tmp / STATE_FILE, json.dumps({"format": FORMAT_VERSION, "step": int(step), "state": skeleton}))
     _fsync(tmp)
 
     final = root / name
@@ -236,12 +240,13 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = Non
         raise ValueError(f"checkpoint: {path / STATE_FILE} has format {doc.get('format')!r}, "
                          f"this version reads format {FORMAT_VERSION}")
     state = unflatten_state(doc["state"], load_file(str(path / TENSORS_FILE), device="cpu"))
+    config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
     if model is not None:
         try:
             load_model(model, str(path / MODEL_FILE), strict=True)
         except RuntimeError as err:
             raise RuntimeError(f"checkpoint: weights in {path / MODEL_FILE} do not fit the model: {err}") from err
-    return Checkpoint(path=path, step=int(doc["step"]), state=state, config=doc["config"])
+    return Checkpoint(path=path, step=int(doc["step"]), state=state, config=config)
 
 
 # ---------------------------------------------------------------------------------------------
