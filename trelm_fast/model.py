@@ -1,0 +1,240 @@
+"""The TRELM model: a Hugging Face masked LM plus knowledge injection and memory-bank mixing.
+
+Shapes: B sequences of n tokens, hidden size d, KG embedding size k, T target spans, P target
+positions (the tokens of all target spans), N_ent entities, N_rel relations.
+
+- `build_mlm(model_cfg)`: `BertForMaskedLM` / `RobertaForMaskedLM` from a local directory
+  (pre-trained weights; a missing MLM head is created and tied to the word embeddings) or
+  randomly initialised from that directory's config.json with size overrides.
+- `TrelmModel` wraps the masked LM. At the positions of each target span (row, start, end, e)
+  with KG triple (h, r, e), the word embedding is replaced by (paper eqs. 2 and 7)
+
+      h_e = W_inj (E[h] + R[r]) + b_inj            (frozen TransE E [N_ent, k], R [N_rel, k])
+      I_p = (1 - lambda) h_e + lambda / 2 (M_local[e] + M_global[e])   (when the bank is on)
+
+  and position/token-type embeddings and LayerNorm follow as in the stock model. Without
+  injection (ablation), h_e is the [MASK] word embedding, so the span must still be decoded from
+  context. After the forward, `update_bank` folds the final hidden states of every linked
+  mention into the bank (no gradient).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from trelm_fast.config import Config, ModelConfig, resolve_model_path
+from trelm_fast.losses import MLMHead
+
+_SIZE_FIELDS = {  # ModelConfig field -> Hugging Face config attribute
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+}
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence the load report transformers prints for the expected missing MLM head."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def build_mlm(mcfg: ModelConfig) -> nn.Module:
+    """A `BertForMaskedLM` or `RobertaForMaskedLM` (decoder tied to the word embeddings)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, BertForMaskedLM, RobertaForMaskedLM
+
+    path = resolve_model_path(mcfg.path)
+    hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    classes = {"bert": BertForMaskedLM, "roberta": RobertaForMaskedLM}
+    if hf_cfg.model_type not in classes:
+        raise ValueError(f"model.path {path}: model_type {hf_cfg.model_type!r} is not supported "
+                         f"(supported: {', '.join(classes)})")
+    cls = classes[hf_cfg.model_type]
+    if mcfg.dropout is not None:
+        hf_cfg.hidden_dropout_prob = hf_cfg.attention_probs_dropout_prob = mcfg.dropout
+    hf_cfg.tie_word_embeddings = True
+    if mcfg.init == "pretrained":
+        overridden = [f for f in _SIZE_FIELDS if getattr(mcfg, f) is not None]
+        if overridden:
+            raise ValueError(f"model.init=pretrained loads the sizes of {path}; set model.{overridden[0]} "
+                             "to null or use model.init=random")
+        with _quiet_transformers():
+            model = cls.from_pretrained(str(path), config=hf_cfg, local_files_only=True)
+    else:
+        for field, attr in _SIZE_FIELDS.items():
+            value = getattr(mcfg, field)
+            if value is not None:
+                setattr(hf_cfg, attr, value)
+        if hf_cfg.hidden_size % hf_cfg.num_attention_heads:
+            raise ValueError(f"model.hidden_size {hf_cfg.hidden_size} is not a multiple of "
+                             f"model.num_heads {hf_cfg.num_attention_heads}")
+        model = cls(hf_cfg)
+    head = MLMHead.from_model(model)
+    if head.weight is not model.get_input_embeddings().weight:
+        raise RuntimeError(f"{path}: the MLM decoder is not tied to the word embeddings")
+    return model
+
+
+def load_kg_embeddings(dataset_dir) -> tuple[Tensor, Tensor]:
+    """(entity [N_ent, k], relation [N_rel, k]) float32 from ``kg_embeddings.safetensors``."""
+    from safetensors.torch import load_file
+
+    f = Path(dataset_dir) / "kg_embeddings.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist (is {dataset_dir} a built dataset?)")
+    tensors = load_file(str(f))
+    for key in ("entity", "relation"):
+        if key not in tensors or tensors[key].dim() != 2:
+            raise ValueError(f"{f}: needs a 2-d tensor {key!r}, found {sorted(tensors)}")
+    if tensors["entity"].shape[1] != tensors["relation"].shape[1]:
+        raise ValueError(f"{f}: entity dim {tensors['entity'].shape[1]} != relation dim "
+                         f"{tensors['relation'].shape[1]}")
+    return tensors["entity"].float(), tensors["relation"].float()
+
+
+def span_positions(spans: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Expand spans [S, 4] (row, start, end, id) into their token positions.
+
+    Returns (span index [P], row [P], column [P]) for P = sum(end - start), in span order.
+    """
+    if spans.dim() != 2 or spans.shape[1] != 4:
+        raise ValueError(f"spans must be [S, 4] (row, start, end, entity_id), got {tuple(spans.shape)}")
+    lengths = spans[:, 2] - spans[:, 1]
+    if bool((lengths <= 0).any()):
+        raise ValueError("spans must have end > start")
+    idx = torch.repeat_interleave(torch.arange(spans.shape[0], device=spans.device), lengths)
+    first = torch.cumsum(lengths, 0) - lengths
+    cols = spans[idx, 1] + torch.arange(idx.numel(), device=spans.device) - first[idx]
+    return idx, spans[idx, 0], cols
+
+
+class TrelmModel(nn.Module):
+    """A masked LM with knowledge injection and memory-bank mixing at target spans.
+
+    ``mlm``: BertForMaskedLM / RobertaForMaskedLM; ``kg_entity`` [N_ent, k] and ``kg_relation``
+    [N_rel, k]: frozen TransE embeddings (buffers, not saved: they belong to the dataset);
+    ``bank``: a KnowledgeMemoryBank or None (ablation); ``inject``: False for the no-injection
+    ablation; ``mask_token_id``: the tokenizer's mask id (used without injection).
+    """
+
+    def __init__(self, mlm: nn.Module, kg_entity: Tensor, kg_relation: Tensor, bank=None,
+                 inject: bool = True, mask_token_id: Optional[int] = None):
+        super().__init__()
+        self.mlm = mlm
+        self.bank = bank
+        self.inject = inject
+        self.register_buffer("kg_entity", kg_entity.float(), persistent=False)
+        self.register_buffer("kg_relation", kg_relation.float(), persistent=False)
+        d = mlm.config.hidden_size
+        self.injection = nn.Linear(kg_entity.shape[1], d)
+        if not inject:
+            self.injection.requires_grad_(False)
+            if mask_token_id is None:
+                raise ValueError("TrelmModel(inject=False) needs mask_token_id")
+        self.mask_token_id = mask_token_id
+
+    @property
+    def encoder_model(self) -> nn.Module:
+        """The base encoder (`mlm.bert` or `mlm.roberta`)."""
+        return getattr(self.mlm, self.mlm.base_model_prefix)
+
+    @property
+    def head(self) -> MLMHead:
+        return MLMHead.from_model(self.mlm)
+
+    def injection_embeddings(self, target_triples: Tensor) -> Tensor:
+        """h_e = W_inj (E[h] + R[r]) + b_inj for (head, relation) pairs [T, 2] -> [T, d]."""
+        return self.injection(self.kg_entity[target_triples[:, 0]] + self.kg_relation[target_triples[:, 1]])
+
+    def input_embeddings(self, batch: dict, epoch: float = 0.0) -> Tensor:
+        """Word embeddings [B, n, d] with eq. 7 applied at every target-span position."""
+        ids = batch["input_ids"]
+        words = self.mlm.get_input_embeddings()
+        emb = words(ids)
+        spans = batch["target_spans"]
+        if spans.numel() == 0 or (not self.inject and self.bank is None):
+            return emb
+        which, rows, cols = span_positions(spans)
+        if self.inject:
+            h = self.injection_embeddings(batch["target_triples"])[which]  # [P, d]
+        else:
+            h = words.weight[self.mask_token_id].expand(which.numel(), -1)
+        if self.bank is not None:
+            h = self.bank.read(spans[which, 3], h, epoch)
+        return emb.index_put((rows, cols), h.to(emb.dtype))
+
+    def embedding_output(self, batch: dict, epoch: float = 0.0) -> Tensor:
+        """Output of the embeddings layer [B, n, d] (what the first Transformer layer reads)."""
+        return self.encoder_model.embeddings(inputs_embeds=self.input_embeddings(batch, epoch))
+
+    def forward(self, batch: dict, epoch: float = 0.0) -> Tensor:
+        """Final-layer hidden states [B, n, d]."""
+        out = self.encoder_model(inputs_embeds=self.input_embeddings(batch, epoch),
+                                 attention_mask=batch["attention_mask"])
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def update_bank(self, final_hidden: Tensor, batch: dict) -> None:
+        """Fold the final hidden states of every linked mention into the bank (eqs. 4-6)."""
+        if self.bank is not None and batch["entity_spans"].numel():
+            self.bank.update(final_hidden.detach(), batch["entity_spans"], batch["attention_mask"])
+
+
+def read_entity_names(dataset_dir) -> tuple[Tensor, Tensor]:
+    """(entity_tokens [total], entity_token_offsets [N_ent + 1]) int64 of a built dataset."""
+    d = Path(dataset_dir)
+    out = []
+    for name in ("entity_tokens.npy", "entity_token_offsets.npy"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name} does not exist (is {d} a built dataset?)")
+        out.append(torch.from_numpy(np.load(d / name, allow_pickle=False).astype(np.int64)))
+    return out[0], out[1]
+
+
+def build_model(cfg: Config, dataset_dir, inject: bool = True, use_bank: bool = True,
+                swap: bool = True, device="cpu") -> TrelmModel:
+    """The TrelmModel for ``cfg`` over a built dataset, on ``device``.
+
+    Reads the dataset's KG embeddings and entity names; the bank (when ``use_bank``) holds every
+    entity, its local memory initialised to the mean word embedding of the entity's name tokens.
+    ``swap``: replace every FFN with `TrelmFFN` (needed for knowledge paths).
+    """
+    from trelm_fast.data.base_model import load_tokenizer
+
+    mlm = build_mlm(cfg.model)
+    if swap:
+        from trelm_fast.ffn import swap_ffn
+
+        swap_ffn(mlm)
+    entity, relation = load_kg_embeddings(dataset_dir)
+    bank = None
+    if use_bank:
+        from trelm_fast.memory_bank import KnowledgeMemoryBank
+
+        tokens, offsets = read_entity_names(dataset_dir)
+        if offsets.numel() - 1 != entity.shape[0]:
+            raise ValueError(f"{dataset_dir}: entity_token_offsets.npy describes {offsets.numel() - 1} entities, "
+                             f"kg_embeddings.safetensors {entity.shape[0]}")
+        init = KnowledgeMemoryBank.name_embeddings(mlm.get_input_embeddings().weight, tokens, offsets)
+        bank = KnowledgeMemoryBank(mlm.config.hidden_size, lambda0=cfg.kmb.lambda0, beta=cfg.kmb.beta,
+                                   gamma=cfg.kmb.gamma, window=cfg.kmb.window, dtype=cfg.kmb.dtype,
+                                   device=device, capacity=entity.shape[0])
+        bank.add_entities(torch.arange(entity.shape[0], dtype=torch.long), init)
+    mask_id = load_tokenizer(str(resolve_model_path(cfg.model.path))).mask_token_id
+    model = TrelmModel(mlm, entity, relation, bank=bank, inject=inject, mask_token_id=mask_id)
+    return model.to(device)
