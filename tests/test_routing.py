@@ -1,0 +1,199 @@
+"""Routing: fused attribution vs the Knowledge-Neurons-style reference, IG completeness, quadrature,
+selection rules, statistics and the router."""
+import pytest
+import torch
+import transformers
+from transformers.masking_utils import create_bidirectional_mask
+
+from trelm_fast.losses import MLMHead, cka_correct_prob, sample_negatives
+from trelm_fast.routing import (
+    KnowledgeRouter,
+    PathHistory,
+    attribute,
+    attribute_reference,
+    path_jaccard,
+    path_stats,
+    quadrature,
+    select_paths,
+)
+
+V = 41
+
+
+def _model(kind="bert", layers=3, d=20, inter=37, dtype=torch.float32, seed=0, init=0.02):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=V, hidden_size=d, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=inter,
+        initializer_range=init,
+    )
+    cfg = transformers.BertConfig(**common) if kind == "bert" else transformers.RobertaConfig(**common)
+    model = (transformers.BertForMaskedLM if kind == "bert" else transformers.RobertaForMaskedLM)(cfg)
+    return model.to(dtype).train()  # routing must switch dropout off itself
+
+
+def _batch(d=20, B=4, n=11, dtype=torch.float32, seed=1, K=6):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, n, d, generator=g, dtype=dtype)
+    mask = torch.ones(B, n, dtype=torch.long)
+    mask[1, 7:] = 0
+    labels = torch.full((B, n), -100)
+    labels[0, 2:4] = torch.tensor([5, 7])  # a two-token target
+    labels[0, 8] = 11  # a second target in the same sequence
+    labels[1, 4] = 9
+    labels[3, 1] = 3  # sequence 2 has no target
+    tgt = labels[labels != -100]
+    neg = sample_negatives(tgt, torch.ones(V) / V, K, torch.Generator().manual_seed(seed))
+    return hidden, mask, labels, neg
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind,rule", [("bert", "riemann"), ("roberta", "riemann"), ("bert", "gauss_legendre")])
+def test_fused_matches_reference(kind, rule):
+    model = _model(kind)
+    hidden, mask, labels, neg = _batch()
+    fused = attribute(model, hidden, mask, labels, neg, m=6, quadrature_rule=rule, max_copies=7)
+    ref = attribute_reference(model, hidden, mask, labels, neg, m=6, quadrature_rule=rule)
+    assert fused.layers == ref.layers == (0, 1, 2)
+    assert fused.scores.shape == (3, 37) and fused.num_targets == 5 and fused.num_sequences == 3
+    assert _rel(fused.scores, ref.scores) <= 1e-4
+    assert fused.prob == pytest.approx(ref.prob)
+    assert model.training and all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_prob_matches_hf_forward_and_chunking_is_invisible():
+    model = _model()
+    hidden, mask, labels, neg = _batch()
+    model.eval()
+    ext = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
+    out = model.bert.encoder(hidden, attention_mask=ext).last_hidden_state
+    p = cka_correct_prob(out, labels, neg, MLMHead.from_model(model))
+    a = attribute(model, hidden, mask, labels, neg, m=4, layers=[1], max_copies=1)
+    b = attribute(model, hidden, mask, labels, neg, m=4, layers=[1], max_copies=1000)
+    assert a.prob == pytest.approx(p.mean().item(), rel=1e-5)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-7)
+
+
+def _p_with_scale(model, hidden, mask, labels, neg, layer, scale):
+    """P = sum of p_t with v at the target positions of `layer` multiplied by `scale` (HF forward + hook)."""
+    rows, cols = (labels != -100).nonzero(as_tuple=True)
+
+    def hook(_mod, _inp, v):
+        v = v.clone()
+        v[rows, cols] = v[rows, cols] * scale
+        return v
+
+    handle = model.bert.encoder.layer[layer].intermediate.register_forward_hook(hook)
+    try:
+        ext = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
+        out = model.bert.encoder(hidden, attention_mask=ext).last_hidden_state
+        return cka_correct_prob(out, labels, neg, MLMHead.from_model(model)).sum().item()
+    finally:
+        handle.remove()
+
+
+def test_completeness_and_quadrature_agreement():
+    model = _model(dtype=torch.float64, init=0.3).eval()
+    hidden, mask, labels, neg = _batch(dtype=torch.float64)
+    layer = 1
+    delta = _p_with_scale(model, hidden, mask, labels, neg, layer, 1.0) - _p_with_scale(model, hidden, mask, labels, neg, layer, 0.0)
+    assert abs(delta) > 1e-2
+    err = {}
+    for m in (4, 16, 64):
+        total = attribute(model, hidden, mask, labels, neg, m=m, layers=[layer]).scores.double().sum().item()
+        err[m] = abs(total - delta)
+    assert err[64] < err[16] < err[4] and err[64] < 0.02 * abs(delta)  # Riemann error ~ 1/m
+    gl = attribute(model, hidden, mask, labels, neg, m=8, quadrature_rule="gauss_legendre", layers=[layer])
+    assert abs(gl.scores.double().sum().item() - delta) < 1e-3 * abs(delta)
+    exact = attribute(model, hidden, mask, labels, neg, m=16, quadrature_rule="gauss_legendre", layers=[layer]).scores
+    riemann = attribute(model, hidden, mask, labels, neg, m=64, layers=[layer]).scores
+    assert _rel(gl.scores, exact) < 1e-3  # GL converged with 8 points
+    assert _rel(riemann, exact) < 0.05  # eq. 11 converges to the same integral
+
+
+def test_quadrature_rules():
+    a, w = quadrature(5, "riemann")
+    torch.testing.assert_close(a, torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0], dtype=torch.float64))
+    assert w.sum().item() == pytest.approx(1.0)
+    a, w = quadrature(3, "gauss_legendre")
+    assert (a > 0).all() and (a < 1).all()
+    assert (w * a**5).sum().item() == pytest.approx(1 / 6)  # exact for degree <= 5
+    with pytest.raises(ValueError, match="routing.quadrature"):
+        quadrature(3, "simpson")
+    with pytest.raises(ValueError, match="routing.m"):
+        quadrature(0)
+
+
+def test_sequence_sampling_and_no_targets():
+    model = _model()
+    hidden, mask, labels, neg = _batch()
+    sub = attribute(model, hidden, mask, labels, neg, m=3, sequences=1)
+    n0 = int((labels[0] != -100).sum())
+    only = attribute(model, hidden[:1], mask[:1], labels[:1], neg[:n0], m=3)
+    assert sub.num_sequences == 1 and sub.num_targets == n0
+    torch.testing.assert_close(sub.scores, only.scores)
+    empty = attribute(model, hidden, mask, torch.full_like(labels, -100), neg[:0], m=3)
+    assert empty.num_targets == 0 and empty.scores.shape == (3, 37) and not empty.scores.any()
+    with pytest.raises(ValueError, match="negatives must be"):
+        attribute(model, hidden, mask, labels, neg[:2], m=3)
+    with pytest.raises(ValueError, match="routing.layers"):
+        attribute(model, hidden, mask, labels, neg, m=3, layers=[3])
+
+
+def test_swapped_ffn_gives_same_scores():
+    ffn = pytest.importorskip("trelm_fast.ffn")
+    model = _model()
+    hidden, mask, labels, neg = _batch()
+    before = attribute(model, hidden, mask, labels, neg, m=3).scores
+    ffn.swap_ffn(model)
+    torch.testing.assert_close(attribute(model, hidden, mask, labels, neg, m=3).scores, before)
+
+
+def test_selection_rules():
+    scores = torch.tensor([[0.1, 5.0, -2.0, 0.9, 1.2, 0.0], [3.0, 0.2, 0.1, 0.5, -1.0, 0.7]])
+    top = select_paths(scores, "top_fraction", fraction=0.34)  # round(2.04) = 2 per layer
+    assert [p.tolist() for p in top] == [[1, 4], [0, 5]]
+    thr = select_paths(scores, "threshold", threshold=0.2)  # >= 1.0 and >= 0.6
+    assert [p.tolist() for p in thr] == [[1, 4], [0, 5]]
+    thr = select_paths(scores, "threshold", threshold=0.1)
+    assert [p.tolist() for p in thr] == [[1, 3, 4], [0, 3, 5]]
+    glob = select_paths(scores, "global_budget", fraction=0.25)  # 3 of 12 pooled
+    assert [p.tolist() for p in glob] == [[1, 4], [0]]
+    assert select_paths(-scores.abs() - 1, "threshold")[0].numel() == 0
+    assert all(p.dtype == torch.int64 for p in top + thr + glob)
+    with pytest.raises(ValueError, match="routing.rule"):
+        select_paths(scores, "best")
+    with pytest.raises(ValueError, match="routing.fraction"):
+        select_paths(scores, fraction=0.0)
+
+
+def test_stats_history_and_plot(tmp_path):
+    a, b = torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4, 5])
+    assert path_jaccard(a, b) == pytest.approx(2 / 5)
+    assert path_jaccard(a[:0], b[:0]) == 1.0
+    stats = path_stats((0, 4), [a, b], [b, b])
+    assert stats["routing/neurons/layer4"] == 4 and stats["routing/jaccard/layer4"] == 1.0
+    assert stats["routing/jaccard_mean"] == pytest.approx(0.7)
+    hist = PathHistory((0, 4), 8)
+    hist.record(0, [a, b])
+    hist.record(10, [b, a])
+    out = tmp_path / "paths.png"
+    hist.plot(out)
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_router_refresh_cycle():
+    model = _model()
+    hidden, mask, labels, neg = _batch()
+    router = KnowledgeRouter(model, m=3, refresh=5, fraction=0.2, layers=[0, 2])
+    assert router.due(3)  # no paths yet
+    paths = router.refresh(0, hidden, mask, labels, neg)
+    assert [p.numel() for p in paths] == [7, 7] and all((p[1:] > p[:-1]).all() for p in paths)
+    assert not router.due(3) and router.due(5)
+    router.refresh(5, hidden, mask, labels, neg)
+    assert router.stats["routing/jaccard_mean"] == 1.0 and 0 < router.stats["routing/prob"] < 1
+    assert router.history.steps == [0, 5]
+    with pytest.raises(ValueError, match="routing.refresh"):
+        KnowledgeRouter(model, refresh=0)
