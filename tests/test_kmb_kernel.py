@@ -1,0 +1,84 @@
+"""kernels/kmb_update.py: the Triton kernel (interpreted on CPU) against its PyTorch reference."""
+import pytest
+import torch
+
+from trelm_fast.kernels.kmb_update import group_by_slot, kmb_update, kmb_update_ref, window_mean_ref
+
+
+def _problem(seed, rows=3, n=37, d=45, bank=11, spans=19, distinct=5, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, n, d, generator=g)
+    row = torch.randint(0, rows, (spans,), generator=g)
+    lo = torch.randint(0, n - 17, (spans,), generator=g)
+    hi = lo + torch.randint(1, 18, (spans,), generator=g)  # windows up to 17 wide: two tiles of 16
+    slots = torch.randint(0, distinct, (spans,), generator=g) * 2 + 1  # duplicates, some rows untouched
+    cls_index = torch.where(torch.rand(spans, generator=g) < 0.6, row, -1)
+    local = torch.randn(bank, d, generator=g).to(dtype)
+    gmean = torch.randn(bank, d, generator=g).to(dtype)
+    counts = torch.randint(0, 4, (bank,), generator=g)
+    return (hidden, row, lo, hi, slots, hidden[:, 0], cls_index), (local, gmean, counts)
+
+
+def test_group_by_slot_keeps_span_order_within_a_slot():
+    slots = torch.tensor([4, 2, 4, 9, 2, 4])
+    order, offsets, group = group_by_slot(slots)
+    assert order.tolist() == [1, 4, 0, 2, 5, 3]
+    assert offsets.tolist() == [0, 2, 5, 6]
+    assert group.tolist() == [1, 0, 1, 2, 0, 1]
+
+
+def test_window_mean_matches_slicing():
+    (hidden, row, lo, hi, *_), _ = _problem(0)
+    expected = torch.stack([hidden[r, a:b].mean(0) for r, a, b in zip(row, lo, hi)])
+    torch.testing.assert_close(window_mean_ref(hidden, row, lo, hi), expected)
+
+
+def test_reference_is_a_sequential_ema_in_span_order():
+    (hidden, row, lo, hi, slots, cls, cls_index), bank = _problem(1)
+    local, gmean, counts = (t.clone() for t in bank)
+    gamma = 0.3
+    for e in range(slots.numel()):  # eqs. 4-6 one span at a time
+        s = slots[e]
+        local[s] = (1 - gamma) * local[s] + gamma * hidden[row[e], lo[e] : hi[e]].mean(0)
+        if cls_index[e] >= 0:
+            counts[s] += 1
+            gmean[s] = gmean[s] + (cls[cls_index[e]] - gmean[s]) / counts[s]
+    got = tuple(t.clone() for t in bank)
+    kmb_update_ref(hidden, row, lo, hi, slots, cls, cls_index, *got, gamma)
+    torch.testing.assert_close(got[0], local)
+    torch.testing.assert_close(got[1], gmean)
+    assert torch.equal(got[2], counts)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        (dict(rows=3, n=37, d=45, bank=11, spans=19, distinct=5), torch.float32),
+        (dict(rows=2, n=41, d=17, bank=12, spans=5, distinct=5), torch.float32),  # mostly distinct slots
+        (dict(rows=4, n=23, d=130, bank=9, spans=13, distinct=2), torch.float32),  # several d-blocks
+        (dict(rows=3, n=37, d=45, bank=11, spans=19, distinct=5), torch.bfloat16),
+        (dict(rows=3, n=37, d=33, bank=11, spans=9, distinct=3), torch.float16),
+    ],
+)
+def test_kernel_matches_reference(shape, dtype):
+    args, bank = _problem(2, dtype=dtype, **shape)
+    expected = tuple(t.clone() for t in bank)
+    got = tuple(t.clone() for t in bank)
+    kmb_update_ref(*args, *expected, 0.25)
+    kmb_update(*args, *got, 0.25)
+    tol = {} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got[0], expected[0], **tol)
+    torch.testing.assert_close(got[1], expected[1], **tol)
+    assert torch.equal(got[2], expected[2])
+    untouched = torch.ones(bank[0].shape[0], dtype=torch.bool)
+    untouched[args[4]] = False
+    assert torch.equal(got[0][untouched], bank[0][untouched])
+
+
+def test_kernel_with_no_spans_changes_nothing():
+    (hidden, row, lo, hi, slots, cls, cls_index), bank = _problem(3)
+    got = tuple(t.clone() for t in bank)
+    empty = slots[:0]
+    kmb_update(hidden, empty, empty, empty, empty, cls, empty, *got, 0.5)
+    for a, b in zip(got, bank):
+        assert torch.equal(a, b)

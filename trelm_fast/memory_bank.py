@@ -1,0 +1,379 @@
+"""`KnowledgeMemoryBank`: the knowledge-augmented memory bank of paper section 3.2 (eqs. 4-8).
+
+Per entity (one row per entity, rows assigned by the C++ `EntityTable`):
+- local memory  M_local [N, d]: initialized from the encoder's embedding of the entity's name
+  tokens, then an EMA of window means of final-layer states around the entity's mentions:
+  M_local <- (1 - gamma) * M_local + gamma * mean(h[max(l - k, 0) : min(r + k, len)])  (eqs. 4, 5)
+  with the span [l, r) end-exclusive and len the number of real tokens of the sequence.
+  gamma is the weight of the new observation (paper eq. 5).
+- global memory M_global [N, d]: the running mean of the final-layer [CLS] state over every
+  context (sequence) that contained the entity, a context counting once however often it mentions
+  the entity (eq. 6). Stored as the mean itself plus counts [N] (not as a sum), so that bf16/fp16
+  storage stays accurate: a bf16 sum stops growing once it is large.
+- read (eq. 7): (1 - lam) * h_e + lam / 2 * (M_local + M_global), lam = lambda0 / beta**epoch (eq. 8).
+  An entity whose count is 0 has no global memory yet; M_global := M_local is used for it.
+
+Duplicates in one update: spans are applied one at a time in span order (sequential EMA); under
+DDP the spans of all ranks are applied in rank order. Every rank therefore holds the same bank.
+Updates run under no_grad; `read` is differentiable w.r.t. h_e only.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trelm_fast.entity_table import EntityTable
+from trelm_fast.kernels.kmb_update import ema_apply_ref, kmb_update, kmb_update_ref, window_mean_ref
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"KnowledgeMemoryBank: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def _check_ids(entity_ids: torch.Tensor, name: str) -> None:
+    if not isinstance(entity_ids, torch.Tensor):
+        raise TypeError(f"KnowledgeMemoryBank: {name} must be a torch tensor, got {type(entity_ids).__name__}")
+    if entity_ids.dtype != torch.int64 or entity_ids.dim() != 1:
+        raise TypeError(
+            f"KnowledgeMemoryBank: {name} must be a 1-D int64 tensor, got {entity_ids.dtype} of shape "
+            f"{tuple(entity_ids.shape)}"
+        )
+
+
+class KnowledgeMemoryBank:
+    """Local and global memories of N entities in tensors on `device` (see the module docstring).
+
+    Args: hidden_size d; lambda0, beta (eq. 8); gamma, the EMA weight of a new window mean (eq. 5);
+    window k, the half window of eq. 4; dtype, the storage dtype of the memories (float32, bfloat16
+    or float16; arithmetic is fp32); capacity, rows allocated up front (the bank grows by doubling);
+    process_group, the DDP group whose updates are merged (default: the world, when initialized).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        lambda0: float = 0.5,
+        beta: float = 2.0,
+        gamma: float = 0.1,
+        window: int = 16,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        capacity: int = 1024,
+        process_group=None,
+    ):
+        if hidden_size < 1:
+            raise ValueError(f"KnowledgeMemoryBank: hidden_size must be >= 1, got {hidden_size}")
+        if not 0.0 <= lambda0 <= 1.0:
+            raise ValueError(f"KnowledgeMemoryBank: lambda0 must be in [0, 1], got {lambda0}")
+        if beta < 1.0:
+            raise ValueError(f"KnowledgeMemoryBank: beta must be >= 1, got {beta}")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"KnowledgeMemoryBank: gamma must be in (0, 1], got {gamma}")
+        if window < 0:
+            raise ValueError(f"KnowledgeMemoryBank: window must be >= 0, got {window}")
+        self.hidden_size, self.lambda0, self.beta, self.gamma, self.window = hidden_size, lambda0, beta, gamma, window
+        self.dtype = _storage_dtype(dtype)
+        self.device = torch.device(device)
+        self.process_group = process_group
+        self.table = EntityTable(capacity)
+        self._local = torch.zeros(max(capacity, 1), hidden_size, dtype=self.dtype, device=self.device)
+        self._gmean = torch.zeros_like(self._local)
+        self._counts = torch.zeros(max(capacity, 1), dtype=torch.int64, device=self.device)
+
+    # ----------------------------------------------------------------------------------- storage
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def local(self) -> torch.Tensor:
+        """M_local, [N, d] in the storage dtype (a view)."""
+        return self._local[: len(self)]
+
+    @property
+    def global_mean(self) -> torch.Tensor:
+        """Running mean of [CLS] states, [N, d] (a view); rows with count 0 are zero."""
+        return self._gmean[: len(self)]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Number of contexts folded into the global memory, int64 [N] (a view)."""
+        return self._counts[: len(self)]
+
+    def _reserve(self, rows: int) -> None:
+        have = self._local.shape[0]
+        if rows <= have:
+            return
+        extra = max(rows, 2 * have) - have
+        self._local = torch.cat([self._local, self._local.new_zeros(extra, self.hidden_size)])
+        self._gmean = torch.cat([self._gmean, self._gmean.new_zeros(extra, self.hidden_size)])
+        self._counts = torch.cat([self._counts, self._counts.new_zeros(extra)])
+
+    # ------------------------------------------------------------------------------------ entities
+    def contains(self, entity_ids: torch.Tensor) -> torch.Tensor:
+        """bool [T] on the ids' device: whether each id has a row in the bank."""
+        _check_ids(entity_ids, "entity_ids")
+        return self.table.lookup(entity_ids) >= 0
+
+    def slots(self, entity_ids: torch.Tensor) -> torch.Tensor:
+        """Bank rows of `entity_ids` (int64 [T]) as int64 [T] on the bank's device; unknown ids raise."""
+        _check_ids(entity_ids, "entity_ids")
+        slots = torch.from_numpy(self.table.lookup(entity_ids.cpu().numpy())).to(torch.int64)
+        missing = torch.nonzero(slots < 0).squeeze(1)
+        if missing.numel():
+            bad = entity_ids.cpu()[missing[:5]].tolist()
+            raise ValueError(
+                f"KnowledgeMemoryBank: {missing.numel()} of {slots.numel()} entity ids are not in the bank "
+                f"(first: {bad}); add them with add_entities() first"
+            )
+        return slots.to(self.device, non_blocking=True)
+
+    def add_entities(self, entity_ids: torch.Tensor, init_local: torch.Tensor) -> torch.Tensor:
+        """Add new entities with M_local = init_local [N, d] (global memory empty, count 0).
+
+        Ids must be new and distinct; returns their rows (int64 [N], consecutive).
+        """
+        _check_ids(entity_ids, "entity_ids")
+        if init_local.shape != (entity_ids.numel(), self.hidden_size) or not init_local.is_floating_point():
+            raise ValueError(
+                f"KnowledgeMemoryBank.add_entities: init_local must be a float tensor of shape "
+                f"({entity_ids.numel()}, {self.hidden_size}), got {init_local.dtype} {tuple(init_local.shape)}"
+            )
+        ids = entity_ids.cpu().numpy()
+        uniq, first_count = np.unique(ids, return_counts=True)
+        if (first_count > 1).any():
+            raise ValueError(f"KnowledgeMemoryBank.add_entities: duplicate entity id {int(uniq[first_count > 1][0])}")
+        present = self.table.lookup(ids) >= 0
+        if present.any():
+            raise ValueError(
+                f"KnowledgeMemoryBank.add_entities: entity id {int(ids[present][0])} is already in the bank "
+                f"({int(present.sum())} of {len(ids)} ids are)"
+            )
+        start = len(self)
+        self._reserve(start + len(ids))
+        slots = torch.from_numpy(self.table.insert(ids)).to(torch.int64)
+        with torch.no_grad():
+            self._local[start : start + len(ids)] = init_local.detach().to(self.device, self.dtype)
+        return slots.to(self.device)
+
+    @staticmethod
+    def name_embeddings(embedding: torch.Tensor, token_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Mean word embedding per entity name: [N, d] from embedding [V, d], ragged token ids.
+
+        Entity i's tokens are token_ids[offsets[i]:offsets[i + 1]] (offsets int64 [N + 1], offsets[0] = 0,
+        offsets[-1] = len(token_ids), every name non-empty).
+        """
+        _check_ids(token_ids, "token_ids")
+        _check_ids(offsets, "offsets")
+        if offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != token_ids.numel():
+            raise ValueError(
+                f"KnowledgeMemoryBank.name_embeddings: offsets must start at 0 and end at len(token_ids)="
+                f"{token_ids.numel()}, got {offsets[:1].tolist()}...{offsets[-1:].tolist()}"
+            )
+        empty = torch.nonzero(offsets[1:] <= offsets[:-1]).squeeze(1)
+        if empty.numel():
+            raise ValueError(f"KnowledgeMemoryBank.name_embeddings: entity {int(empty[0])} has no tokens")
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= embedding.shape[0]):
+            raise ValueError(
+                f"KnowledgeMemoryBank.name_embeddings: token ids must be in [0, {embedding.shape[0]})"
+            )
+        dev = embedding.device
+        with torch.no_grad():
+            return F.embedding_bag(
+                token_ids.to(dev), embedding.float(), offsets.to(dev), mode="mean", include_last_offset=True
+            )
+
+    # ------------------------------------------------------------------------------------- reading
+    def lam(self, epoch: float) -> float:
+        """Eq. 8: lambda0 / beta**epoch (epoch >= 0, fractional epochs allowed)."""
+        if epoch < 0:
+            raise ValueError(f"KnowledgeMemoryBank.lam: epoch must be >= 0, got {epoch}")
+        return self.lambda0 / self.beta**epoch
+
+    def memory(self, entity_ids: torch.Tensor) -> torch.Tensor:
+        """(M_local + M_global) / 2 for each id, fp32 [T, d]; M_global := M_local where count is 0."""
+        slots = self.slots(entity_ids)
+        local = self._local[slots].float()
+        gmean = torch.where((self._counts[slots] > 0)[:, None], self._gmean[slots].float(), local)
+        return 0.5 * (local + gmean)
+
+    def read(self, entity_ids: torch.Tensor, h_e: torch.Tensor, epoch: float) -> torch.Tensor:
+        """Eq. 7: (1 - lam) h_e + lam/2 (M_local + M_global); [T, d] in h_e's dtype, grad flows to h_e only.
+
+        entity_ids int64 [T] and h_e [T, d] pair up row by row (T spans or T token positions).
+        """
+        _check_ids(entity_ids, "entity_ids")
+        if h_e.shape != (entity_ids.numel(), self.hidden_size):
+            raise ValueError(
+                f"KnowledgeMemoryBank.read: h_e must have shape ({entity_ids.numel()}, {self.hidden_size}), "
+                f"got {tuple(h_e.shape)}"
+            )
+        lam = self.lam(epoch)
+        mem = self.memory(entity_ids).to(h_e.device, h_e.dtype)
+        return (1.0 - lam) * h_e + lam * mem
+
+    # ------------------------------------------------------------------------------------ updating
+    def _lengths(self, final_hidden, attention_mask, lengths) -> torch.Tensor:
+        b, n, _ = final_hidden.shape
+        if attention_mask is not None and lengths is not None:
+            raise ValueError("KnowledgeMemoryBank.update: pass attention_mask or lengths, not both")
+        if attention_mask is not None:
+            if attention_mask.shape != (b, n):
+                raise ValueError(
+                    f"KnowledgeMemoryBank.update: attention_mask must have shape ({b}, {n}), got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask != 0
+            lengths = mask.sum(1)
+            if not torch.equal(mask, torch.arange(n, device=mask.device) < lengths[:, None]):
+                raise ValueError("KnowledgeMemoryBank.update: attention_mask must be right-padded (1s then 0s)")
+        elif lengths is None:
+            return torch.full((b,), n, dtype=torch.int64)
+        if lengths.shape != (b,) or lengths.is_floating_point():
+            raise ValueError(f"KnowledgeMemoryBank.update: lengths must be an integer tensor of shape ({b},)")
+        return lengths.to("cpu", torch.int64)
+
+    def _check_spans(self, spans: torch.Tensor, lengths: torch.Tensor) -> None:
+        if not isinstance(spans, torch.Tensor) or spans.dtype != torch.int64 or spans.dim() != 2 or spans.shape[1] != 4:
+            shape = tuple(spans.shape) if isinstance(spans, torch.Tensor) else type(spans).__name__
+            dtype = spans.dtype if isinstance(spans, torch.Tensor) else ""
+            raise TypeError(
+                f"KnowledgeMemoryBank.update: spans must be an int64 tensor [E, 4] (row, start, end, entity_id), "
+                f"got {dtype} {shape}"
+            )
+        row, start, end, ent = spans.unbind(1)
+        bad_row = (row < 0) | (row >= lengths.numel())
+        seq_len = lengths[row.clamp(0, lengths.numel() - 1)]
+        bad = bad_row | (start < 0) | (end <= start) | (end > seq_len) | (ent < 0)
+        if bad.any():
+            i = int(torch.nonzero(bad)[0])
+            why = "row out of range" if bad_row[i] else ("negative entity id" if ent[i] < 0 else "span outside the sequence")
+            raise ValueError(
+                f"KnowledgeMemoryBank.update: span {i} = {spans[i].tolist()} is invalid ({why}; "
+                f"batch size {lengths.numel()}, need 0 <= start < end <= length)"
+            )
+
+    @torch.no_grad()
+    def update(
+        self,
+        final_hidden: torch.Tensor,
+        spans: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> None:
+        """Fold one batch into the bank (eqs. 4-6), after the forward pass.
+
+        final_hidden [B, n, d] final-layer states ([CLS] at position 0); spans int64 [E, 4] rows of
+        (row, start, end_exclusive, entity_id); attention_mask [B, n] (right-padded) or lengths [B]
+        gives each sequence's real tokens (default: all n). Every entity must be in the bank.
+        """
+        if final_hidden.dim() != 3 or final_hidden.shape[-1] != self.hidden_size or not final_hidden.is_floating_point():
+            raise ValueError(
+                f"KnowledgeMemoryBank.update: final_hidden must be a float [B, n, {self.hidden_size}] tensor, "
+                f"got {final_hidden.dtype} {tuple(final_hidden.shape)}"
+            )
+        lengths = self._lengths(final_hidden, attention_mask, lengths)
+        self._check_spans(spans, lengths.to(spans.device))
+        hidden = final_hidden.detach().to(self.device).contiguous()
+        spans = spans.to(self.device)
+        row, start, end, ent = spans.unbind(1)
+        lo = (start - self.window).clamp(min=0)
+        hi = torch.minimum(end + self.window, lengths.to(self.device)[row])
+        slots = self.slots(ent)
+        first = self._first_in_context(slots, row, hidden.shape[0])
+        if self._world_size() > 1:
+            self._update_distributed(hidden, row, lo, hi, ent, first)
+            return
+        cls_index = torch.where(first, row, -1)
+        update = kmb_update if hidden.is_cuda else kmb_update_ref
+        update(hidden, row, lo, hi, slots, hidden[:, 0], cls_index, self._local, self._gmean, self._counts, self.gamma)
+
+    @staticmethod
+    def _first_in_context(slots: torch.Tensor, row: torch.Tensor, batch: int) -> torch.Tensor:
+        """bool [E]: span e is the first span of its (entity, sequence) pair, in span order."""
+        pair = slots * batch + row
+        _, inverse = torch.unique(pair, return_inverse=True)
+        pos = torch.arange(pair.numel(), device=pair.device)
+        first_pos = torch.full_like(pos, pair.numel()).scatter_reduce(0, inverse, pos, "amin")
+        return first_pos[inverse] == pos
+
+    def _world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _update_distributed(self, hidden, row, lo, hi, ent, first) -> None:
+        """Gather (entity id, first-in-context, window mean, [CLS]) of all ranks, apply in rank order."""
+        means = window_mean_ref(hidden, row, lo, hi)
+        ints = torch.stack([ent, first.long()], 1)
+        floats = torch.cat([means, hidden[row, 0].float()], 1)
+        ints, floats = self._all_gather_rows(ints), self._all_gather_rows(floats)
+        slots = self.slots(ints[:, 0])
+        d = self.hidden_size
+        cls_index = torch.where(ints[:, 1] > 0, torch.arange(slots.numel(), device=slots.device), -1)
+        means, cls = floats[:, :d], floats[:, d:]
+        if means.is_cuda:  # each gathered mean is a window of length 1
+            idx = torch.arange(slots.numel(), device=slots.device)
+            kmb_update(means[:, None], idx, torch.zeros_like(idx), idx.new_ones(idx.shape), slots, cls, cls_index,
+                       self._local, self._gmean, self._counts, self.gamma)
+        else:
+            ema_apply_ref(means, slots, cls, cls_index, self._local, self._gmean, self._counts, self.gamma)
+
+    def _all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate x [E_r, ...] of all ranks in rank order (padded to the largest E_r for the collective)."""
+        world = self._world_size()
+        count = torch.tensor([x.shape[0]], device=x.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=self.process_group)
+        most = int(max(c.item() for c in counts))
+        padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=self.process_group)
+        return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
+
+    # ---------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        """Tensors of the bank (CPU copies) and its table; `load_state_dict` restores it exactly."""
+        table = self.table.state_dict()
+        return {
+            "hidden_size": self.hidden_size,
+            "entity_ids": table["ids"],
+            "entity_counts": table["counts"],
+            "local": self.local.cpu().clone(),
+            "global_mean": self.global_mean.cpu().clone(),
+            "counts": self.counts.cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the bank with `state` (from `state_dict`); memories are cast to this bank's dtype."""
+        missing = {"hidden_size", "entity_ids", "entity_counts", "local", "global_mean", "counts"} - set(state)
+        if missing:
+            raise KeyError(f"KnowledgeMemoryBank.load_state_dict: state lacks {sorted(missing)}")
+        if state["hidden_size"] != self.hidden_size:
+            raise ValueError(
+                f"KnowledgeMemoryBank.load_state_dict: the state has hidden size {state['hidden_size']}, "
+                f"this bank {self.hidden_size}"
+            )
+        n = state["entity_ids"].numel()
+        for key, shape in (("local", (n, self.hidden_size)), ("global_mean", (n, self.hidden_size)), ("counts", (n,))):
+            if tuple(state[key].shape) != shape:
+                raise ValueError(
+                    f"KnowledgeMemoryBank.load_state_dict: state[{key!r}] has shape {tuple(state[key].shape)}, "
+                    f"expected {shape}"
+                )
+        table = EntityTable()
+        table.load_state_dict({"ids": state["entity_ids"], "counts": state["entity_counts"]})
+        self.table = table
+        rows = max(n, 1)
+        self._local = torch.zeros(rows, self.hidden_size, dtype=self.dtype, device=self.device)
+        self._gmean = torch.zeros_like(self._local)
+        self._counts = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self._local[:n] = state["local"].to(self.device, self.dtype)
+        self._gmean[:n] = state["global_mean"].to(self.device, self.dtype)
+        self._counts[:n] = state["counts"].to(self.device, torch.int64)
