@@ -1,0 +1,144 @@
+"""Gathered weight-gradient products of the sparse FFN backward (DESIGN.md section 2).
+
+For T tokens, one product covers both slice gradients of a knowledge path S:
+
+    out[m, n] = sum_t a[t, ia[m]] * b[t, ib[n]]        (ia = a_idx or arange, ib = b_idx or arange)
+    colsum[m] = sum_t a[t, ia[m]]                       (optional)
+
+- up projection rows:      dW1[S, :] = dPre[:, S]^T X  and  db1[S] = sum_t dPre[t, S]
+  -> gathered_tn_matmul(dPre, X, a_idx=S, colsum=True)
+- down projection columns: dW2[:, S] = dY^T A[:, S]
+  -> gathered_tn_matmul(dY, A, b_idx=S), or gathered_tn_matmul(dY, A_S) when A_S = A[:, S]
+     was gathered in the forward (what TrelmFFN does: it keeps only |S| columns of A alive).
+
+Only the [|S|, d] / [d, |S|] results are materialized, always in fp32 (fp32 accumulation of fp16/bf16
+inputs). `gathered_tn_matmul_reference` is the plain PyTorch form (index_select + matmul);
+`gathered_tn_matmul_triton` is one Triton kernel that gathers while loading, reduces over tokens and
+adds the column sums in the same pass; `gathered_tn_matmul` dispatches (Triton on CUDA, the
+reference elsewhere). Tests run the kernel on CPU under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_T": 16}, num_warps=4)]
+if not _INTERPRET:
+    _CONFIGS += [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_T": 32}, num_warps=8),
+    ]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "T"])
+@triton.jit
+def _gathered_tn_matmul_kernel(
+    a_ptr, b_ptr, ia_ptr, ib_ptr, out_ptr, colsum_ptr,
+    M, N, T,
+    stride_at, stride_ak, stride_bt, stride_bk, stride_om, stride_on,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, COLSUM: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m, m_n = o_m < M, o_n < N
+    # source columns of a and b owned by this program (the gather happens here, while loading)
+    if GATHER_A:
+        c_a = tl.load(ia_ptr + o_m, mask=m_m, other=0)
+    else:
+        c_a = o_m
+    if GATHER_B:
+        c_b = tl.load(ib_ptr + o_n, mask=m_n, other=0)
+    else:
+        c_b = o_n
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T)
+        m_t = o_t < T
+        b_a = tl.load(a_ptr + o_t[:, None] * stride_at + c_a[None, :] * stride_ak,
+                      mask=m_t[:, None] & m_m[None, :], other=0.0)
+        b_b = tl.load(b_ptr + o_t[:, None] * stride_bt + c_b[None, :] * stride_bk,
+                      mask=m_t[:, None] & m_n[None, :], other=0.0)
+        if IEEE:
+            b_a = b_a.to(tl.float32)
+            b_acc += tl.dot(tl.trans(b_a), b_b.to(tl.float32), input_precision="ieee")
+        else:
+            b_acc += tl.dot(tl.trans(b_a), b_b)
+        if COLSUM:
+            b_sum += tl.sum(b_a.to(tl.float32), axis=0)
+    tl.store(out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_acc,
+             mask=m_m[:, None] & m_n[None, :])
+    if COLSUM:
+        tl.store(colsum_ptr + o_m, b_sum, mask=m_m & (i_n == 0))
+
+
+def _check(a: Tensor, b: Tensor, a_idx: Tensor | None, b_idx: Tensor | None) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(
+            "gathered_tn_matmul expects a [T, Ka] and b [T, Kb] with the same T; got "
+            f"a {tuple(a.shape)}, b {tuple(b.shape)}"
+        )
+    for name, idx, src in (("a_idx", a_idx, a), ("b_idx", b_idx, b)):
+        if idx is None:
+            continue
+        if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"gathered_tn_matmul: {name} must be a 1-D integer tensor, got "
+                             f"{idx.dtype} {tuple(idx.shape)}")
+        if idx.device != src.device:
+            raise ValueError(f"gathered_tn_matmul: {name} is on {idx.device}, operand on {src.device}")
+
+
+def gathered_tn_matmul_reference(
+    a: Tensor, b: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None,
+    colsum: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """out = a[:, a_idx]^T b[:, b_idx] in fp32 ([|a_idx|, |b_idx|]), colsum = sum_t a[t, a_idx]."""
+    _check(a, b, a_idx, b_idx)
+    a_g = a if a_idx is None else a.index_select(1, a_idx)
+    b_g = b if b_idx is None else b.index_select(1, b_idx)
+    a_g, b_g = a_g.float(), b_g.float()
+    return a_g.t() @ b_g, (a_g.sum(0) if colsum else None)
+
+
+def gathered_tn_matmul_triton(
+    a: Tensor, b: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None,
+    colsum: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The fused kernel (CUDA, or CPU under TRITON_INTERPRET=1); same result as the reference."""
+    _check(a, b, a_idx, b_idx)
+    m = a.shape[1] if a_idx is None else a_idx.numel()
+    n = b.shape[1] if b_idx is None else b_idx.numel()
+    t = a.shape[0]
+    out = torch.empty(m, n, device=a.device, dtype=torch.float32)
+    sums = torch.empty(m if colsum else 0, device=a.device, dtype=torch.float32)
+    if m == 0 or n == 0:
+        return out, (sums if colsum else None)
+    if t == 0:
+        return out.zero_(), (sums.zero_() if colsum else None)
+    ieee = _INTERPRET or a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _gathered_tn_matmul_kernel[grid](
+        a, b, a if a_idx is None else a_idx, b if b_idx is None else b_idx, out, sums,
+        m, n, t,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, COLSUM=colsum, IEEE=ieee,
+    )
+    return out, (sums if colsum else None)
+
+
+def gathered_tn_matmul(
+    a: Tensor, b: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None,
+    colsum: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Dispatch: the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
+    if a.is_cuda:
+        return gathered_tn_matmul_triton(a, b, a_idx, b_idx, colsum)
+    return gathered_tn_matmul_reference(a, b, a_idx, b_idx, colsum)

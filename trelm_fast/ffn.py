@@ -1,0 +1,321 @@
+"""Drop-in TRELM FFN: knowledge-path slice gradients for BERT/RoBERTa layers (paper section 3.3).
+
+A BERT layer's FFN is Y = act(X W1^T + b1) W2^T + b2 with W1 = `layer.intermediate.dense.weight`
+[I, d] and W2 = `layer.output.dense.weight` [d, I]. A knowledge path is a sorted set S of
+intermediate neurons. While a path is set, the backward computes only
+
+    dW1[S, :] = dPre[:, S]^T X,   db1[S] = sum_t dPre[t, S],   dW2[:, S] = dY^T A[:, S]
+
+(dPre = (dY W2) * act'(pre), A = act(pre)) and the exact input gradient dX. Full-size dW1 / dW2
+never exist: W1, b1, W2 enter the autograd Functions detached, and small zero-valued "slice" leaves
+(`TrelmFFN.slices`: w1 [|S|, d], b1 [|S|], w2 [d, |S|], requires_grad=True) receive the slice
+gradients in their `.grad` (summed over micro-batches like any leaf). The leaves are not module
+parameters, so DDP never sees them; `trelm_fast.optim.allreduce_slice_grads` reduces them.
+
+`swap_ffn(model)` replaces the two `dense` Linears of every layer with `SliceLinear` (an nn.Linear
+subclass holding the same Parameter objects, so parameter names and state dicts are unchanged) and
+adds a parameter-free `TrelmFFN` child `layer.trelm_ffn` that owns the path. Everything else of the
+layer (`intermediate.intermediate_act_fn`, `output.LayerNorm`, `output.dropout`, hooks on
+`layer.intermediate`) stays the Hugging Face module. With no path set a swapped model computes
+exactly what the original computes (same ops), gradients included.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
+from transformers.models.roberta.modeling_roberta import RobertaIntermediate, RobertaOutput
+
+from trelm_fast.kernels.sparse_ffn import gathered_tn_matmul
+
+_SUPPORTED = ((BertIntermediate, BertOutput), (RobertaIntermediate, RobertaOutput))
+
+
+def _flat(t: Tensor) -> Tensor:
+    """[..., k] -> [T, k] (tokens on dim 0)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+class RowSliceLinear(torch.autograd.Function):
+    """y = x W^T + b with weight gradient only for output rows `idx`.
+
+    forward(x [..., d_in], weight [d_out, d_in] (detached), bias [d_out] | None (detached),
+    idx [k] int64, w_slice [k, d_in] leaf, b_slice [k] leaf | None) -> y [..., d_out].
+    backward: dx = dy W (exact), w_slice.grad += dy[:, idx]^T x, b_slice.grad += sum_t dy[t, idx].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, idx, w_slice, b_slice):
+        ctx.save_for_backward(x, weight, idx)
+        ctx.slice_dtypes = (w_slice.dtype, None if b_slice is None else b_slice.dtype)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, idx = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy @ weight.to(dy.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            dw, db = gathered_tn_matmul(_flat(dy), _flat(x), a_idx=idx, colsum=ctx.needs_input_grad[5])
+            dw = dw.to(ctx.slice_dtypes[0]) if ctx.needs_input_grad[4] else None
+            db = db.to(ctx.slice_dtypes[1]) if ctx.needs_input_grad[5] else None
+        return dx, None, None, None, dw, db
+
+
+class ColSliceLinear(torch.autograd.Function):
+    """y = a W^T + b with weight gradient only for input columns `idx`.
+
+    forward(a [..., d_in], weight [d_out, d_in] (detached), bias [d_out] | None (trains if it
+    requires grad), idx [k] int64, w_slice [d_out, k] leaf) -> y [..., d_out]. Only a[..., idx] is
+    kept for the backward. backward: da = dy W (exact), w_slice.grad += dy^T a[:, idx], db = sum_t dy.
+    """
+
+    @staticmethod
+    def forward(ctx, a, weight, bias, idx, w_slice):
+        a_s = _flat(a).index_select(1, idx) if ctx.needs_input_grad[4] else None
+        ctx.save_for_backward(weight, a_s)
+        ctx.a_dtype, ctx.slice_dtype = a.dtype, w_slice.dtype
+        return F.linear(a, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, a_s = ctx.saved_tensors
+        da = dw = db = None
+        if ctx.needs_input_grad[0]:
+            da = (dy @ weight.to(dy.dtype)).to(ctx.a_dtype)
+        if ctx.needs_input_grad[2]:
+            db = _flat(dy).sum(0)
+        if ctx.needs_input_grad[4]:
+            dw = gathered_tn_matmul(_flat(dy), a_s)[0].to(ctx.slice_dtype)
+        return da, None, db, None, dw
+
+
+class SliceLinear(nn.Linear):
+    """An nn.Linear whose weight gradient, while `path` is set, is a slice along `axis`.
+
+    axis 0 (up projection): rows `path` of the weight and of the bias -> leaves
+    `weight_slice` [k, in_features], `bias_slice` [k]. axis 1 (down projection): columns `path`
+    -> leaf `weight_slice` [out_features, k]; the bias keeps its own requires_grad. With
+    `path is None` this is exactly nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, axis: int, bias: bool = True,
+                 device=None, dtype=None):
+        if axis not in (0, 1):
+            raise ValueError(f"SliceLinear: axis must be 0 (rows) or 1 (columns), got {axis}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.axis = axis
+        self.path: Tensor | None = None
+        self.weight_slice: Tensor | None = None
+        self.bias_slice: Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, axis: int) -> "SliceLinear":
+        """A SliceLinear sharing `linear`'s Parameter objects (no copy)."""
+        new = cls(linear.in_features, linear.out_features, axis, bias=linear.bias is not None,
+                  device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        new.train(linear.training)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear sharing this module's Parameter objects."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight, lin.bias = self.weight, self.bias
+        lin.train(self.training)
+        return lin
+
+    def _set_path(self, idx: Tensor | None) -> None:
+        """Install a validated path and fresh zero slice leaves (or clear them)."""
+        self.path, self.weight_slice, self.bias_slice = idx, None, None
+        if idx is None:
+            return
+        w = self.weight
+        k = idx.numel()
+        shape = (k, self.in_features) if self.axis == 0 else (self.out_features, k)
+        self.weight_slice = torch.zeros(shape, device=w.device, dtype=w.dtype, requires_grad=True)
+        if self.axis == 0 and self.bias is not None:
+            self.bias_slice = torch.zeros(k, device=w.device, dtype=self.bias.dtype, requires_grad=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.path is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.path.device != self.weight.device:
+            raise RuntimeError(
+                f"SliceLinear: path is on {self.path.device} but the weight is on {self.weight.device}; "
+                "set paths after moving the model"
+            )
+        if self.axis == 0:
+            bias = None if self.bias is None else self.bias.detach()
+            return RowSliceLinear.apply(x, self.weight.detach(), bias, self.path,
+                                        self.weight_slice, self.bias_slice)
+        return ColSliceLinear.apply(x, self.weight.detach(), self.bias, self.path, self.weight_slice)
+
+    def extra_repr(self) -> str:
+        k = "None" if self.path is None else str(self.path.numel())
+        return f"{super().extra_repr()}, axis={self.axis}, path_size={k}"
+
+
+class FFNSlices(NamedTuple):
+    """Slice leaves of one layer's path S: w1 [|S|, d], b1 [|S|] (None without bias), w2 [d, |S|]."""
+
+    w1: Tensor
+    b1: Tensor | None
+    w2: Tensor
+
+
+class TrelmFFN(nn.Module):
+    """Path controller and FFN block of one BERT/RoBERTa layer (registered as `layer.trelm_ffn`).
+
+    Holds no parameters: `intermediate` and `output` are the layer's own modules, referenced but
+    not registered here (no parameter has two names). `forward(h)` is the layer's FFN block,
+    output(intermediate(h), h), [..., d] -> [..., d].
+    """
+
+    def __init__(self, intermediate: nn.Module, output: nn.Module, layer_idx: int):
+        super().__init__()
+        for name, mod in (("intermediate", intermediate), ("output", output)):
+            if not isinstance(mod.dense, SliceLinear):
+                raise TypeError(f"TrelmFFN: {name}.dense must be a SliceLinear, got {type(mod.dense).__name__}")
+        object.__setattr__(self, "_pair", (intermediate, output))
+        self.layer_idx = layer_idx
+
+    @property
+    def intermediate(self) -> nn.Module:
+        return self._pair[0]
+
+    @property
+    def output(self) -> nn.Module:
+        return self._pair[1]
+
+    @property
+    def up(self) -> SliceLinear:
+        """W1 [I, d], b1 [I]: `layer.intermediate.dense`."""
+        return self._pair[0].dense
+
+    @property
+    def down(self) -> SliceLinear:
+        """W2 [d, I], b2 [d]: `layer.output.dense`."""
+        return self._pair[1].dense
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.up.out_features
+
+    @property
+    def path(self) -> Tensor | None:
+        """Sorted unique neuron ids (int64, on the weights' device) or None (dense behaviour)."""
+        return self.up.path
+
+    @property
+    def slices(self) -> FFNSlices | None:
+        """The slice leaves of the current path; their `.grad` holds the slice gradients."""
+        if self.path is None:
+            return None
+        return FFNSlices(self.up.weight_slice, self.up.bias_slice, self.down.weight_slice)
+
+    def set_path(self, indices: Tensor | None) -> None:
+        """Set the knowledge path S (sorted unique ids in [0, I)) or clear it with None.
+
+        Creates fresh zero slice leaves; refuses while the current leaves hold gradients (call the
+        optimizer's step()/zero_grad() first, otherwise those gradients would be lost).
+        """
+        where = f"TrelmFFN.set_path (layer {self.layer_idx})"
+        current = self.slices
+        if current is not None and any(t is not None and t.grad is not None for t in current):
+            raise RuntimeError(f"{where}: the current path still holds slice gradients; "
+                               "call optimizer.step() or zero_grad() before changing paths")
+        if indices is None:
+            idx = None
+        else:
+            if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point() \
+                    or indices.is_complex() or indices.dtype == torch.bool:
+                raise ValueError(f"{where}: indices must be a 1-D integer tensor, got "
+                                 f"{type(indices).__name__} {getattr(indices, 'dtype', '')} "
+                                 f"{tuple(getattr(indices, 'shape', ()))}")
+            idx = indices.to(device=self.up.weight.device, dtype=torch.int64)
+            n = self.intermediate_size
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                raise ValueError(f"{where}: indices must lie in [0, {n}), got range "
+                                 f"[{int(idx.min())}, {int(idx.max())}]")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise ValueError(f"{where}: indices must be sorted and unique")
+        self.up._set_path(idx)
+        self.down._set_path(idx)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+    def extra_repr(self) -> str:
+        k = "None" if self.path is None else str(self.path.numel())
+        return f"layer_idx={self.layer_idx}, intermediate_size={self.intermediate_size}, path_size={k}"
+
+
+def _ffn_layers(model: nn.Module) -> list[nn.Module]:
+    """The BERT/RoBERTa layers of `model` (modules with a supported intermediate/output pair)."""
+    layers = []
+    for mod in model.modules():
+        if isinstance(mod, TrelmFFN):
+            continue
+        inter, out = getattr(mod, "intermediate", None), getattr(mod, "output", None)
+        if any(type(inter) is i and type(out) is o for i, o in _SUPPORTED):
+            layers.append(mod)
+    if not layers:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+        found = type(lists[0][0]).__name__ if lists else "no layer list"
+        raise TypeError(
+            f"swap_ffn supports BERT/RoBERTa encoders (BertLayer/RobertaLayer with "
+            f"intermediate + output); {type(model).__name__} has none (its first layer list holds "
+            f"{found})"
+        )
+    return layers
+
+
+def swap_ffn(model: nn.Module) -> nn.Module:
+    """Put a TrelmFFN into every BERT/RoBERTa layer of `model`, in place; returns `model`.
+
+    Layers already swapped are left alone. Parameter names and values are unchanged.
+    """
+    for i, layer in enumerate(_ffn_layers(model)):
+        if isinstance(getattr(layer, "trelm_ffn", None), TrelmFFN):
+            continue
+        for mod, axis in ((layer.intermediate, 0), (layer.output, 1)):
+            if type(mod.dense) is not nn.Linear:
+                raise TypeError(f"swap_ffn: layer {i} {type(mod).__name__}.dense is "
+                                f"{type(mod.dense).__name__}, expected torch.nn.Linear")
+            mod.dense = SliceLinear.from_linear(mod.dense, axis)
+        layer.trelm_ffn = TrelmFFN(layer.intermediate, layer.output, i)
+    return model
+
+
+def unswap_ffn(model: nn.Module) -> nn.Module:
+    """Undo swap_ffn in place (plain nn.Linear back, paths dropped); returns `model`."""
+    for layer in [m for m in model.modules() if isinstance(getattr(m, "trelm_ffn", None), TrelmFFN)]:
+        layer.intermediate.dense = layer.intermediate.dense.to_linear()
+        layer.output.dense = layer.output.dense.to_linear()
+        del layer.trelm_ffn
+    return model
+
+
+def ffn_modules(model: nn.Module) -> list[TrelmFFN]:
+    """The TrelmFFN of every swapped layer, in layer order."""
+    return [m for m in model.modules() if isinstance(m, TrelmFFN)]
+
+
+def trelm_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, act,
+              path: Tensor | None = None, slices: FFNSlices | None = None) -> Tensor:
+    """Functional FFN act(x W1^T + b1) W2^T + b2 ([..., d] -> [..., d]), no dropout/LayerNorm.
+
+    With `path` and `slices` (leaves shaped as in FFNSlices) the weight gradients go to the slices
+    only; without, plain autograd over w1/b1/w2/b2. For benchmarks and tests.
+    """
+    if path is None:
+        return F.linear(act(F.linear(x, w1, b1)), w2, b2)
+    if slices is None:
+        raise ValueError("trelm_ffn: a path needs its slice leaves (slices=FFNSlices(...))")
+    h = RowSliceLinear.apply(x, w1.detach(), None if b1 is None else b1.detach(), path, slices.w1, slices.b1)
+    return ColSliceLinear.apply(act(h), w2.detach(), b2, path, slices.w2)
