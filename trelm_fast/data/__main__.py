@@ -1,0 +1,90 @@
+"""CLI: ``python -m trelm_fast.data build --source {synthetic,wiki-geo,files} --out DIR [...]``
+and ``python -m trelm_fast.data info DIR`` (verify checksums, print the summary)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .formats import ON_BAD_RECORD, BadRecords, DataFormatError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trelm_fast.data", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build a dataset directory")
+    b.add_argument("--source", required=True, choices=["synthetic", "wiki-geo", "files"])
+    b.add_argument("--out", required=True, help="output directory (written to OUT.tmp-<pid>, renamed when complete)")
+    b.add_argument("--size", default="small", choices=["tiny", "small", "medium"], help="synthetic size")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--on-bad-record", default="error", choices=ON_BAD_RECORD)
+    b.add_argument("--long-tail-quantile", type=float, default=0.5)
+    b.add_argument("--si-min-quantile", type=float, default=0.5)
+    b.add_argument("--targets-per-sequence", type=int, default=2)
+    b.add_argument("--long-tail-only", action="store_true")
+    b.add_argument("--seq-len", type=int, default=128)
+    b.add_argument("--valid-fraction", type=float, default=0.05)
+    b.add_argument("--transe-dim", type=int, default=64)
+    b.add_argument("--transe-epochs", type=int, default=100)
+    b.add_argument("--max-pages", type=int, default=None, help="wiki-geo: read at most this many pages")
+    b.add_argument("--corpus", help="files: corpus JSONL")
+    b.add_argument("--kg", help="files: KG TSV")
+    b.add_argument("--probes", help="files: probes JSONL (facts stated in the corpus)")
+    b.add_argument("--probes-heldout", help="files: probes JSONL (held-out facts)")
+    b.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    i = sub.add_parser("info", help="verify a dataset's checksums and print its summary")
+    i.add_argument("dir")
+    return p
+
+
+def _build(args) -> dict:
+    from .build import BuildConfig, build_dataset
+
+    bad = BadRecords(args.on_bad_record)
+    inputs = {}
+    if args.source == "synthetic":
+        from .sources.synthetic import generate
+
+        raw = generate(args.size, args.seed)
+    elif args.source == "wiki-geo":
+        from .sources.wiki_geo import load_wiki_geo
+
+        raw = load_wiki_geo(max_pages=args.max_pages, progress=not args.quiet)
+    else:
+        if not args.corpus or not args.kg:
+            raise SystemExit("--source files needs --corpus and --kg (and usually --probes)")
+        from .sources.files import load_files
+
+        inputs = {k: v for k, v in (("corpus", args.corpus), ("kg", args.kg), ("probes", args.probes),
+                                    ("probes_heldout", args.probes_heldout)) if v}
+        raw = load_files(args.corpus, args.kg, args.probes, args.probes_heldout, bad)
+    cfg = BuildConfig(source=args.source, size=args.size, seed=args.seed, seq_len=args.seq_len,
+                      on_bad_record=args.on_bad_record, long_tail_quantile=args.long_tail_quantile,
+                      si_min_quantile=args.si_min_quantile, targets_per_sequence=args.targets_per_sequence,
+                      long_tail_only=args.long_tail_only, valid_fraction=args.valid_fraction,
+                      transe_dim=args.transe_dim, transe_epochs=args.transe_epochs, max_pages=args.max_pages,
+                      inputs=inputs)
+    return build_dataset(raw, args.out, cfg, bad, progress=not args.quiet, force=args.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            summary = _build(args)
+            print(f"built {args.out}")
+        else:
+            from .loader import load_manifest
+
+            summary = load_manifest(args.dir)["summary"]
+            print(f"{args.dir}: checksums OK")
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
