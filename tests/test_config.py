@@ -7,6 +7,7 @@ from trelm_fast.config import (
     Config, ConfigError, config_from_dict, load_config, parse_overrides, resolve_model_path,
 )
 from trelm_fast.data.base_model import load_tokenizer, tokenizer_identity
+from trelm_fast.data.build import FORMAT_VERSION
 
 
 def test_default_loads_and_round_trips(tmp_path):
@@ -85,12 +86,13 @@ def test_bad_yaml_names_file(tmp_path):
 def _dataset_dir(tmp_path, tokenizer):
     d = tmp_path / "ds"
     d.mkdir()
-    (d / "manifest.json").write_text(json.dumps({"tokenizer": tokenizer}))
+    (d / "manifest.json").write_text(json.dumps(
+        {"format_version": FORMAT_VERSION, "tokenizer": tokenizer, "files": {}, "seq_len": 32}))
     return d
 
 
 def test_dataset_for_same_tokenizer_accepted(tmp_path):
-    ident = tokenizer_identity(load_tokenizer(str(resolve_model_path("minilm"))))
+    ident = {**tokenizer_identity(load_tokenizer(str(resolve_model_path("minilm")))), "mask_id": 103}
     d = _dataset_dir(tmp_path, ident)
     cfg = load_config(None, [f"data.dir={d}"])
     assert cfg.data.dir == str(d)
@@ -104,5 +106,5 @@ def test_dataset_for_other_tokenizer_rejected(tmp_path):
 
 def test_dataset_without_manifest_rejected(tmp_path):
     (tmp_path / "half").mkdir()
-    with pytest.raises(ConfigError, match="manifest.json"):
+    with pytest.raises(ConfigError, match="no manifest"):
         load_config(None, [f"data.dir={tmp_path / 'half'}"])

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from trelm_fast.config import load_config
 from trelm_fast.model import (
-    TrelmModel, build_mlm, build_model, load_kg_embeddings, read_entity_names, span_positions,
+    TrelmModel, build_mlm, build_model, cka_negative_distribution, read_dataset_arrays, span_positions,
 )
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=48",
@@ -30,6 +30,7 @@ def make_dataset(root, seed=0):
     tokens = torch.randint(2000, 2100, (int(offsets[-1]),), generator=g).numpy().astype(np.int64)
     np.save(root / "entity_tokens.npy", tokens)
     np.save(root / "entity_token_offsets.npy", offsets)
+    np.save(root / "entity_freq.npy", torch.randint(0, 5, (N_ENT,), generator=g).numpy().astype(np.int64))
     return root
 
 
@@ -112,12 +113,27 @@ def test_span_positions():
         span_positions(torch.tensor([[0, 3, 3, 1]]))
 
 
-def test_kg_embeddings_errors(tmp_path):
+def test_dataset_arrays_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="kg_embeddings.safetensors"):
-        load_kg_embeddings(tmp_path)
-    save_file({"entity": torch.zeros(2, 3)}, str(tmp_path / "kg_embeddings.safetensors"))
-    with pytest.raises(ValueError, match="relation"):
-        load_kg_embeddings(tmp_path)
+        read_dataset_arrays(tmp_path)
+    root = make_dataset(tmp_path / "bad")
+    np.save(root / "entity_token_offsets.npy", np.array([0, 1, 2], dtype=np.int64))
+    np.save(root / "entity_tokens.npy", np.array([5, 6], dtype=np.int64))
+    with pytest.raises(ValueError, match="entity_token_offsets.npy describes 2 entities"):
+        read_dataset_arrays(root)
+
+
+def test_negative_distribution_weights_names_by_frequency(dataset):
+    arrays = read_dataset_arrays(dataset)
+    q = cka_negative_distribution(arrays, 30522)
+    expected = torch.zeros(30522, dtype=torch.float64)
+    off, tok, freq = arrays["name_offsets"], arrays["name_tokens"], arrays["entity_freq"]
+    for i in range(N_ENT):
+        for t in tok[off[i]:off[i + 1]].tolist():
+            expected[t] += float(freq[i])
+    torch.testing.assert_close(q.double(), expected / expected.sum(), rtol=1e-6, atol=1e-9)
+    u = cka_negative_distribution(arrays, 30522, "uniform")
+    assert torch.allclose(u, torch.full_like(u, 1 / 30522))
 
 
 def _no_bank_model(inject):
@@ -185,7 +201,8 @@ def test_build_model_with_bank_mixes_eq7(dataset):
     which, rows, cols = span_positions(batch["target_spans"])
     ids = batch["target_spans"][which, 3]
     # eq. 7 at the start: M_global := M_local = the mean word embedding of the entity's name tokens
-    tokens, offsets = read_entity_names(dataset)
+    arrays = read_dataset_arrays(dataset)
+    tokens, offsets = arrays["name_tokens"], arrays["name_offsets"]
     words = model.mlm.get_input_embeddings().weight
     local0 = torch.stack([words[tokens[offsets[i]:offsets[i + 1]]].mean(0) for i in range(N_ENT)])
     torch.testing.assert_close(emb[rows, cols], (1 - lam) * h[which] + lam * local0[ids])
@@ -207,11 +224,3 @@ def test_no_injection_with_bank_mixes_mask_embedding(dataset):
     ids = batch["target_spans"][which, 3]
     mask = model.mlm.get_input_embeddings().weight[103].expand(which.numel(), -1)
     torch.testing.assert_close(model.input_embeddings(batch)[rows, cols], model.bank.read(ids, mask, 0.0))
-
-
-def test_build_model_rejects_mismatched_entity_names(tmp_path):
-    root = make_dataset(tmp_path / "bad")
-    np.save(root / "entity_token_offsets.npy", np.array([0, 1, 2], dtype=np.int64))
-    np.save(root / "entity_tokens.npy", np.array([5, 6], dtype=np.int64))
-    with pytest.raises(ValueError, match="entity_token_offsets.npy describes 2 entities"):
-        build_model(tiny_config(), root, swap=False)

@@ -12,7 +12,6 @@ Every error is a ``ConfigError`` naming the dotted field (and the file when one 
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -379,22 +378,18 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
 
 def check_dataset(data_dir, model_dir, source: str = "<config>") -> None:
-    """Raise ConfigError if ``data_dir`` was built for a tokenizer other than ``model_dir``'s."""
-    manifest_path = Path(data_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise ConfigError(f"{source}: data.dir {data_dir} exists but has no manifest.json "
-                          "(an incomplete build? remove it to rebuild)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{manifest_path}: invalid JSON: {exc}") from None
-    built = manifest.get("tokenizer")
-    if built is None:
-        raise ConfigError(f"{manifest_path}: no 'tokenizer' field; cannot check the dataset's tokenizer")
-    from trelm_fast.data.base_model import load_tokenizer, tokenizer_identity
+    """Raise ConfigError if ``data_dir`` is not a finished dataset or was built for a tokenizer
+    other than ``model_dir``'s (vocabulary size and hash, as recorded in its manifest)."""
+    from trelm_fast.data.base_model import load_tokenizer
+    from trelm_fast.data.loader import check_tokenizer, load_manifest
 
-    mine = tokenizer_identity(load_tokenizer(str(model_dir)))
-    if built != mine:
-        raise ConfigError(f"{source}: data.dir {data_dir} was built for another tokenizer "
-                          f"({built!r}) than model.path {model_dir} ({mine!r}); rebuild the dataset "
-                          "or point model.path at the tokenizer it was built with")
+    try:
+        manifest = load_manifest(data_dir, verify=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{source}: data.dir {data_dir}: {exc} (remove it to rebuild)") from None
+    try:
+        check_tokenizer(manifest, load_tokenizer(str(model_dir)))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: data.dir {data_dir} was built for another tokenizer than "
+                          f"model.path {model_dir}: {exc}; rebuild the dataset or point model.path "
+                          "at the tokenizer it was built with") from None

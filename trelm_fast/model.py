@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from trelm_fast.config import Config, ModelConfig, resolve_model_path
-from trelm_fast.losses import MLMHead
+from trelm_fast.losses import MLMHead, negative_distribution
 
 _SIZE_FIELDS = {  # ModelConfig field -> Hugging Face config attribute
     "hidden_size": "hidden_size",
@@ -90,21 +90,52 @@ def build_mlm(mcfg: ModelConfig) -> nn.Module:
     return model
 
 
-def load_kg_embeddings(dataset_dir) -> tuple[Tensor, Tensor]:
-    """(entity [N_ent, k], relation [N_rel, k]) float32 from ``kg_embeddings.safetensors``."""
-    from safetensors.torch import load_file
+def read_dataset_arrays(dataset_dir) -> dict:
+    """What the model reads from a built dataset: KG embeddings and entity names/frequencies.
 
-    f = Path(dataset_dir) / "kg_embeddings.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} does not exist (is {dataset_dir} a built dataset?)")
-    tensors = load_file(str(f))
-    for key in ("entity", "relation"):
-        if key not in tensors or tensors[key].dim() != 2:
-            raise ValueError(f"{f}: needs a 2-d tensor {key!r}, found {sorted(tensors)}")
-    if tensors["entity"].shape[1] != tensors["relation"].shape[1]:
-        raise ValueError(f"{f}: entity dim {tensors['entity'].shape[1]} != relation dim "
-                         f"{tensors['relation'].shape[1]}")
-    return tensors["entity"].float(), tensors["relation"].float()
+    Returns {"entity" [N_ent, k], "relation" [N_rel, k] float32, "name_tokens" [total] and
+    "name_offsets" [N_ent + 1] int64, "entity_freq" [N_ent] int64 or None}.
+    """
+    from trelm_fast.data.formats import read_kg_embeddings
+    from trelm_fast.data.loader import load_entity_tokens
+
+    d = Path(dataset_dir)
+    for name in ("kg_embeddings.safetensors", "entity_tokens.npy", "entity_token_offsets.npy"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name} does not exist (is {d} a built dataset?)")
+    entity, relation = read_kg_embeddings(d / "kg_embeddings.safetensors")
+    if entity.dim() != 2 or relation.dim() != 2 or entity.shape[1] != relation.shape[1]:
+        raise ValueError(f"{d / 'kg_embeddings.safetensors'}: entity {tuple(entity.shape)} and relation "
+                         f"{tuple(relation.shape)} must be 2-d with the same width")
+    tokens, offsets = load_entity_tokens(d)
+    if offsets.shape[0] - 1 != entity.shape[0]:
+        raise ValueError(f"{d}: entity_token_offsets.npy describes {offsets.shape[0] - 1} entities, "
+                         f"kg_embeddings.safetensors {entity.shape[0]}")
+    freq = np.load(d / "entity_freq.npy") if (d / "entity_freq.npy").is_file() else None
+    return {"entity": entity.float(), "relation": relation.float(),
+            "name_tokens": torch.from_numpy(tokens.astype(np.int64)),
+            "name_offsets": torch.from_numpy(offsets.astype(np.int64)),
+            "entity_freq": None if freq is None else torch.from_numpy(freq.astype(np.int64))}
+
+
+def cka_negative_distribution(arrays: dict, vocab_size: int, kind: str = "entity_tokens") -> Tensor:
+    """Q(y) of eq. 2 over the vocabulary [V].
+
+    ``entity_tokens``: tokens of entity names, each name counted once per corpus mention (entity
+    frequency; once per entity when the dataset has no frequencies). ``uniform``: every token.
+    """
+    if kind == "uniform":
+        return torch.full((vocab_size,), 1.0 / vocab_size)
+    if kind != "entity_tokens":
+        raise ValueError(f"loss.negatives must be entity_tokens or uniform, got {kind!r}")
+    offsets = arrays["name_offsets"]
+    lengths = offsets[1:] - offsets[:-1]
+    freq = arrays["entity_freq"]
+    weight = torch.ones_like(lengths) if freq is None else freq.clamp(min=0)
+    if int(weight.sum()) == 0:
+        weight = torch.ones_like(lengths)
+    owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    return negative_distribution(torch.repeat_interleave(arrays["name_tokens"], weight[owner]), vocab_size)
 
 
 def span_positions(spans: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,12 +160,20 @@ class TrelmModel(nn.Module):
     ``mlm``: BertForMaskedLM / RobertaForMaskedLM; ``kg_entity`` [N_ent, k] and ``kg_relation``
     [N_rel, k]: frozen TransE embeddings (buffers, not saved: they belong to the dataset);
     ``bank``: a KnowledgeMemoryBank or None (ablation); ``inject``: False for the no-injection
-    ablation; ``mask_token_id``: the tokenizer's mask id (used without injection).
+    ablation; ``mask_token_id``: the tokenizer's mask id (used without injection); ``negative_q``
+    [V]: Q(y), the CKA negative-sampling distribution (default uniform).
     """
 
     def __init__(self, mlm: nn.Module, kg_entity: Tensor, kg_relation: Tensor, bank=None,
-                 inject: bool = True, mask_token_id: Optional[int] = None):
+                 inject: bool = True, mask_token_id: Optional[int] = None,
+                 negative_q: Optional[Tensor] = None):
         super().__init__()
+        vocab = mlm.config.vocab_size
+        if negative_q is None:
+            negative_q = torch.full((vocab,), 1.0 / vocab)
+        if negative_q.shape != (vocab,):
+            raise ValueError(f"TrelmModel: negative_q must be [{vocab}], got {tuple(negative_q.shape)}")
+        self.register_buffer("negative_q", negative_q.float(), persistent=False)
         self.mlm = mlm
         self.bank = bank
         self.inject = inject
@@ -195,17 +234,6 @@ class TrelmModel(nn.Module):
             self.bank.update(final_hidden.detach(), batch["entity_spans"], batch["attention_mask"])
 
 
-def read_entity_names(dataset_dir) -> tuple[Tensor, Tensor]:
-    """(entity_tokens [total], entity_token_offsets [N_ent + 1]) int64 of a built dataset."""
-    d = Path(dataset_dir)
-    out = []
-    for name in ("entity_tokens.npy", "entity_token_offsets.npy"):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d / name} does not exist (is {d} a built dataset?)")
-        out.append(torch.from_numpy(np.load(d / name, allow_pickle=False).astype(np.int64)))
-    return out[0], out[1]
-
-
 def build_model(cfg: Config, dataset_dir, inject: bool = True, use_bank: bool = True,
                 swap: bool = True, device="cpu") -> TrelmModel:
     """The TrelmModel for ``cfg`` over a built dataset, on ``device``.
@@ -221,20 +249,20 @@ def build_model(cfg: Config, dataset_dir, inject: bool = True, use_bank: bool = 
         from trelm_fast.ffn import swap_ffn
 
         swap_ffn(mlm)
-    entity, relation = load_kg_embeddings(dataset_dir)
+    arrays = read_dataset_arrays(dataset_dir)
+    n_ent = arrays["entity"].shape[0]
     bank = None
     if use_bank:
         from trelm_fast.memory_bank import KnowledgeMemoryBank
 
-        tokens, offsets = read_entity_names(dataset_dir)
-        if offsets.numel() - 1 != entity.shape[0]:
-            raise ValueError(f"{dataset_dir}: entity_token_offsets.npy describes {offsets.numel() - 1} entities, "
-                             f"kg_embeddings.safetensors {entity.shape[0]}")
-        init = KnowledgeMemoryBank.name_embeddings(mlm.get_input_embeddings().weight, tokens, offsets)
+        init = KnowledgeMemoryBank.name_embeddings(mlm.get_input_embeddings().weight,
+                                                   arrays["name_tokens"], arrays["name_offsets"])
         bank = KnowledgeMemoryBank(mlm.config.hidden_size, lambda0=cfg.kmb.lambda0, beta=cfg.kmb.beta,
                                    gamma=cfg.kmb.gamma, window=cfg.kmb.window, dtype=cfg.kmb.dtype,
-                                   device=device, capacity=entity.shape[0])
-        bank.add_entities(torch.arange(entity.shape[0], dtype=torch.long), init)
+                                   device=device, capacity=n_ent)
+        bank.add_entities(torch.arange(n_ent, dtype=torch.long), init)
+    q = cka_negative_distribution(arrays, mlm.config.vocab_size, cfg.loss.negatives)
     mask_id = load_tokenizer(str(resolve_model_path(cfg.model.path))).mask_token_id
-    model = TrelmModel(mlm, entity, relation, bank=bank, inject=inject, mask_token_id=mask_id)
+    model = TrelmModel(mlm, arrays["entity"], arrays["relation"], bank=bank, inject=inject,
+                       mask_token_id=mask_id, negative_q=q)
     return model.to(device)
