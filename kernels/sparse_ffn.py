@@ -77,7 +77,8 @@ def _gathered_tn_matmul_kernel(
     tl.store(out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_acc,
              mask=m_m[:, None] & m_n[None, :])
     if COLSUM:
-        tl.store(colsum_ptr + o_m, b_sum, mask=m_m & (i_n == 0))
+        if i_n == 0:
+            tl.store(colsum_ptr + o_m, b_sum, mask=m_m)
 
 
 def _check(a: Tensor, b: Tensor, a_idx: Tensor | None, b_idx: Tensor | None) -> None:
