@@ -49,3 +49,27 @@ def test_bad_ids_are_rejected(ids, error):
     with pytest.raises(error):
         table.insert(ids)
     assert len(table) == 0
+
+
+def test_restored_table_keeps_slots_and_continues_after_growth():
+    table = EntityTable(capacity=1)
+    ids = torch.arange(100, 0, -3, dtype=torch.int64)
+    slots = table.insert(ids)
+    restored = EntityTable()
+    restored.load_state_dict(table.state_dict())
+    assert torch.equal(restored.lookup(ids), slots)
+    new = torch.tensor([5000, ids[0].item()], dtype=torch.int64)
+    assert restored.insert(new).tolist() == [len(ids), 0]  # next free slot; existing id keeps its slot
+    assert restored.lookup(torch.zeros(0, dtype=torch.int64)).shape == (0,)
+
+
+def test_bad_state_is_rejected():
+    table = EntityTable()
+    with pytest.raises(ValueError, match="duplicate id 4"):
+        table.load_state_dict({"ids": torch.tensor([4, 2, 4]), "counts": torch.zeros(3, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="equal length"):
+        table.load_state_dict({"ids": torch.tensor([4, 2]), "counts": torch.zeros(3, dtype=torch.int64)})
+    with pytest.raises(TypeError, match=r"state\['ids'\] must be int64"):
+        table.load_state_dict({"ids": torch.tensor([4.0]), "counts": torch.zeros(1, dtype=torch.int64)})
+    with pytest.raises(ValueError, match=">= 0"):
+        table.count(np.array([1, -2], dtype=np.int64))
