@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trelm_fast.kernels.kmb_update import group_by_slot, kmb_update, kmb_update_ref, window_mean_ref
+from trelm_fast.kernels.kmb_update import ema_apply_ref, group_by_slot, kmb_update, kmb_update_ref, window_mean_ref
 
 
 def _problem(seed, rows=3, n=37, d=45, bank=11, spans=19, distinct=5, dtype=torch.float32):
@@ -82,3 +82,16 @@ def test_kernel_with_no_spans_changes_nothing():
     kmb_update(hidden, empty, empty, empty, empty, cls, empty, *got, 0.5)
     for a, b in zip(got, bank):
         assert torch.equal(a, b)
+
+
+def test_kernel_on_precomputed_means_as_length_one_windows():
+    """The DDP path on CUDA: gathered window means applied as windows of length 1."""
+    (hidden, row, lo, hi, slots, cls, cls_index), bank = _problem(4)
+    means = window_mean_ref(hidden, row, lo, hi)
+    idx = torch.arange(slots.numel())
+    expected = tuple(t.clone() for t in bank)
+    got = tuple(t.clone() for t in bank)
+    ema_apply_ref(means, slots, cls, cls_index, *expected, 0.4)
+    kmb_update(means[:, None], idx, torch.zeros_like(idx), torch.ones_like(idx), slots, cls, cls_index, *got, 0.4)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
