@@ -1,0 +1,237 @@
+"""What trains in TRELM mode, and the optimizer that trains it (paper section 3.3).
+
+Parameter groups (`parameter_group(name)`), for BERT/RoBERTa models from `transformers`:
+
+    embeddings    word/position/type embeddings and their LayerNorm (the tied MLM decoder weight
+                  is the word-embedding matrix, so it belongs here)
+    attention     self-attention Q/K/V and output projections of every block
+    layernorm     the two LayerNorms of every block
+    ffn           the full FFN weights W1, b1, W2 (dense training, no path)
+    ffn_out_bias  b2, the FFN output bias
+    head          the MLM head (transform dense + LayerNorm, decoder bias)
+    pooler        the pooler
+    other         everything else, e.g. modules the trainer adds (knowledge projection)
+
+`TRELM_TRAINABLE` = {"head", "other"} is the default in TRELM mode: in the Transformer blocks only
+the knowledge-path slices of the FFNs learn (the paper's selective update); the embeddings and the
+tied decoder weight (a dense [V, d] gradient and Adam update every step) stay frozen; the small MLM
+head and the trainer's own modules train. `DENSE_TRAINABLE` is every group.
+`configure_trainable` sets requires_grad, so frozen parameters get no gradient and autograd's
+backward stops below the lowest layer that has a path or a trainable parameter.
+
+`TrelmOptimizer` drives two updates: torch.optim.AdamW (fused where supported; apex FusedAdam when
+importable and the parameters are on CUDA) over the parameters that require grad, with weight decay
+on matrices only; and lazy slice AdamW over each TrelmFFN's path: rows S of W1 and b1 and columns S
+of W2 with their own Adam moments. A neuron's step counter counts the steps in which it was on the
+path; bias correction uses that count, so a neuron's update is exactly AdamW run over the steps in
+which it was selected, and unselected neurons see no momentum drift and no weight decay. W1 rows and
+W2 columns are decayed, b1 is not. Paths may change between steps: state is kept for all I neurons.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trelm_fast.ffn import TrelmFFN, ffn_modules
+from trelm_fast.kernels.slice_adamw import slice_adamw
+
+GROUPS = ("embeddings", "attention", "layernorm", "ffn", "ffn_out_bias", "head", "pooler", "other")
+TRELM_TRAINABLE = frozenset({"head", "other"})
+DENSE_TRAINABLE = frozenset(GROUPS)
+
+
+def parameter_group(name: str) -> str:
+    """The group (see module docstring) of a parameter name of a BERT/RoBERTa model."""
+    parts = name.split(".")
+    if parts[0] in ("cls", "lm_head"):
+        return "head"
+    if "embeddings" in parts:
+        return "embeddings"
+    if "pooler" in parts:
+        return "pooler"
+    if "encoder" in parts and "layer" in parts:
+        if "LayerNorm" in parts:
+            return "layernorm"
+        if "attention" in parts:
+            return "attention"
+        if "intermediate" in parts or parts[-3:] == ["output", "dense", "weight"]:
+            return "ffn"
+        if parts[-3:] == ["output", "dense", "bias"]:
+            return "ffn_out_bias"
+    return "other"
+
+
+def configure_trainable(model: nn.Module, trainable: Iterable[str] = TRELM_TRAINABLE) -> list[str]:
+    """Set requires_grad of every parameter of `model`; returns the names left trainable.
+
+    `trainable` holds group names (GROUPS) and/or fnmatch patterns over full parameter names
+    (anything with '.', '*', '?' or '['), e.g. {"head", "other", "bert.encoder.layer.11.*"}.
+    """
+    trainable = set(trainable)
+    patterns = {t for t in trainable if any(c in t for c in ".*?[")}
+    unknown = trainable - patterns - set(GROUPS)
+    if unknown:
+        raise ValueError(f"configure_trainable: unknown group(s) {sorted(unknown)}; groups are {list(GROUPS)} "
+                         "(or give fnmatch patterns over parameter names)")
+    names = []
+    for name, p in model.named_parameters():
+        on = parameter_group(name) in trainable or any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(on)
+        if on:
+            names.append(name)
+    return names
+
+
+def _modules(model: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
+    return [model] if isinstance(model, nn.Module) else list(model)
+
+
+def _dense_adamw(params: list[Tensor], lr, betas, eps, weight_decay) -> torch.optim.Optimizer | None:
+    if not params:
+        return None
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if all(p.is_cuda for p in params):
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            pass
+        else:
+            return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+    fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+class TrelmOptimizer:
+    """Dense AdamW + lazy slice AdamW over the knowledge paths of `model`'s TrelmFFN layers.
+
+    model: one module or several (e.g. the HF model and the trainer's knowledge projection).
+    Dense parameters are those requiring grad at construction. Use: backward, (DDP:
+    allreduce_slice_grads), step(), zero_grad(); set new paths after step()/zero_grad().
+    `lr` may be changed between steps (schedules): `opt.lr = value`.
+    """
+
+    def __init__(self, model: nn.Module | Iterable[nn.Module], lr: float = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"TrelmOptimizer: invalid hyper-parameters lr={lr} betas={betas} eps={eps} "
+                             f"weight_decay={weight_decay}")
+        mods = _modules(model)
+        self.ffns: list[TrelmFFN] = list(dict.fromkeys(f for m in mods for f in ffn_modules(m)))
+        seen, params = set(), []
+        for m in mods:
+            for p in m.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
+        self.dense = _dense_adamw(params, lr, self.betas, eps, weight_decay)
+        self._lr = lr
+        self.slice_state: list[dict[str, Tensor] | None] = [None] * len(self.ffns)
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = float(value)
+        if self.dense is not None:
+            for g in self.dense.param_groups:
+                g["lr"] = self._lr
+
+    def _targets(self, f: TrelmFFN):
+        """(name, parameter, slice leaf, dim, weight decay) of one layer's sliced tensors."""
+        s = f.slices
+        out = [("w1", f.up.weight, s.w1, 0, self.weight_decay), ("w2", f.down.weight, s.w2, 1, self.weight_decay)]
+        if s.b1 is not None:
+            out.append(("b1", f.up.bias, s.b1, 0, 0.0))
+        return out
+
+    def _state_for(self, i: int) -> dict[str, Tensor]:
+        if self.slice_state[i] is None:
+            f = self.ffns[i]
+            st = {"step": torch.zeros(f.intermediate_size, dtype=torch.int64, device=f.up.weight.device)}
+            for name, p in (("w1", f.up.weight), ("w2", f.down.weight), ("b1", f.up.bias)):
+                if p is not None:
+                    st[f"exp_avg_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st[f"exp_avg_sq_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.slice_state[i] = st
+        return self.slice_state[i]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.dense is not None:
+            self.dense.step()
+        b1, b2 = self.betas
+        for i, f in enumerate(self.ffns):
+            if f.slices is None or all(t is None or t.grad is None for t in f.slices):
+                continue
+            st, idx = self._state_for(i), f.path
+            st["step"][idx] += 1
+            for name, p, leaf, dim, wd in self._targets(f):
+                g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                slice_adamw(p, g, st[f"exp_avg_{name}"], st[f"exp_avg_sq_{name}"], st["step"], idx, dim,
+                            self._lr, b1, b2, self.eps, wd)
+
+    def zero_grad(self) -> None:
+        """Drop dense and slice gradients (set to None)."""
+        if self.dense is not None:
+            self.dense.zero_grad(set_to_none=True)
+        for f in self.ffns:
+            for t in f.slices or ():
+                if t is not None:
+                    t.grad = None
+
+    def state_dict(self) -> dict:
+        """Tensors and Python scalars only (readable with torch.load(weights_only=True))."""
+        return {
+            "lr": self._lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay,
+            "dense": None if self.dense is None else self.dense.state_dict(),
+            "slices": [None if s is None else dict(s) for s in self.slice_state],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["slices"]) != len(self.ffns):
+            raise ValueError(f"TrelmOptimizer.load_state_dict: state has {len(state['slices'])} FFN layers, "
+                             f"the model has {len(self.ffns)}")
+        if (state["dense"] is None) != (self.dense is None):
+            raise ValueError("TrelmOptimizer.load_state_dict: dense state present in only one of state/optimizer "
+                             "(were the same parameters trainable?)")
+        self.betas, self.eps, self.weight_decay = tuple(state["betas"]), state["eps"], state["weight_decay"]
+        if self.dense is not None:
+            self.dense.load_state_dict(state["dense"])
+        self.lr = state["lr"]
+        for i, (f, s) in enumerate(zip(self.ffns, state["slices"])):
+            if s is None:
+                self.slice_state[i] = None
+                continue
+            dev = f.up.weight.device
+            self.slice_state[i] = {k: v.to(dev) for k, v in s.items()}
+
+
+def allreduce_slice_grads(model: nn.Module | Iterable[nn.Module], group=None) -> None:
+    """Average the slice gradients of every TrelmFFN with a path across the ranks of `group`.
+
+    All ranks must have set the same paths (select from reduced attribution scores). A missing
+    gradient counts as zeros. One all_reduce over a flat buffer of all layers.
+    """
+    ffns = dict.fromkeys(f for m in _modules(model) for f in ffn_modules(m))
+    leaves = [t for f in ffns if f.slices is not None for t in f.slices if t is not None]
+    if not leaves:
+        return
+    for t in leaves:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    flat = torch.cat([t.grad.reshape(-1) for t in leaves])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    for t, g in zip(leaves, flat.split([t.numel() for t in leaves])):
+        t.grad.copy_(g.view_as(t))
