@@ -23,6 +23,7 @@ kernel (one program per (distinct slot, block of d)).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -45,15 +46,18 @@ def group_by_slot(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def window_mean_ref(hidden: torch.Tensor, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: fp32 [E, d], row e the mean of hidden[rows[e], lo[e]:hi[e]] (hi > lo)."""
-    if rows.numel() == 0:
-        return hidden.new_zeros(0, hidden.shape[-1], dtype=torch.float32)
-    width = int((hi - lo).max())
-    pos = lo[:, None] + torch.arange(width, device=lo.device)  # [E, W]
-    inside = pos < hi[:, None]
-    tiles = hidden[rows[:, None], pos.clamp(max=hidden.shape[1] - 1)].float()  # [E, W, d]
-    sums = (tiles * inside[..., None]).sum(1)
-    return sums / (hi - lo)[:, None].float()
+    """Eq. 4: fp32 [E, d], row e the mean of hidden[rows[e], lo[e]:hi[e]] (hi > lo).
+
+    One ragged `embedding_bag` over the flattened states: bag e holds the window's positions.
+    """
+    width = hi - lo
+    offsets = torch.zeros(width.numel() + 1, dtype=torch.int64, device=width.device)
+    torch.cumsum(width, 0, out=offsets[1:])
+    first = rows * hidden.shape[1] + lo  # flat index of each window's first position
+    flat = torch.arange(int(offsets[-1]), device=width.device)
+    flat -= torch.repeat_interleave(offsets[:-1] - first, width)
+    states = hidden.reshape(-1, hidden.shape[-1]).float()
+    return F.embedding_bag(flat, states, offsets, mode="mean", include_last_offset=True)
 
 
 def ema_apply_ref(

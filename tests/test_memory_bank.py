@@ -79,6 +79,14 @@ def test_lengths_and_mask_agree_and_default_is_full_length():
         torch.testing.assert_close(full.local[i], expected[e])
 
 
+def test_update_without_spans_changes_nothing():
+    bank, _ = _bank()
+    before = bank.state_dict()
+    bank.update(torch.randn(2, 9, D), torch.zeros(0, 4, dtype=torch.int64))
+    after = bank.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in ("local", "global_mean", "counts"))
+
+
 def test_read_is_eq_7_with_lambda_of_eq_8_and_grad_only_to_h_e():
     bank, ids = _bank(lambda0=0.5, beta=2.0)
     hidden, spans, mask = _batch(ids, 4)
