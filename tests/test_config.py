@@ -60,6 +60,7 @@ def test_parse_overrides_forms():
     ("routing.layers=[-1]", "routing.layers"),
     ("train.stepz=3", "train.stepz"),
     ("device=tpu", "device"),
+    ("method.trainable=[everything]", "method.trainable"),
 ])
 def test_validation_errors_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

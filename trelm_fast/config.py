@@ -64,9 +64,14 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    """Which training method runs; ``trainable`` lists the non-path parameter groups trained."""
+    """Which training method runs (one of METHODS).
+
+    ``trainable``: what trains besides the knowledge-path slices in the path methods: group names
+    of `trelm_fast.optim` (embeddings, attention, layernorm, ffn, ffn_out_bias, head, pooler,
+    other = the knowledge projection) or fnmatch patterns over parameter names.
+    """
     name: str = "trelm"
-    trainable: list = field(default_factory=lambda: ["injection", "mlm_head"])
+    trainable: list = field(default_factory=lambda: ["head", "other"])
 
 
 @dataclass
@@ -323,9 +328,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         check_dataset(data_dir, model_dir, s)
 
     _choice(cfg.method.name, METHODS, "method.name", s)
+    from trelm_fast.optim import GROUPS
+
     for item in cfg.method.trainable:
-        if not isinstance(item, str):
-            raise ConfigError(f"{s}: method.trainable entries must be strings, got {item!r}")
+        if not isinstance(item, str) or not (item in GROUPS or any(c in item for c in ".*?[")):
+            raise ConfigError(f"{s}: method.trainable entries must be groups ({', '.join(GROUPS)}) or "
+                              f"parameter-name patterns, got {item!r}")
 
     if not 0.0 <= cfg.loss.theta <= 1.0:
         raise ConfigError(f"{s}: loss.theta must be in [0, 1], got {cfg.loss.theta}")

@@ -1,0 +1,139 @@
+"""TrainStep: a few steps of every method and ablation on a tiny model; sparse updates; skips."""
+import copy
+import math
+
+import pytest
+import torch
+
+from test_model import make_batch, make_dataset, tiny_config
+from trelm_fast.config import METHODS
+from trelm_fast.losses import MLMHead, cka_loss, mlm_loss
+from trelm_fast.step import METHOD_SPECS, build_step_model, lr_at, make_step, method_spec
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"))
+
+
+def _setup(method, dataset, *extra):
+    cfg = tiny_config(*extra)
+    torch.manual_seed(0)
+    model = build_step_model(method, cfg, dataset)
+    return cfg, model, make_step(method, model, cfg)
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_every_config_method_has_a_spec():
+    assert set(METHODS) == set(METHOD_SPECS)
+    with pytest.raises(ValueError, match="unknown method"):
+        method_spec("magic")
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SPECS))
+def test_a_few_steps_of_each_method(method, dataset):
+    cfg, model, step = _setup(method, dataset)
+    before = _snapshot(model)
+    results = [step(make_batch(seed=i), i) for i in range(3)]
+    for r in results:
+        assert not r.skipped_nonfinite
+        assert math.isfinite(r.loss) and r.loss > 0
+        assert r.stats["lr"] > 0
+    after = _snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, f"{method}: no parameter changed"
+    assert step.steps_done == 3
+    spec = method_spec(method)
+    if spec.bank:
+        assert (model.bank.counts > 0).any()
+    if spec.routing is not None:
+        assert step.paths is not None and "time/attribution_s" in results[0].stats
+
+
+def test_dense_loss_is_stock_full_vocabulary_mlm_plus_cka(dataset):
+    cfg, model, step = _setup("dense", dataset)
+    batch = make_batch(seed=5)
+    model.eval()
+    negatives = step._negatives(batch)
+    total, mlm, cka, hidden = step._objective(batch, 0.0, negatives)
+    head = MLMHead.from_model(model.mlm)
+    logits = head.logits(hidden)  # [B, n, V] at every position, as stock transformers
+    ref_mlm = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), batch["mlm_labels"].view(-1))
+    torch.testing.assert_close(mlm, ref_mlm)
+    torch.testing.assert_close(mlm, mlm_loss(hidden, batch["mlm_labels"], head))  # same value, cheaper
+    torch.testing.assert_close(cka, cka_loss(hidden, batch["cka_labels"], negatives, head))
+    torch.testing.assert_close(total, 0.5 * ref_mlm + 0.5 * cka)
+
+
+def test_hf_dense_is_stock_mlm(dataset):
+    cfg, model, step = _setup("hf_dense", dataset)
+    batch = make_batch(seed=6)
+    model.eval()
+    total, mlm, cka, _ = step._objective(batch, 0.0, step._negatives(batch))
+    ref = model.mlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["mlm_labels"]).loss
+    torch.testing.assert_close(total, ref)
+    # dense_opt computes the same loss with logits only at labelled positions
+    _, model2, step2 = _setup("dense_opt", dataset)
+    model2.load_state_dict(model.state_dict())
+    model2.eval()
+    total2, *_ = step2._objective(batch, 0.0, step2._negatives(batch))
+    torch.testing.assert_close(total2, ref)
+
+
+def test_nonfinite_loss_skips_the_update(dataset):
+    cfg, model, step = _setup("no_routing", dataset)
+    step(make_batch(seed=0), 0)
+    before = _snapshot(model)
+    bank_before = model.bank.local.clone()
+    opt_state = {k: v["exp_avg"].clone() for k, v in enumerate(step.optimizer.dense.state.values())}
+    with torch.no_grad():
+        model.mlm.cls.predictions.bias.fill_(float("nan"))
+    bias_nan = model.mlm.cls.predictions.bias.detach().clone()
+    r = step(make_batch(seed=1), 1)
+    assert r.skipped_nonfinite and not math.isfinite(r.loss)
+    assert step.nonfinite_total == 1 and r.stats["nonfinite_total"] == 1
+    after = _snapshot(model)
+    for n in before:
+        if n != "mlm.cls.predictions.bias":
+            assert torch.equal(before[n], after[n]), n
+    assert torch.equal(after["mlm.cls.predictions.bias"].isnan(), bias_nan.isnan())
+    assert torch.equal(model.bank.local, bank_before)
+    for k, v in enumerate(step.optimizer.dense.state.values()):
+        assert torch.equal(v["exp_avg"], opt_state[k])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lr_schedule():
+    cfg = tiny_config("schedule.warmup_steps=4", "train.steps=14", "optim.lr=1.0", "schedule.kind=linear")
+    assert [round(lr_at(cfg, i), 3) for i in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    cfg = tiny_config("schedule.warmup_steps=0", "train.steps=10", "optim.lr=1.0", "schedule.kind=cosine")
+    assert lr_at(cfg, 5) == pytest.approx(0.5)
+    cfg = tiny_config("schedule.kind=constant", "optim.lr=0.3")
+    assert lr_at(cfg, 100) == pytest.approx(0.3)
+
+
+def test_step_rejects_model_built_for_another_method(dataset):
+    cfg = tiny_config()
+    model = build_step_model("hf_dense", cfg, dataset)
+    with pytest.raises(ValueError, match="inject=True"):
+        make_step("dense", model, cfg)
+
+
+def test_state_dict_round_trip_continues_identically(dataset):
+    cfg, model, step = _setup("no_routing", dataset)
+    for i in range(2):
+        step(make_batch(seed=i), i)
+    state = copy.deepcopy(step.state_dict())  # what a checkpoint writes: a copy, not live tensors
+    params = copy.deepcopy(model.state_dict())
+    bank = copy.deepcopy(model.bank.state_dict())
+    r_a = [step(make_batch(seed=i), i).loss for i in (2, 3)]
+    _, model2, step2 = _setup("no_routing", dataset)
+    model2.load_state_dict(params)
+    model2.bank.load_state_dict(bank)
+    step2.load_state_dict(state)
+    r_b = [step2(make_batch(seed=i), i).loss for i in (2, 3)]
+    assert r_a == r_b
