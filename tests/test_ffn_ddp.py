@@ -1,0 +1,89 @@
+"""Two gloo ranks on CPU: DDP for dense params, allreduce_slice_grads for the FFN slices.
+
+The ranks see different batches and the same paths. After every step both ranks hold identical
+weights, equal to one process training on the mean of the two ranks' losses.
+"""
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+STEPS = 3
+
+
+def _model():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from trelm_fast.ffn import swap_ffn
+    from trelm_fast.optim import configure_trainable
+
+    torch.manual_seed(0)
+    m = BertForMaskedLM(BertConfig(vocab_size=41, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=37, max_position_embeddings=16)).eval()
+    swap_ffn(m)
+    configure_trainable(m)
+    return m
+
+
+def _set_paths(model, step):
+    from trelm_fast.ffn import ffn_modules
+
+    g = torch.Generator().manual_seed(100 + step)
+    for f in ffn_modules(model):
+        f.set_path(torch.randperm(37, generator=g)[:5 + 7 * step].sort().values)
+
+
+def _loss(model, rank, step):
+    ids = torch.randint(2, 41, (2, 11), generator=torch.Generator().manual_seed(10 * step + rank))
+    return model(input_ids=ids).logits.pow(2).mean()
+
+
+def _worker(rank, world, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trelm_fast.optim import TrelmOptimizer, allreduce_slice_grads
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        ddp = DDP(model)
+        opt = TrelmOptimizer(model, lr=1e-2, weight_decay=0.1)
+        single = copy.deepcopy(model)
+        opt_single = TrelmOptimizer(single, lr=1e-2, weight_decay=0.1)
+        for step in range(STEPS):
+            _set_paths(model, step)
+            _loss(ddp, rank, step).backward()
+            allreduce_slice_grads(ddp)
+            assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+            opt.step()
+            opt.zero_grad()
+            _set_paths(single, step)
+            (sum(_loss(single, r, step) for r in range(world)) / world).backward()
+            opt_single.step()
+            opt_single.zero_grad()
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            assert all(torch.equal(gathered[0], x) for x in gathered), f"ranks differ after step {step}"
+            ref = torch.cat([p.detach().reshape(-1) for p in single.parameters()])
+            err = ((flat - ref).norm() / ref.norm()).item()
+            assert err <= 1e-5, f"step {step}: rel err vs single process {err}"
+        torch.save({"ok": True}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_identical_and_equal_to_single_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert all((tmp_path / f"rank{r}.pt").exists() for r in range(2))
