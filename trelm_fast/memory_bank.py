@@ -146,9 +146,9 @@ class KnowledgeMemoryBank:
                 f"({entity_ids.numel()}, {self.hidden_size}), got {init_local.dtype} {tuple(init_local.shape)}"
             )
         ids = entity_ids.cpu().numpy()
-        uniq, first_count = np.unique(ids, return_counts=True)
-        if (first_count > 1).any():
-            raise ValueError(f"KnowledgeMemoryBank.add_entities: duplicate entity id {int(uniq[first_count > 1][0])}")
+        uniq, repeats = np.unique(ids, return_counts=True)
+        if (repeats > 1).any():
+            raise ValueError(f"KnowledgeMemoryBank.add_entities: duplicate entity id {int(uniq[repeats > 1][0])}")
         present = self.table.lookup(ids) >= 0
         if present.any():
             raise ValueError(
