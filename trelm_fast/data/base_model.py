@@ -35,12 +35,21 @@ def load_tokenizer(path: str | None = None):
     return tok
 
 
+@lru_cache(maxsize=1)
 def load_encoder(path: str | None = None):
-    """The base encoder (``transformers.AutoModel``) in eval mode, from local files."""
+    """The base encoder (``transformers.AutoModel``) in eval mode, from local files (cached; treat as
+    read-only)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
+    from transformers.utils import logging
 
-    return AutoModel.from_pretrained(str(path or minilm_dir()), local_files_only=True).eval()
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return AutoModel.from_pretrained(str(path or minilm_dir()), local_files_only=True).eval()
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def tokenizer_identity(tok) -> dict:

@@ -211,7 +211,6 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
     torch.manual_seed(cfg.seed)
     si, si_stats = score_sequences(encoder, [q.input_ids for q in seqs], [a[:, :2] for a in span_arr],
                                    tok.mask_token_id, tok.pad_token_id, cfg.si_max_rows, progress)
-    del encoder
 
     # --- targets -------------------------------------------------------------------------------
     heads_of: dict[int, list[tuple[int, int]]] = defaultdict(list)

@@ -18,7 +18,7 @@ from ..formats import Document, Mention, Probe
 from . import RawData
 
 SIZES = {  # persons, documents
-    "tiny": (40, 150),
+    "tiny": (30, 80),
     "small": (600, 4000),
     "medium": (3000, 30000),
 }
