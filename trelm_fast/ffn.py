@@ -39,11 +39,17 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _gather_index(path: Tensor, n: int) -> Tensor | None:
+    """The gather index of a validated path over n neurons; None when S is all of them."""
+    return None if path.numel() == n else path
+
+
 class RowSliceLinear(torch.autograd.Function):
     """y = x W^T + b with weight gradient only for output rows `idx`.
 
     forward(x [..., d_in], weight [d_out, d_in] (detached), bias [d_out] | None (detached),
-    idx [k] int64, w_slice [k, d_in] leaf, b_slice [k] leaf | None) -> y [..., d_out].
+    idx [k] int64 (None: every row, no gather), w_slice [k, d_in] leaf, b_slice [k] leaf | None)
+    -> y [..., d_out].
     backward: dx = dy W (exact), w_slice.grad += dy[:, idx]^T x, b_slice.grad += sum_t dy[t, idx].
     """
 
@@ -70,13 +76,15 @@ class ColSliceLinear(torch.autograd.Function):
     """y = a W^T + b with weight gradient only for input columns `idx`.
 
     forward(a [..., d_in], weight [d_out, d_in] (detached), bias [d_out] | None (trains if it
-    requires grad), idx [k] int64, w_slice [d_out, k] leaf) -> y [..., d_out]. Only a[..., idx] is
-    kept for the backward. backward: da = dy W (exact), w_slice.grad += dy^T a[:, idx], db = sum_t dy.
+    requires grad), idx [k] int64 (None: every column), w_slice [d_out, k] leaf) -> y [..., d_out].
+    Only a[..., idx] is kept for the backward. backward: da = dy W (exact), w_slice.grad += dy^T a[:, idx], db = sum_t dy.
     """
 
     @staticmethod
     def forward(ctx, a, weight, bias, idx, w_slice):
-        a_s = _flat(a).index_select(1, idx) if ctx.needs_input_grad[4] else None
+        a_s = None
+        if ctx.needs_input_grad[4]:
+            a_s = _flat(a) if idx is None else _flat(a).index_select(1, idx)
         ctx.save_for_backward(weight, a_s)
         ctx.a_dtype, ctx.slice_dtype = a.dtype, w_slice.dtype
         return F.linear(a, weight, bias)
@@ -149,11 +157,11 @@ class SliceLinear(nn.Linear):
                 f"SliceLinear: path is on {self.path.device} but the weight is on {self.weight.device}; "
                 "set paths after moving the model"
             )
+        idx = _gather_index(self.path, self.weight.shape[self.axis])
         if self.axis == 0:
             bias = None if self.bias is None else self.bias.detach()
-            return RowSliceLinear.apply(x, self.weight.detach(), bias, self.path,
-                                        self.weight_slice, self.bias_slice)
-        return ColSliceLinear.apply(x, self.weight.detach(), self.bias, self.path, self.weight_slice)
+            return RowSliceLinear.apply(x, self.weight.detach(), bias, idx, self.weight_slice, self.bias_slice)
+        return ColSliceLinear.apply(x, self.weight.detach(), self.bias, idx, self.weight_slice)
 
     def extra_repr(self) -> str:
         k = "None" if self.path is None else str(self.path.numel())
@@ -317,5 +325,6 @@ def trelm_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         return F.linear(act(F.linear(x, w1, b1)), w2, b2)
     if slices is None:
         raise ValueError("trelm_ffn: a path needs its slice leaves (slices=FFNSlices(...))")
-    h = RowSliceLinear.apply(x, w1.detach(), None if b1 is None else b1.detach(), path, slices.w1, slices.b1)
-    return ColSliceLinear.apply(act(h), w2.detach(), b2, path, slices.w2)
+    idx = _gather_index(path, w1.shape[0])
+    h = RowSliceLinear.apply(x, w1.detach(), None if b1 is None else b1.detach(), idx, slices.w1, slices.b1)
+    return ColSliceLinear.apply(act(h), w2.detach(), b2, idx, slices.w2)
