@@ -8,7 +8,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertModel, RobertaConfig,
                           RobertaModel)
 
 from trelm_fast import TrelmFFN, swap_ffn, unswap_ffn
-from trelm_fast.ffn import FFNSlices, SliceLinear, ffn_modules, trelm_ffn
+from trelm_fast.ffn import FFNSlices, SliceLinear, ffn_modules, suspended_paths, trelm_ffn
 
 D, I, V, L = 32, 37, 53, 2
 
@@ -212,3 +212,23 @@ def test_bf16_autocast_keeps_fp32_slice_grads():
         loss = _loss(swapped, _ids())
     loss.backward()
     assert all(t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in f.slices)
+
+
+def test_suspended_paths_and_deepcopy():
+    _, swapped = _pair(BertForMaskedLM, BertConfig)
+    swapped.eval()
+    for p in swapped.parameters():
+        p.requires_grad_(False)
+    f = ffn_modules(swapped)[1]
+    f.set_path(torch.tensor([1, 2, 3]))
+    emb = torch.randn(2, 5, D, requires_grad=True)
+    with suspended_paths(swapped):
+        assert f.path is None
+        (g,) = torch.autograd.grad(_loss(swapped, None, embeds=emb), emb)
+    assert f.path.tolist() == [1, 2, 3] and all(t.grad is None for t in f.slices)
+    _loss(swapped, None, embeds=emb).backward()
+    assert torch.equal(emb.grad, g)  # the exact input gradient either way
+    clone = copy.deepcopy(swapped)
+    for c, layer in zip(ffn_modules(clone), clone.bert.encoder.layer):
+        assert c.up is layer.intermediate.dense and c.output is layer.output
+        assert c.up is not f.up

@@ -21,6 +21,8 @@ exactly what the original computes (same ops), gradients included.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -312,6 +314,24 @@ def unswap_ffn(model: nn.Module) -> nn.Module:
 def ffn_modules(model: nn.Module) -> list[TrelmFFN]:
     """The TrelmFFN of every swapped layer, in layer order."""
     return [m for m in model.modules() if isinstance(m, TrelmFFN)]
+
+
+@contextmanager
+def suspended_paths(model: nn.Module) -> Iterator[None]:
+    """Run `model` as if no path were set (e.g. attribution passes that need only input gradients).
+
+    Inside, every SliceLinear is a plain linear, so autograd computes no slice gradients; the
+    paths, slice leaves and any gradients they hold are restored on exit.
+    """
+    linears = [lin for f in ffn_modules(model) for lin in (f.up, f.down)]
+    saved = [lin.path for lin in linears]
+    for lin in linears:
+        lin.path = None
+    try:
+        yield
+    finally:
+        for lin, path in zip(linears, saved):
+            lin.path = path
 
 
 def trelm_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, act,
