@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
-from trelm_fast.probe import ProbeFact, evaluate_probes, load_probes, main
+from trelm_fast.data.formats import Probe
+from trelm_fast.probe import evaluate_probes, main
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "capital", "of", "is", "in", "city",
          "located", "france", "paris", "rome", "italy", "spain", "madrid", "new", "york", "usa", "."]
@@ -35,33 +36,6 @@ def write_probes(path, records):
     return path
 
 
-def test_load_probes_roundtrip(tmp_path):
-    facts = load_probes(write_probes(tmp_path / "p.jsonl", FACTS))
-    assert facts[0] == ProbeFact(**FACTS[0]) and len(facts) == len(FACTS)
-
-
-@pytest.mark.parametrize("bad, message", [
-    ("{not json", "p.jsonl:2: invalid JSON"),
-    ('["a list"]', "p.jsonl:2: expected a JSON object"),
-    ('{"relation": "r", "template": "[X] [Y]", "subject": "a"}', "p.jsonl:2: missing field 'object'"),
-    ('{"relation": "r", "template": "[X] [Y]", "subject": "", "object": "b"}', "p.jsonl:2: field 'subject'"),
-    ('{"relation": "r", "template": "[X] is", "subject": "a", "object": "b"}', "must contain [Y] exactly once"),
-    ('{"relation": "r", "template": "[X] [X] [Y]", "subject": "a", "object": "b"}', "must contain [X] exactly once"),
-])
-def test_load_probes_bad_input_names_file_line_field(tmp_path, bad, message):
-    path = write_probes(tmp_path / "p.jsonl", [FACTS[0], bad])
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        load_probes(path)
-
-
-def test_load_probes_missing_or_empty_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_probes(tmp_path / "nope.jsonl")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="holds no facts"):
-        load_probes(tmp_path / "empty.jsonl")
-
-
 def direct_p_at_1(model, tok, facts):
     """One fact at a time, no padding: the oracle for the batched evaluation."""
     hits = {}
@@ -78,7 +52,7 @@ def direct_p_at_1(model, tok, facts):
 
 
 def test_batched_evaluation_matches_direct_computation():
-    tok, facts = tiny_tokenizer(), [ProbeFact(**r) for r in FACTS]
+    tok, facts = tiny_tokenizer(), [Probe(**r) for r in FACTS]
     for seed in range(3):
         model = tiny_mlm(seed).train()
         result = evaluate_probes(model, tok, facts, batch_size=2)  # padding across differing lengths
@@ -91,7 +65,7 @@ def test_batched_evaluation_matches_direct_computation():
 
 
 def test_p_at_1_counts_argmax_over_vocabulary():
-    tok, facts = tiny_tokenizer(), [ProbeFact(**r) for r in FACTS]
+    tok, facts = tiny_tokenizer(), [Probe(**r) for r in FACTS]
     model = tiny_mlm()
     with torch.no_grad():  # make 'paris' the argmax everywhere, 'france' the runner-up
         model.cls.predictions.bias[WORDS.index("paris")] += 1e4
@@ -123,6 +97,11 @@ def test_cli_bad_paths(tmp_path, capsys):
         main(["--model", str(tmp_path / "missing"), "--probes", str(tmp_path / "p.jsonl")])
     assert "is not a directory" in capsys.readouterr().err
     (tmp_path / "m").mkdir()
+    bad = write_probes(tmp_path / "p.jsonl", [FACTS[0], '{"relation": "r", "template": "[X] is", "subject": "a", "object": "b"}'])
     with pytest.raises(SystemExit):
-        main(["--model", str(tmp_path / "m"), "--probes", str(tmp_path / "p.jsonl")])
-    assert "--probes" in capsys.readouterr().err
+        main(["--model", str(tmp_path / "m"), "--probes", str(bad)])
+    assert "p.jsonl:2: field 'template'" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "m"), "--probes", str(tmp_path / "empty.jsonl")])
+    assert "holds no facts" in capsys.readouterr().err

@@ -1,9 +1,9 @@
 """LAMA-style cloze probing: P@1 per relation and macro-averaged over relations.
 
 A probe fact is a JSON Lines record `{"relation", "template", "subject", "object"}` whose template
-holds `[X]` and `[Y]` once each. The query is the template with `[X]` -> subject and
-`[Y]` -> the tokenizer's mask token; the prediction is the argmax over the whole vocabulary of the
-MLM logits at the mask. Only facts whose object is a single token under the tokenizer are scored
+holds `[X]` and `[Y]` once each (read by `trelm_fast.data.formats.read_probes`). The query is the
+template with `[X]` -> subject and `[Y]` -> the tokenizer's mask token; the prediction is the
+argmax over the whole vocabulary of the MLM logits at the mask. Only facts whose object is a single token under the tokenizer are scored
 (as in LAMA); the others are counted as skipped. P@1(relation) = correct / scored, and the macro
 average is the unweighted mean over relations with at least one scored fact.
 
@@ -12,7 +12,6 @@ average is the unweighted mean over relations with at least one scored fact.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import defaultdict
@@ -22,47 +21,8 @@ from typing import Any
 
 import torch
 
-_FIELDS = ("relation", "template", "subject", "object")
-
-
-@dataclass(frozen=True)
-class ProbeFact:
-    relation: str
-    template: str
-    subject: str
-    object: str
-
-
-def load_probes(path: str | os.PathLike) -> list[ProbeFact]:
-    """Read a probe file; errors name the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"probes: {path} does not exist")
-    facts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for name in _FIELDS:
-                if name not in rec:
-                    raise ValueError(f"{where}: missing field {name!r}")
-                if not isinstance(rec[name], str) or not rec[name].strip():
-                    raise ValueError(f"{where}: field {name!r} must be a non-empty string")
-            for slot in ("[X]", "[Y]"):
-                if rec["template"].count(slot) != 1:
-                    raise ValueError(f"{where}: field 'template' must contain {slot} exactly once: {rec['template']!r}")
-            facts.append(ProbeFact(**{name: rec[name] for name in _FIELDS}))
-    if not facts:
-        raise ValueError(f"probes: {path} holds no facts")
-    return facts
-
+from trelm_fast.data.formats import Probe, read_probes
+from trelm_fast.losses import MLMHead
 
 @dataclass
 class ProbeResult:
@@ -72,7 +32,7 @@ class ProbeResult:
     counts: dict[str, int]
     macro_p_at_1: float
     skipped: int
-    predictions: list[tuple[ProbeFact, str]] = field(default_factory=list, repr=False)
+    predictions: list[tuple[Probe, str]] = field(default_factory=list, repr=False)
 
     def format(self) -> str:
         width = max([len("relation")] + [len(r) for r in self.p_at_1])
@@ -85,7 +45,7 @@ class ProbeResult:
         return "\n".join(lines)
 
 
-def _object_token(tokenizer: Any, fact: ProbeFact) -> int | None:
+def _object_token(tokenizer: Any, fact: Probe) -> int | None:
     """The object's token id as it appears at [Y] (a preceding space matters for BPE), or None."""
     before = fact.template[: fact.template.index("[Y]")]
     text = (" " if before[-1:].isspace() else "") + fact.object
@@ -94,9 +54,9 @@ def _object_token(tokenizer: Any, fact: ProbeFact) -> int | None:
 
 
 @torch.no_grad()
-def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[ProbeFact],
+def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[Probe],
                     batch_size: int = 32, device: torch.device | str | None = None) -> ProbeResult:
-    """P@1 of a masked LM (a `transformers` model returning `.logits` [B, n, V]) on `facts`.
+    """P@1 of a `BertForMaskedLM` / `RobertaForMaskedLM` on `facts` (vocabulary logits at the mask only).
 
     The model is put in eval mode for the evaluation and its previous mode restored.
     """
@@ -112,6 +72,7 @@ def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[ProbeFac
         else:
             scored.append((fact, target))
 
+    base, head = getattr(model, model.base_model_prefix), MLMHead.from_model(model)  # logits at the masks only
     was_training = model.training
     model.eval()
     correct: dict[str, int] = defaultdict(int)
@@ -120,15 +81,15 @@ def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[ProbeFac
     try:
         for i in range(0, len(scored), batch_size):
             chunk = scored[i:i + batch_size]
-            texts = [f.template.replace("[X]", f.subject).replace("[Y]", tokenizer.mask_token) for f, _ in chunk]
+            texts = [f.cloze(tokenizer.mask_token) for f, _ in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
             input_ids = enc["input_ids"].to(device)
             is_mask = input_ids == tokenizer.mask_token_id
             if not bool((is_mask.sum(1) == 1).all()):
                 bad = texts[int((is_mask.sum(1) != 1).nonzero()[0])]
                 raise ValueError(f"probes: query {bad!r} does not hold exactly one mask token after tokenization")
-            logits = model(input_ids=input_ids, attention_mask=enc["attention_mask"].to(device)).logits
-            predicted = logits[is_mask].argmax(-1).tolist()  # one mask per row, in row order
+            hidden = base(input_ids=input_ids, attention_mask=enc["attention_mask"].to(device)).last_hidden_state
+            predicted = head.logits(hidden[is_mask]).argmax(-1).tolist()  # one mask per row, in row order
             for (fact, target), pred in zip(chunk, predicted):
                 counts[fact.relation] += 1
                 correct[fact.relation] += int(pred == target)
@@ -155,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).is_dir():
         parser.error(f"--model: {args.model} is not a directory")
     try:
-        facts = load_probes(args.probes)
+        facts = read_probes(args.probes)
     except (OSError, ValueError) as err:
         parser.error(f"--probes: {err}")
+    if not facts:
+        parser.error(f"--probes: {args.probes} holds no facts")
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForMaskedLM.from_pretrained(args.model, local_files_only=True).to(args.device)
     result = evaluate_probes(model, tokenizer, facts, batch_size=args.batch_size, device=args.device)

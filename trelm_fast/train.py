@@ -91,8 +91,9 @@ def ensure_dataset(cfg: Config, d: Dist) -> Path:
             args += [flag] if value is True else ([] if value is False else [flag, str(value)])
         print(f"building the {cfg.data.source} dataset into {data_dir} (first use)", flush=True)
         if data_cli(args) != 0:
-            raise SystemExit(f"data.dir: building {data_dir} failed (see the error above)")
+            raise ConfigError(f"data.dir: building {data_dir} failed (see the error above)")
     d.barrier()
+    cfg.validate(f"data.dir {data_dir}")  # now that it exists: built for model.path's tokenizer?
     return data_dir
 
 
@@ -315,6 +316,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
             overrides += ["--train.resume", str(resume)]
         config_file = args.config or (resume / CONFIG_FILE if resume is not None else None)
         cfg = load_config(config_file, overrides)
+        if resume is None and cfg.train.resume is not None:  # resume given in the config file
+            resume = find_checkpoint(cfg.train.resume)
     except (ConfigError, FileNotFoundError) as err:
         parser.error(str(err))
     return cfg, None if resume is None else str(resume)
@@ -325,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     d = setup_distributed(cfg.device)
     try:
         train(cfg, d, resume)
-    except TrainingStopped as err:
+    except (ConfigError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, ConfigError) else 1
     finally:
         if d.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

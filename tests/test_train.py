@@ -1,0 +1,204 @@
+"""The trainer end to end on the tiny synthetic dataset: methods, outputs, exact resume, NaN handling,
+export + reload, command-line errors, dataset build on first use."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data_build import tiny_dir  # noqa: F401  (session fixture: the tiny synthetic dataset)
+
+from trelm_fast import train as train_mod
+from trelm_fast.checkpoint import load_checkpoint
+
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=48",
+        "model.max_position_embeddings=128", "model.dropout=0.1", "loss.num_negatives=5", "routing.m=3",
+        "routing.fraction=0.25", "routing.refresh=2", "schedule.warmup_steps=1", "train.batch_size=4",
+        "train.log_every=1"]
+
+
+def run(tmp_path, data_dir, *extra, name="run"):
+    """main() on the tiny model; returns (exit code, out_dir)."""
+    out = tmp_path / name
+    argv = TINY + [f"data.dir={data_dir}", f"out_dir={out}", *extra]
+    return train_mod.main(argv), out
+
+
+def metrics(out):
+    """The last logged record of each step (a resumed run appends)."""
+    records = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        records.setdefault(rec["step"], {}).update(rec)
+    return records
+
+
+def test_trelm_run_outputs_and_export(tmp_path, tiny_dir, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForMaskedLM
+
+    from trelm_fast import probe
+
+    code, out = run(tmp_path, tiny_dir, "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=1",
+                    "train.eval_every=2")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "probe P@1 before training" in printed and "before 0.0" in printed and "wall-clock" in printed
+
+    m = metrics(out)
+    assert all(torch.isfinite(torch.tensor(m[s]["loss"])) and m[s]["tokens_per_s"] > 0 for s in (1, 2, 3, 4))
+    assert "probe_stated/macro_p_at_1" in m[0] and "probe_heldout/macro_p_at_1" in m[2]  # before and periodic
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]  # keep_last=1
+
+    ck = load_checkpoint(out / "checkpoints")
+    assert ck.step == 4 and ck.config["method"]["name"] == "trelm" and ck.config["train"]["steps"] == 4
+    assert ck.state["data"] == {"epoch": 0, "batch_in_epoch": 4}
+    assert ck.state["bank"]["local"].shape[1] == 32 and ck.state["step"]["paths"] is not None
+
+    # the export is a plain transformers model with the trained weights, and the probe CLI reads it
+    plain = AutoModelForMaskedLM.from_pretrained(out / "model", local_files_only=True)
+    trained = load_file(ck.path / "model.safetensors")
+    for name, value in plain.state_dict().items():
+        key = "mlm." + name
+        if key in trained:
+            assert torch.equal(value, trained[key]), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["nonfinite_total"] == 0
+    assert probe.main(["--model", str(out / "model"), "--probes", str(tiny_dir / "probes.jsonl")]) == 0
+    macro = [line for line in capsys.readouterr().out.splitlines() if line.startswith("macro")][0]
+    assert float(macro.split()[-1]) == pytest.approx(summary["probe_after"], abs=5e-4)
+
+
+@pytest.mark.parametrize("method", ["dense", "no_injection", "no_kmb", "no_routing"])
+def test_methods_and_ablations_train(tmp_path, tiny_dir, method):
+    code, out = run(tmp_path, tiny_dir, "train.steps=2", "--method", method)
+    assert code == 0
+    ck = load_checkpoint(out / "checkpoints")
+    assert ck.config["method"]["name"] == method and ck.state["step"]["method"] == method
+    assert ("bank" in ck.state) == (method != "no_kmb")
+    assert all(torch.isfinite(torch.tensor(metrics(out)[s]["loss"])) for s in (1, 2))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path, tiny_dir, monkeypatch):
+    # 7 steps with refresh every 2 steps cross path refreshes, an LR decay and a checkpoint at step 3
+    common = ("train.steps=7", "train.checkpoint_every=3")
+    assert run(tmp_path, tiny_dir, *common, name="straight")[0] == 0
+
+    save = train_mod.save_checkpoint
+
+    def save_then_die(root, step, *args, **kwargs):
+        path = save(root, step, *args, **kwargs)
+        if step == 3:
+            raise Interrupt
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupt):
+        run(tmp_path, tiny_dir, *common, name="stopped")
+    monkeypatch.undo()
+    torch.manual_seed(1234)  # the resumed run must not depend on the process's RNG state
+    assert train_mod.main(["--resume", str(tmp_path / "stopped" / "checkpoints")]) == 0
+
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "stopped")
+    for s in range(4, 8):
+        for key in ("loss", "mlm_loss", "cka_loss", "lr"):
+            assert resumed[s][key] == straight[s][key], (s, key)
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints") for r in ("straight", "stopped"))
+    assert a.step == b.step == 7
+    wa, wb = (load_file(c.path / "model.safetensors") for c in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for key in ("local", "global_mean", "counts", "entity_ids"):
+        assert torch.equal(a.state["bank"][key], b.state["bank"][key]), key
+    assert all(torch.equal(p, q) for p, q in zip(a.state["step"]["paths"], b.state["step"]["paths"]))
+
+
+def poisoned_steps(monkeypatch, bad_steps):
+    """Make the real step see NaN weights at `bad_steps` (restored afterwards, as a glitch would be)."""
+    real = train_mod.make_step
+
+    def make(method, model, cfg):
+        step = real(method, model, cfg)
+        inner = step.step
+
+        def step_fn(batch, step_index, epoch=0.0):
+            if step_index not in bad_steps:
+                return inner(batch, step_index, epoch)
+            weight = model.mlm.get_input_embeddings().weight
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                weight.fill_(float("nan"))
+            try:
+                return inner(batch, step_index, epoch)
+            finally:
+                with torch.no_grad():
+                    weight.copy_(saved)
+
+        step.step = step_fn
+        return step
+
+    monkeypatch.setattr(train_mod, "make_step", make)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tiny_dir, monkeypatch, capsys):
+    poisoned_steps(monkeypatch, {1, 2})
+    code, out = run(tmp_path, tiny_dir, "train.steps=4", "train.max_nonfinite=3")
+    assert code == 0
+    m = metrics(out)
+    assert [m[s]["nonfinite_total"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
+    assert json.loads((out / "summary.json").read_text())["nonfinite_total"] == 2
+    assert "step 2: non-finite loss" in capsys.readouterr().out
+
+
+def test_too_many_nonfinite_in_a_row_stop_the_run(tmp_path, tiny_dir, monkeypatch, capsys):
+    poisoned_steps(monkeypatch, {1, 2, 3, 4, 5})
+    code, out = run(tmp_path, tiny_dir, "train.steps=6", "train.max_nonfinite=3")
+    assert code == 1
+    assert "stopping at step 3: 3 non-finite losses in a row" in capsys.readouterr().err
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loss.theta", "1.5"], "loss.theta must be in [0, 1]"),
+    (["kmb.gamma=1"], "kmb.gamma must be in (0, 1)"),
+    (["--method", "sparse"], "method.name must be one of"),
+    (["--train.stepz", "3"], "unknown field train.stepz"),
+    (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+    (["--resume", "/nonexistent"], "/nonexistent is neither a checkpoint"),
+    (["positional"], "cannot parse 'positional'"),
+])
+def test_command_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_data_is_a_clear_error(tmp_path, tiny_dir, capsys):
+    code, _ = run(tmp_path, tiny_dir, "train.batch_size=100000")
+    assert code == 2
+    assert "train.batch_size 100000 exceeds" in capsys.readouterr().err
+
+
+def test_dataset_is_built_on_first_use(tmp_path, tiny_dir, monkeypatch):
+    import trelm_fast.data.__main__ as data_cli
+
+    calls = []
+
+    def fake_build(argv):  # the real build is what the data tests cover; here: the trainer's call
+        calls.append(argv)
+        shutil.copytree(tiny_dir, argv[argv.index("--out") + 1])
+        return 0
+
+    monkeypatch.setattr(data_cli, "main", fake_build)
+    target = tmp_path / "cache" / "synthetic"
+    code, _ = run(tmp_path, target, "train.steps=1", "--data.build_args", "{size: tiny, transe_epochs: 10, quiet: true}")
+    assert code == 0
+    assert calls == [["build", "--source", "synthetic", "--out", str(target), "--size", "tiny",
+                      "--transe-epochs", "10", "--quiet"]]
+    assert (target / "manifest.json").is_file()
