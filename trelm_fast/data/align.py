@@ -76,10 +76,17 @@ def align_offsets(text: str, offsets: np.ndarray, mentions) -> tuple[list[TokenS
 
 def align_documents(docs: list[Document], tokenizer, batch_size: int = 256) -> list[AlignedDocument]:
     """Tokenize ``docs`` (batched, no special tokens) and align every mention."""
-    out = []
-    for b in range(0, len(docs), batch_size):
+    from transformers.utils import logging
+
+    out, verbosity = [], logging.get_verbosity()
+    logging.set_verbosity_error()  # documents longer than the model's max length are expected: they get packed
+    try:
+        encs = [tokenizer([d.text for d in docs[b:b + batch_size]], add_special_tokens=False,
+                          return_offsets_mapping=True) for b in range(0, len(docs), batch_size)]
+    finally:
+        logging.set_verbosity(verbosity)
+    for b, enc in zip(range(0, len(docs), batch_size), encs):
         chunk = docs[b:b + batch_size]
-        enc = tokenizer([d.text for d in chunk], add_special_tokens=False, return_offsets_mapping=True)
         for d, ids, offs in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
             spans, bad = align_offsets(d.text, np.asarray(offs, dtype=np.int64).reshape(-1, 2), d.entities)
             out.append(AlignedDocument(list(ids), spans, bad))

@@ -24,7 +24,7 @@ from .align import Sequence, align_documents, pack_document
 from .base_model import load_encoder, load_tokenizer, tokenizer_identity
 from .formats import (BadRecords, DataFormatError, Document, Mention, Probe, write_corpus, write_id_list,
                       write_kg, write_kg_embeddings, write_probes)
-from .importance import score_sequences
+from .importance import score_sequences, sentence_contexts
 from .sources import RawData
 from .transe import train_transe
 
@@ -207,10 +207,7 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
     long_tail, lt_threshold = _long_tail(freq, cfg.long_tail_quantile)
 
     # --- SI ------------------------------------------------------------------------------------
-    encoder = load_encoder()
-    torch.manual_seed(cfg.seed)
-    si, si_stats = score_sequences(encoder, [q.input_ids for q in seqs], [a[:, :2] for a in span_arr],
-                                   tok.mask_token_id, tok.pad_token_id, cfg.si_max_rows, progress)
+    si, si_stats = _score_mentions(seqs, span_arr, breaks, tok, cfg, progress)
 
     # --- targets -------------------------------------------------------------------------------
     heads_of: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -304,6 +301,24 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
     }
     (d / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _score_mentions(seqs: list[Sequence], span_arr: list[np.ndarray], breaks: frozenset[int], tok,
+                    cfg: BuildConfig, progress: bool) -> tuple[list[np.ndarray], dict]:
+    """SI of every mention, each scored in its sentence; per-sequence float32 [M_i] arrays."""
+    ctx_ids, ctx_spans, where = [], [], []
+    for q, (seq, a) in enumerate(zip(seqs, span_arr)):
+        if len(a):
+            for ids, sp, idx in sentence_contexts(seq.input_ids, a[:, :2], breaks):
+                ctx_ids.append(ids)
+                ctx_spans.append(sp)
+                where.append((q, idx))
+    scores, stats = score_sequences(load_encoder(), ctx_ids, ctx_spans, tok.mask_token_id, tok.pad_token_id,
+                                    cfg.si_max_rows, progress)
+    si = [np.zeros(len(a), np.float32) for a in span_arr]
+    for (q, idx), sc in zip(where, scores):
+        si[q][idx] = sc
+    return si, {**stats, "contexts": len(ctx_ids)}
 
 
 def _entity_names(raw: RawData, docs: list[Document], entity_ids: list[str]) -> list[str]:

@@ -5,9 +5,11 @@ mean-pooling sentence encoder), h_rep the same for x with e's tokens set to [MAS
 
     SI(e) = |h_o| |h_rep| / (h_o . h_rep)          (= 1 / cos(h_o, h_rep))
 
-Higher SI: replacing e changes the sentence representation more. One encoder forward scores a
-whole group: the group's original sequences and every replaced variant of all their mentions,
-padded to the group's longest sequence.
+Higher SI: replacing e changes the sentence representation more. x is the sentence that contains
+the mention (``sentence_contexts``: the sentences of a training sequence, split after '.', '!',
+'?', wrapped in [CLS] ... [SEP]), as in the paper, which also keeps the encoder input short. One
+encoder forward scores a whole group: the group's original sentences and every replaced variant of
+all their mentions, padded to the group's longest sentence.
 """
 from __future__ import annotations
 
@@ -45,6 +47,29 @@ def semantic_importance(encoder, input_ids: torch.Tensor, attention_mask: torch.
     h = mean_pool(encoder(input_ids=ids, attention_mask=att).last_hidden_state, att).float()
     h_o, h_rep = h[: input_ids.shape[0]][rows], h[input_ids.shape[0]:]
     return (h_o.norm(dim=-1) * h_rep.norm(dim=-1) / (h_o * h_rep).sum(-1)).float()
+
+
+def sentence_contexts(input_ids: list[int], spans: np.ndarray, break_ids: frozenset[int]
+                      ) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Split a ``[CLS] ... [SEP]`` sequence into the sentences that contain its mentions.
+
+    spans: int [M, 2] (start, end) in sequence positions. Returns (context ids ``[CLS] sentence
+    [SEP]``, the spans shifted into the context [k, 2], the indices of those spans in ``spans``) per
+    context. A mention that crosses a sentence end (``"St. Louis"``) gets the sentences it touches.
+    """
+    inner = input_ids[1:-1]
+    cuts = [0] + [i + 1 for i, t in enumerate(inner) if t in break_ids and i + 1 < len(inner)] + [len(inner)]
+    sentence_of = np.searchsorted(np.array(cuts), np.arange(len(inner)), side="right") - 1
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, (a, b) in enumerate(np.asarray(spans).reshape(-1, 2)):
+        lo, hi = cuts[sentence_of[a - 1]], cuts[sentence_of[b - 2] + 1]
+        groups.setdefault((lo, hi), []).append(k)
+    cls, sep = input_ids[0], input_ids[-1]
+    out = []
+    for (lo, hi), ks in groups.items():
+        idx = np.array(ks, dtype=np.int64)
+        out.append(([cls] + inner[lo:hi] + [sep], np.asarray(spans)[idx] - lo, idx))
+    return out
 
 
 def score_sequences(encoder, sequences: list[list[int]], spans: list[np.ndarray], mask_id: int, pad_id: int,

@@ -24,8 +24,18 @@ def train_transe(triples: torch.Tensor, n_entities: int, n_relations: int, dim: 
                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Train TransE on ``triples`` int64 [T, 3]; returns (entity [N_ent, dim], relation [N_rel, dim], stats).
 
-    stats: ``{"final_loss", "epochs", "dim"}`` (mean margin loss over the last epoch).
+    stats: ``{"final_loss", "epochs", "dim"}`` (mean margin loss over the last epoch). Runs on one
+    thread (restored afterwards): the batches are too small for intra-op threads to pay off.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(triples, n_entities, n_relations, dim, epochs, batch_size, lr, margin, p, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(triples, n_entities, n_relations, dim, epochs, batch_size, lr, margin, p, seed, progress):
     if triples.dim() != 2 or triples.shape[1] != 3:
         raise ValueError(f"triples must be [T, 3], got {tuple(triples.shape)}")
     g = torch.Generator().manual_seed(seed)
