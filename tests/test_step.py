@@ -137,3 +137,98 @@ def test_state_dict_round_trip_continues_identically(dataset):
     step2.load_state_dict(state)
     r_b = [step2(make_batch(seed=i), i).loss for i in (2, 3)]
     assert r_a == r_b
+
+
+def _ffn_changes(model, before, after):
+    """{layer: (changed W1 rows, changed b1 rows, changed W2 cols)} as sorted lists."""
+    out = {}
+    for i in range(model.mlm.config.num_hidden_layers):
+        pre = f"mlm.bert.encoder.layer.{i}."
+        w1 = (after[pre + "intermediate.dense.weight"] != before[pre + "intermediate.dense.weight"]).any(1)
+        b1 = after[pre + "intermediate.dense.bias"] != before[pre + "intermediate.dense.bias"]
+        w2 = (after[pre + "output.dense.weight"] != before[pre + "output.dense.weight"]).any(0)
+        out[i] = tuple(t.nonzero().flatten().tolist() for t in (w1, b1, w2))
+    return out
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("trelm", ()),
+    ("trelm_naive", ("optim.weight_decay=0",)),  # masked dense gradients + AdamW: no decay drift
+    ("no_kmb", ("routing.layers=[1]",)),
+])
+def test_path_methods_update_only_path_rows_and_columns(method, extra, dataset):
+    cfg, model, step = _setup(method, dataset, *extra)
+    before = _snapshot(model)
+    step(make_batch(seed=3), 0)
+    after = _snapshot(model)
+    paths = dict(zip(step.router.layers, [p.tolist() for p in step.paths]))
+    k = round(cfg.routing.fraction * model.mlm.config.intermediate_size)
+    assert all(len(p) == k for p in paths.values())
+    for i, (w1, b1, w2) in _ffn_changes(model, before, after).items():
+        expected = paths.get(i, [])
+        assert set(w1) <= set(expected) and set(w2) <= set(expected) and set(b1) <= set(expected)
+        if expected:  # Adam moves every selected row by about lr on its first step
+            assert w1 == expected and w2 == expected
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    ffn = {n for n in changed if ".intermediate.dense." in n or n.endswith("output.dense.weight")
+           and ".attention." not in n}
+    others = changed - ffn
+    assert others, "the MLM head / knowledge projection should train"
+    assert all(n.startswith("mlm.cls.") or n.startswith("injection.") for n in others), sorted(others)
+
+
+def test_paths_refresh_every_R_steps_and_state_round_trips(dataset):
+    cfg, model, step = _setup("trelm", dataset, "routing.refresh=2")
+    r0 = step(make_batch(seed=0), 0)
+    r1 = step(make_batch(seed=1), 1)
+    assert "time/attribution_s" in r0.stats and "time/attribution_s" not in r1.stats
+    state = copy.deepcopy(step.state_dict())
+    params = copy.deepcopy(model.state_dict())
+    bank = copy.deepcopy(model.bank.state_dict())
+    losses_a = [step(make_batch(seed=i), i).loss for i in (2, 3)]
+    paths_a = [p.clone() for p in step.paths]
+    _, model2, step2 = _setup("trelm", dataset, "routing.refresh=2")
+    model2.load_state_dict(params)
+    model2.bank.load_state_dict(bank)
+    step2.load_state_dict(state)
+    losses_b = [step2(make_batch(seed=i), i).loss for i in (2, 3)]
+    assert losses_a == losses_b
+    assert all(torch.equal(a, b) for a, b in zip(paths_a, step2.paths))
+    with pytest.raises(ValueError, match="method"):
+        make_step("no_kmb", build_step_model("no_kmb", cfg, dataset), cfg).load_state_dict(state)
+
+
+def _ddp_worker(rank, world, init_file, dataset, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = tiny_config()
+        for method in ("trelm", "dense"):
+            torch.manual_seed(0)  # same initial weights on every rank
+            model = build_step_model(method, cfg, dataset)
+            step = make_step(method, model, cfg)
+            for i in range(2):
+                r = step(make_batch(seed=10 * i + rank), i)  # different data per rank
+                assert not r.skipped_nonfinite
+            state = {"params": {n: p.detach() for n, p in model.named_parameters()},
+                     "bank": model.bank.local.clone(), "paths": step.paths}
+            torch.save(state, f"{out}/{method}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ddp_ranks_agree(dataset, tmp_path):
+    """2 gloo ranks, different batches: weights, memory bank and paths stay identical."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), dataset, str(tmp_path)), nprocs=2)
+    for method in ("trelm", "dense"):
+        a, b = (torch.load(tmp_path / f"{method}{r}.pt", weights_only=True) for r in (0, 1))
+        for n in a["params"]:
+            torch.testing.assert_close(a["params"][n], b["params"][n], rtol=0, atol=1e-6, msg=f"{method} {n}")
+        torch.testing.assert_close(a["bank"], b["bank"], rtol=0, atol=1e-6)
+        if method == "trelm":
+            assert all(torch.equal(p, q) for p, q in zip(a["paths"], b["paths"]))
