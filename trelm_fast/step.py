@@ -71,11 +71,12 @@ def method_spec(method: str) -> MethodSpec:
     return METHOD_SPECS[method]
 
 
-def build_step_model(method: str, cfg: Config, dataset_dir) -> TrelmModel:
-    """The TrelmModel a method needs: FFNs swapped only where knowledge paths are used."""
+def build_step_model(method: str, cfg: Config, dataset_dir, device="cpu") -> TrelmModel:
+    """The TrelmModel a method needs, on ``device`` (memory bank included; ``.to()`` does not move
+    the bank): FFNs swapped only where knowledge paths use the sparse backward."""
     spec = method_spec(method)
     return build_model(cfg, dataset_dir, inject=spec.inject, use_bank=spec.bank,
-                       swap=spec.routing == "fused")
+                       swap=spec.routing == "fused", device=device)
 
 
 @dataclass
