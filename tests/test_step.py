@@ -232,3 +232,16 @@ def test_ddp_ranks_agree(dataset, tmp_path):
         torch.testing.assert_close(a["bank"], b["bank"], rtol=0, atol=1e-6)
         if method == "trelm":
             assert all(torch.equal(p, q) for p, q in zip(a["paths"], b["paths"]))
+
+
+def test_batch_without_targets_keeps_paths(dataset):
+    cfg, model, step = _setup("trelm", dataset, "routing.refresh=1")
+    step(make_batch(seed=0), 0)
+    paths = [p.clone() for p in step.paths]
+    batch = make_batch(seed=1)
+    batch["cka_labels"].fill_(-100)
+    batch["target_spans"] = batch["target_spans"][:0]
+    batch["target_triples"] = batch["target_triples"][:0]
+    r = step(batch, 1)
+    assert not r.skipped_nonfinite and r.cka_loss == 0.0 and "time/attribution_s" not in r.stats
+    assert all(torch.equal(a, b) for a, b in zip(paths, step.paths))

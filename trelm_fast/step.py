@@ -208,8 +208,10 @@ class TrainStep:
         from trelm_fast.routing import attribute_reference, path_stats, reduce_scores, select_paths
 
         t0 = time.perf_counter()
+        self.model.eval()  # attribution sees the model without dropout
         with torch.no_grad():
             hidden = self.model.embedding_output(batch, epoch)
+        self.model.train()
         r = self.cfg.routing
         if self.spec.routing == "fused":
             self.router.refresh(step_index, hidden, batch["attention_mask"], batch["cka_labels"], negatives)
@@ -300,7 +302,9 @@ class TrainStep:
         negatives = self._negatives(batch)
         stats: dict = {}
         if self.router is not None and (self.paths is None or step_index % self.cfg.routing.refresh == 0):
-            stats.update(self._refresh_paths(batch, step_index, epoch, negatives))
+            # a batch without CKA targets on every rank has nothing to attribute: keep the old paths
+            if self.paths is None or _any_rank(negatives.shape[0] > 0, self.device):
+                stats.update(self._refresh_paths(batch, step_index, epoch, negatives))
         lr = lr_at(self.cfg, step_index)
         self.optimizer.lr = lr
 
