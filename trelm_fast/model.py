@@ -42,15 +42,18 @@ _SIZE_FIELDS = {  # ModelConfig field -> Hugging Face config attribute
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """Silence the load report transformers prints for the expected missing MLM head."""
+    """Silence the load report and progress bar transformers prints for the expected missing head."""
     from transformers.utils import logging
 
-    level = logging.get_verbosity()
+    level, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(level)
+        if bar:
+            logging.enable_progress_bar()
 
 
 def build_mlm(mcfg: ModelConfig) -> nn.Module:
