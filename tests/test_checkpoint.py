@@ -168,7 +168,7 @@ def test_export_loads_with_auto_model(tmp_path):
     pytest.importorskip("trelm_fast.ffn")
     from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizer
 
-    from trelm_fast import swap_ffn
+    from trelm_fast.ffn import ffn_modules, swap_ffn
     mlm = tiny_tied_mlm(3).eval()
     swap_ffn(mlm)
     ids = torch.randint(0, 29, (2, 9))
@@ -177,9 +177,10 @@ def test_export_loads_with_auto_model(tmp_path):
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
                                                           [f"w{i}" for i in range(24)])})
     out = ck.export_pretrained(mlm, tmp_path / "export", tok)
-    assert type(mlm.bert.encoder.layer[0].intermediate).__module__.startswith("trelm_fast")  # original untouched
+    assert len(ffn_modules(mlm)) == 2  # the training model stays swapped
     plain = AutoModelForMaskedLM.from_pretrained(out, local_files_only=True).eval()
     assert all(not type(m).__module__.startswith("trelm_fast") for m in plain.modules())
+    assert set(plain.state_dict()) == set(tiny_tied_mlm(0).state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, expected)
     assert AutoTokenizer.from_pretrained(out, local_files_only=True)("w3 w7")["input_ids"] == [2, 8, 12, 3]

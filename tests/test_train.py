@@ -17,6 +17,15 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
         "train.log_every=1"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose 10x to contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(tmp_path, data_dir, *extra, name="run"):
     """main() on the tiny model; returns (exit code, out_dir)."""
     out = tmp_path / name
