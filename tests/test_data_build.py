@@ -2,7 +2,6 @@
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from trelm_fast.data.base_model import load_encoder, load_tokenizer
-from trelm_fast.data.importance import score_sequences, semantic_importance
+from trelm_fast.data.importance import score_sequences, semantic_importance, sentence_contexts
 
 MASK = 4
 
@@ -38,9 +38,11 @@ def test_batched_matches_direct_random(small_bert):
         k = int(rng.integers(0, 4))
         st = rng.integers(1, n - 1, k)
         spans.append(np.array([(s, min(n - 1, s + int(rng.integers(1, 4)))) for s in st], dtype=np.int64).reshape(-1, 2))
+    seqs, spans = seqs + seqs[:4], spans + spans[:4]  # repeated sequences are scored once
     # small max_rows forces several groups, mixed lengths and padding
     got, stats = score_sequences(small_bert, seqs, spans, MASK, pad_id=0, max_rows=7, progress=False)
     assert stats["mentions"] == sum(len(s) for s in spans)
+    assert stats["unique_mentions"] == stats["mentions"] - sum(len(s) for s in spans[:4])
     for ids, sp, si in zip(seqs, spans, got):
         want = [direct_si(small_bert, ids, int(a), int(b), MASK) for a, b in sp]
         np.testing.assert_allclose(si, want, rtol=1e-4, atol=1e-5)
@@ -65,3 +67,22 @@ def test_minilm_matches_direct():
     for ids, sp, si in zip(seqs, spans, got):
         np.testing.assert_allclose(si, [direct_si(enc, ids, a, b, tok.mask_token_id) for a, b in sp], rtol=1e-4)
         assert (si > 1.0).all()
+
+
+def test_sentence_contexts():
+    # [CLS] a b . c d e . f [SEP] with '.' = 9; mentions: (1,3) in sentence 1, (5,6) in 2, (3,6) crosses, (8,9) in 3
+    ids = [1, 10, 11, 9, 12, 13, 14, 9, 15, 2]
+    spans = np.array([[1, 3], [5, 6], [3, 6], [8, 9], [4, 5]])
+    ctx = sentence_contexts(ids, spans, frozenset({9}))
+    got = {tuple(c): (sp.tolist(), idx.tolist()) for c, sp, idx in ctx}
+    assert got == {
+        (1, 10, 11, 9, 2): ([[1, 3]], [0]),
+        (1, 12, 13, 14, 9, 2): ([[2, 3], [1, 2]], [1, 4]),
+        (1, 10, 11, 9, 12, 13, 14, 9, 2): ([[3, 6]], [2]),
+        (1, 15, 2): ([[1, 2]], [3]),
+    }
+    for c, sp, idx in ctx:  # every context span covers the same tokens as in the sequence
+        for (a, b), k in zip(sp, idx):
+            assert c[a:b] == ids[spans[k, 0]:spans[k, 1]]
+    whole = sentence_contexts(ids, spans[:1], frozenset())
+    assert [c for c, _, _ in whole] == [ids]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from .formats import ON_BAD_RECORD, BadRecords, DataFormatError
@@ -68,6 +69,10 @@ def _build(args) -> dict:
     return build_dataset(raw, args.out, cfg, bad, progress=not args.quiet, force=args.force)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through build_dataset, which removes its temporary directory
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -87,4 +92,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

@@ -22,7 +22,7 @@ import torch
 
 from .align import Sequence, align_documents, pack_document
 from .base_model import load_encoder, load_tokenizer, tokenizer_identity
-from .formats import (BadRecords, DataFormatError, Document, Mention, Probe, write_corpus, write_id_list,
+from .formats import (BadRecords, DataFormatError, Document, Probe, write_corpus, write_id_list,
                       write_kg, write_kg_embeddings, write_probes)
 from .importance import score_sequences, sentence_contexts
 from .sources import RawData
@@ -135,7 +135,7 @@ def select_targets(spans: np.ndarray, si: np.ndarray, long_tail: np.ndarray, has
     return chosen
 
 
-def _pick_triple(target: int, options: list[tuple[int, int]], in_sequence: set[int]) -> tuple[int, int]:
+def _pick_triple(options: list[tuple[int, int]], in_sequence: set[int]) -> tuple[int, int]:
     """(head, relation) for a target: a triple whose head is in the same sequence if any, else the first."""
     for h, r in options:
         if h in in_sequence:
@@ -180,6 +180,8 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
     rel_row = {r: i for i, r in enumerate(relation_ids)}
     kg_name = cfg.inputs.get("kg", "the KG")
     docs = _check_entity_ids(raw.documents, set(ent_row), bad, kg_name)
+    if not docs:
+        raise ValueError(f"no documents to build from (source {cfg.source!r}; {bad.total} bad records skipped)")
 
     # --- tokenize, align, pack ---------------------------------------------------------------
     aligned = align_documents(docs, tok)
@@ -225,7 +227,7 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
         rows[:, :3] = a
         rows[:, 3] = is_t
         for i in np.flatnonzero(is_t):
-            rows[i, 4:] = _pick_triple(int(a[i, 2]), heads_of[int(a[i, 2])], present - {int(a[i, 2])})
+            rows[i, 4:] = _pick_triple(heads_of[int(a[i, 2])], present - {int(a[i, 2])})
         rows_per_seq.append(rows)
 
     # --- split by document ---------------------------------------------------------------------

@@ -76,16 +76,20 @@ def score_sequences(encoder, sequences: list[list[int]], spans: list[np.ndarray]
                     max_rows: int = 96, progress: bool = True) -> tuple[list[np.ndarray], dict]:
     """SI for every span of every sequence.
 
-    sequences: token id lists; spans[i]: int [M_i, 2] (start, end) for sequence i. Sequences are
-    grouped by length so that a group's originals plus replaced variants stay within ``max_rows``
-    encoder rows. Returns per-sequence float32 [M_i] arrays and ``{"mentions", "seconds",
-    "mentions_per_s"}``.
+    sequences: token id lists; spans[i]: int [M_i, 2] (start, end) for sequence i. A sequence
+    repeated with the same spans (templated text) is scored once. Sequences are grouped by length
+    so that a group's originals plus replaced variants stay within ``max_rows`` encoder rows.
+    Returns per-sequence float32 [M_i] arrays and ``{"mentions", "unique_mentions", "seconds",
+    "cpu_seconds", "mentions_per_s"}`` (wall clock; cpu_seconds tells a busy machine apart).
     """
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    first: dict[tuple, int] = {}
+    rep = [first.setdefault((tuple(q), np.asarray(sp, np.int64).tobytes()), i)
+           for i, (q, sp) in enumerate(zip(sequences, spans))]
+    order = sorted((i for i in range(len(sequences)) if rep[i] == i), key=lambda i: len(sequences[i]))
     out = [np.zeros(len(s), np.float32) for s in spans]
-    total = sum(len(s) for s in spans)
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="SI scoring", unit="mention", disable=not progress)
+    total, unique = sum(len(s) for s in spans), sum(len(spans[i]) for i in order)
+    t0, c0 = time.perf_counter(), time.process_time()
+    bar = tqdm(total=unique, desc="SI scoring", unit="mention", disable=not progress)
     group: list[int] = []
     rows = 0
 
@@ -117,5 +121,9 @@ def score_sequences(encoder, sequences: list[list[int]], spans: list[np.ndarray]
     if group:
         flush()
     bar.close()
-    dt = time.perf_counter() - t0
-    return out, {"mentions": total, "seconds": round(dt, 3), "mentions_per_s": round(total / dt, 1) if dt else 0.0}
+    for i, r in enumerate(rep):
+        if r != i:
+            out[i] = out[r]
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return out, {"mentions": total, "unique_mentions": unique, "seconds": round(dt, 3), "cpu_seconds": round(cpu, 3),
+                 "mentions_per_s": round(total / dt, 1) if dt else 0.0}
