@@ -190,3 +190,25 @@ def test_manifest_checksums(tiny_dir, tmp_path):
     (d / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a finished dataset"):
         load_manifest(d)
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_no_dataset(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([sys.executable, "-m", "trelm_fast.data", "build", "--source", "synthetic", "--size",
+                             "small", "--out", str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("ds.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob("ds.tmp-*")), "the build never started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
