@@ -60,6 +60,7 @@ def test_trelm_run_outputs_and_export(tmp_path, tiny_dir, capsys):
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]  # keep_last=1
+    assert (out / "paths.png").stat().st_size > 0
 
     ck = load_checkpoint(out / "checkpoints")
     assert ck.step == 4 and ck.config["method"]["name"] == "trelm" and ck.config["train"]["steps"] == 4

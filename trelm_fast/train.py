@@ -177,7 +177,15 @@ def train(cfg: Config, d: Dist, resume: str | None = None) -> dict:
     from trelm_fast.data.loader import load_probes
 
     tokenizer = load_tokenizer(str(resolve_model_path(cfg.model.path)))
-    probes = {split: load_probes(data_dir, split) for split in ("stated", "heldout")}
+    probes = {}  # "stated": facts the corpus states; "heldout": KG facts it never states
+    for split in ("stated", "heldout"):
+        try:
+            probes[split] = load_probes(data_dir, split)
+        except FileNotFoundError:
+            continue
+    probes = {split: facts for split, facts in probes.items() if facts}
+    if d.main and not probes:
+        print(f"no probe facts in {data_dir}: probing is skipped", flush=True)
 
     # the model and its step: same seed on every rank, then rank 0's weights broadcast for certainty
     torch.manual_seed(cfg.seed)
@@ -190,6 +198,9 @@ def train(cfg: Config, d: Dist, resume: str | None = None) -> dict:
     start_step, epoch, batch_in_epoch = 0, 0, 0
     if resume is not None:
         ck = load_checkpoint(resume, model)
+        if ck.state["world_size"] != d.world_size:
+            raise ConfigError(f"resume: {ck.path} was written by {ck.state['world_size']} processes, this run has "
+                              f"{d.world_size}; the data position is per rank, so resume with the same count")
         step.load_state_dict(ck.state["step"])
         if model.bank is not None:
             model.bank.load_state_dict(ck.state["bank"])
@@ -202,17 +213,14 @@ def train(cfg: Config, d: Dist, resume: str | None = None) -> dict:
     metrics = Metrics(out_dir, d.main, start_step)
 
     def run_probes(at_step: int) -> ProbeResult | None:
-        """Probe P@1 on rank 0 (the model is the same on every rank); logged, stated split returned."""
-        result = None
+        """Probe P@1 on rank 0 (the model is the same on every rank); all splits logged, the first returned."""
+        results = {}
         if d.main:
-            values = {}
-            for split, facts in probes.items():
-                r = evaluate_probes(model.mlm, tokenizer, facts, device=d.device)
-                values.update(probe_metrics(r, split))
-                result = r if split == "stated" else result
-            metrics.log(at_step, values)
+            results = {split: evaluate_probes(model.mlm, tokenizer, facts, device=d.device)
+                       for split, facts in probes.items()}
+            metrics.log(at_step, {k: v for split, r in results.items() for k, v in probe_metrics(r, split).items()})
         d.barrier()
-        return result
+        return next(iter(results.values()), None)
 
     def save(at_step: int) -> None:
         rngs = [None] * d.world_size
@@ -231,8 +239,9 @@ def train(cfg: Config, d: Dist, resume: str | None = None) -> dict:
 
     before = run_probes(start_step) if start_step == 0 else None
     if before is not None:
-        print(f"probe P@1 before training: {before.macro_p_at_1:.4f} (macro over {len(before.p_at_1)} relations)",
-              flush=True)
+        print(f"probe P@1 before training: {before.macro_p_at_1:.4f} (macro over {len(before.p_at_1)} relations, "
+              f"{next(iter(probes))} facts)", flush=True)
+    t_loop = time.perf_counter()
 
     data = batches(cfg, data_dir, d, epoch, batch_in_epoch)
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not d.main, dynamic_ncols=True, desc=cfg.method.name)
@@ -276,19 +285,28 @@ def train(cfg: Config, d: Dist, resume: str | None = None) -> dict:
             save(done)
     bar.close()
 
+    loop_s = time.perf_counter() - t_loop
     after = run_probes(cfg.train.steps)
-    summary = {"steps": cfg.train.steps, "nonfinite_total": step.nonfinite_total,
-               "wall_clock_s": time.perf_counter() - t_start}
+    summary = {"method": cfg.method.name, "steps": cfg.train.steps, "start_step": start_step,
+               "nonfinite_total": step.nonfinite_total, "loop_s": loop_s}
     if d.main:
         export_pretrained(model.mlm, out_dir / "model", tokenizer)
+        if step.router is not None and step.router.history.masks:  # knowledge paths over training
+            try:
+                step.router.history.plot(out_dir / "paths.png")
+            except ImportError:
+                print("matplotlib is not installed: no paths.png (pip install -e '.[plots]')", flush=True)
         if before is not None:
             summary["probe_before"] = before.macro_p_at_1
-        summary["probe_after"] = after.macro_p_at_1
-        print(after.format(), flush=True)
-        if before is not None:
-            print(f"probe P@1 (macro, stated facts): before {before.macro_p_at_1:.4f} -> after "
-                  f"{after.macro_p_at_1:.4f}", flush=True)
-        print(f"wall-clock {summary['wall_clock_s']:.1f} s; model exported to {out_dir / 'model'}", flush=True)
+        if after is not None:
+            summary["probe_after"] = after.macro_p_at_1
+            print(after.format(), flush=True)
+            print(f"probe P@1 (macro, {next(iter(probes))} facts): "
+                  f"{'' if before is None else f'before {before.macro_p_at_1:.4f} -> '}after {after.macro_p_at_1:.4f}",
+                  flush=True)
+        summary["wall_clock_s"] = time.perf_counter() - t_start
+        print(f"wall-clock {summary['wall_clock_s']:.1f} s (training steps {loop_s:.1f} s); "
+              f"model exported to {out_dir / 'model'}", flush=True)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     metrics.close()
     return summary
