@@ -41,8 +41,8 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _gather_index(path: Tensor, n: int) -> Tensor | None:
-    """The gather index of a validated path over n neurons; None when S is all of them."""
+def gather_index(path: Tensor, n: int) -> Tensor | None:
+    """The gather index of a sorted unique path over n neurons: None (no gather) when S is all of them."""
     return None if path.numel() == n else path
 
 
@@ -159,7 +159,7 @@ class SliceLinear(nn.Linear):
                 f"SliceLinear: path is on {self.path.device} but the weight is on {self.weight.device}; "
                 "set paths after moving the model"
             )
-        idx = _gather_index(self.path, self.weight.shape[self.axis])
+        idx = gather_index(self.path, self.weight.shape[self.axis])
         if self.axis == 0:
             bias = None if self.bias is None else self.bias.detach()
             return RowSliceLinear.apply(x, self.weight.detach(), bias, idx, self.weight_slice, self.bias_slice)
@@ -345,6 +345,6 @@ def trelm_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         return F.linear(act(F.linear(x, w1, b1)), w2, b2)
     if slices is None:
         raise ValueError("trelm_ffn: a path needs its slice leaves (slices=FFNSlices(...))")
-    idx = _gather_index(path, w1.shape[0])
+    idx = gather_index(path, w1.shape[0])
     h = RowSliceLinear.apply(x, w1.detach(), None if b1 is None else b1.detach(), idx, slices.w1, slices.b1)
     return ColSliceLinear.apply(act(h), w2.detach(), b2, idx, slices.w2)
