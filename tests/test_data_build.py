@@ -138,6 +138,8 @@ def test_build_bad_mentions(tmp_path, doc, field, reason):
     s = build_dataset(raw, tmp_path / "y", BuildConfig(**FAST), BadRecords("skip"), progress=False)
     assert s["bad_records"]["skipped"] == 1 and any(reason in k for k in s["bad_records"]["by_reason"])
     assert s["mentions"] == 3
+    written = [json.loads(line) for line in open(tmp_path / "y" / "corpus.jsonl")]
+    assert sum(len(d["entities"]) for d in written) == 3  # the skipped mention is not written back
 
 
 def test_probe_object_must_be_one_token(tmp_path):

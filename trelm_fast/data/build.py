@@ -185,10 +185,8 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
 
     # --- tokenize, align, pack ---------------------------------------------------------------
     aligned = align_documents(docs, tok)
-    n_unaligned = 0
     for doc, a in zip(docs, aligned):
         for u in a.unaligned:
-            n_unaligned += 1
             bad.report(DataFormatError(doc.file, doc.line, f"entities[{u.mention}]", f"cannot align to tokens: {u.reason}"),
                        "corpus: mention not alignable")
     breaks = frozenset(tok.convert_tokens_to_ids([".", "!", "?"]))
@@ -238,7 +236,11 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
     split_of = ["valid" if is_valid_doc[q.doc] else "train" for q in seqs]
 
     # --- write ---------------------------------------------------------------------------------
-    write_corpus(d / "corpus.jsonl", docs)
+    kept = defaultdict(set)  # the mentions that made it into a sequence, per document
+    for q in seqs:
+        kept[q.doc].update(sp.mention for sp in q.spans)
+    write_corpus(d / "corpus.jsonl", (Document(doc.text, [m for k, m in enumerate(doc.entities) if k in kept[i]])
+                                      for i, doc in enumerate(docs)))
     write_id_list(d / "entities.txt", entity_ids)
     write_id_list(d / "relations.txt", relation_ids)
     write_kg(d / "kg.tsv", raw.triples)
