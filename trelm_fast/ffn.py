@@ -79,7 +79,8 @@ class ColSliceLinear(torch.autograd.Function):
 
     forward(a [..., d_in], weight [d_out, d_in] (detached), bias [d_out] | None (trains if it
     requires grad), idx [k] int64 (None: every column), w_slice [d_out, k] leaf) -> y [..., d_out].
-    Only a[..., idx] is kept for the backward. backward: da = dy W (exact), w_slice.grad += dy^T a[:, idx], db = sum_t dy.
+    Only a[..., idx] is kept for the backward.
+    backward: da = dy W (exact), w_slice.grad += dy^T a[:, idx], db = sum_t dy.
     """
 
     @staticmethod
