@@ -127,7 +127,8 @@ def gathered_tn_matmul_triton(
     ieee = _INTERPRET or a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _gathered_tn_matmul_kernel[grid](
-        a, b, a if a_idx is None else a_idx, b if b_idx is None else b_idx, out, sums,
+        # unused pointer arguments get a live tensor (never an empty one: its pointer may be null)
+        a, b, a if a_idx is None else a_idx, b if b_idx is None else b_idx, out, sums if colsum else out,
         m, n, t,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, COLSUM=colsum, IEEE=ieee,
