@@ -1,7 +1,8 @@
 """Measurement primitives shared by every suite: wall-clock, FLOPs, peak memory, result records.
 
 - `time_ms(fn)`: median wall-clock of one call in milliseconds. CPU: `warmup` untimed calls, then
-  `repeats` calls timed with `time.perf_counter`, median. CUDA: `triton.testing.do_bench` with
+  at least `repeats` calls timed with `time.perf_counter` (more, up to MAX_REPEATS, until
+  `min_time_s` has been spent: short calls get many samples), median. CUDA: `triton.testing.do_bench` with
   `return_mode="median"` (it synchronizes and flushes the L2 cache between calls).
 - `count_flops(fn)`: FLOPs of one call from `torch.utils.flop_counter.FlopCounterMode` (matmuls,
   convolutions and attention only; elementwise work is not counted, as in that counter).
@@ -14,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import platform
@@ -50,6 +52,7 @@ METRICS = {
 """Every metric a record may carry, with its unit (issue 7's names first)."""
 
 SUITES = ("kernels", "step", "limit", "convergence")
+MAX_REPEATS = 50
 
 
 class MissingComponent(RuntimeError):
@@ -80,12 +83,15 @@ class Settings:
     warmup: int
     repeats: int
     out: Path
+    min_time_s: float
     cases: list[str] | None = None
     """Glob patterns selecting case names (None: every case)."""
 
     @classmethod
     def make(cls, device: str, quick: bool, out: Path, cases: list[str] | None = None) -> "Settings":
-        return cls(torch.device(device), quick, warmup=1 if quick else 2, repeats=3 if quick else 5, out=out, cases=cases)
+        if quick:
+            return cls(torch.device(device), True, warmup=1, repeats=3, out=out, min_time_s=0.3, cases=cases)
+        return cls(torch.device(device), False, warmup=2, repeats=5, out=out, min_time_s=2.0, cases=cases)
 
     def wants(self, case: str) -> bool:
         return self.cases is None or any(fnmatch.fnmatchcase(case, pattern) for pattern in self.cases)
@@ -127,16 +133,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], settings: Settings) -> float:
-    """Median wall-clock of one call of `fn`, in ms (see the module docstring)."""
+def time_ms(fn: Callable[[], object], settings: Settings, warmup: int | None = None, repeats: int | None = None) -> float:
+    """Median wall-clock of one call of `fn`, in ms (see the module docstring).
+
+    `warmup` / `repeats` override the settings for calls that take many seconds each.
+    """
     if settings.device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    for _ in range(settings.warmup):
+    warmup = settings.warmup if warmup is None else warmup
+    repeats = settings.repeats if repeats is None else repeats
+    for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(settings.repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < settings.min_time_s * 1e3 and len(times) < MAX_REPEATS):
         start = time.perf_counter()
         fn()
         _sync(settings.device)
@@ -154,10 +165,24 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence file descriptor 2 (kineto prints a line to it at every profiler start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events: list[tuple[int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -185,6 +210,39 @@ def peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - start) / 2**20
     return _cpu_peak_bytes(fn) / 2**20
+
+
+def measure(settings: Settings, fn: Callable[[], object], tokens: int | None = None, memory: bool = True) -> dict[str, float]:
+    """{metric: value} for `fn`: flops, peak_mem_mb (if `memory`), wall_ms, tokens_per_s (if `tokens`)."""
+    values = {"flops": float(count_flops(fn))}
+    if memory:
+        values["peak_mem_mb"] = peak_mem_mb(fn, settings.device)
+    values["wall_ms"] = time_ms(fn, settings)
+    if tokens is not None:
+        values["tokens_per_s"] = tokens / (values["wall_ms"] / 1e3)
+    return values
+
+
+def measure_heavy(settings: Settings, fn: Callable[[], object], tokens: int | None = None) -> tuple[object, dict[str, float]]:
+    """(fn's result, {metric: value}) for calls of many seconds each.
+
+    The first call is timed and its result returned (for correctness checks). --quick stops there
+    (wall_ms only); otherwise flops and peak_mem_mb are measured on two more calls and wall_ms is
+    the median of the first and a fourth timed call.
+    """
+    start = time.perf_counter()
+    out = fn()
+    _sync(settings.device)
+    times = [(time.perf_counter() - start) * 1e3]
+    values: dict[str, float] = {}
+    if not settings.quick:
+        values["flops"] = float(count_flops(fn))
+        values["peak_mem_mb"] = peak_mem_mb(fn, settings.device)
+        times.append(time_ms(fn, settings, warmup=0, repeats=1))
+    values["wall_ms"] = statistics.median(times)
+    if tokens is not None:
+        values["tokens_per_s"] = tokens / (values["wall_ms"] / 1e3)
+    return out, values
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -245,6 +303,7 @@ def meta(settings: Settings, suites: list[str]) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "suites": suites,
+        "load_average_1m": os.getloadavg()[0],  # other processes on the machine: CPU figures depend on it
         "quick": settings.quick,
         "warmup": settings.warmup,
         "repeats": settings.repeats,

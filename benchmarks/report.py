@@ -24,7 +24,7 @@ PREFERRED_VARIANT_ORDER = [
 def kernel_baseline(case: str) -> str | None:
     if case == "entity_table":
         return "python_dict"
-    if case.startswith("sparse_ffn-"):
+    if case.startswith("sparse_ffn"):
         return "dense"
     if case.startswith("attribution-"):
         return "naive"
@@ -94,6 +94,8 @@ def summary_markdown(results: Results, meta: dict) -> str:
         "# trelm-fast benchmarks",
         "",
         f"- device: {meta['device']}" + (" (CPU figures)" if meta["device_type"] == "cpu" else ""),
+        f"- 1-minute load average at start / end: {meta['load_average_1m_at_start']:.1f} / "
+        f"{meta['load_average_1m']:.1f} (other processes sharing the CPU slow every figure)",
         f"- command: `{meta['command']}`",
         f"- commit: {meta['commit']}{' (dirty)' if meta['dirty'] else ''}, date: {meta['date']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),

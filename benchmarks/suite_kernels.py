@@ -2,17 +2,24 @@
 
 Cases (issue 7's names):
 - `entity_table`: `lookups` random present ids in a table of `size` int64 ids; variants
-  `entity_table` (the C++ table), `python_dict` (a dict comprehension over `ids.tolist()`, back to
+  `entity_table` (the C++ table), `python_dict` (a dict lookup per id over `ids.tolist()`, back to
   an int32 array) and `torch_searchsorted` (sorted keys + slot permutation). All three must agree.
-- `sparse_ffn-<shape>-p<percent>`: see `sparse_ffn_cases`.
-- `attribution-minilm`: see `attribution_cases`.
+- `sparse_ffn-<shape>-p<percent>`: one FFN forward + backward (`trelm_fast.ffn.trelm_ffn`, GELU)
+  on 8 x 128 tokens; `sparse`: knowledge path of percent% of I (random sorted neurons), slice
+  gradients + exact dX, b2 frozen (the TRELM default); `dense`: autograd over W1, b1, W2, b2 + dX.
+  `sparse_ffn_wgrad-<shape>-p<percent>`: the weight-gradient part of that backward alone, on the
+  same tensors: `sparse` = the two `kernels.sparse_ffn.gathered_tn_matmul` calls TrelmFFN makes
+  (dW1[S], db1[S] from dPre; dW2[:, S] from A[:, S] kept by the forward); `dense` = dPre^T X,
+  sum_t dPre, dY^T A. `max_rel_err`: slice gradients and dX against dense autograd restricted to S.
+- `attribution-minilm`: see `attribution_case`.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from harness import Results, Settings, require, time_ms
+from harness import Results, Settings, measure, measure_heavy, rel_err, require, time_ms
 
 SUITE = "kernels"
 
@@ -55,6 +62,158 @@ def entity_table_case(settings: Settings, results: Results) -> None:
     results.note(SUITE, f"entity_table: {lookups:,} lookups of present ids in a table of {len(ids):,} int64 ids (CPU)")
 
 
+def add_all(results: Results, case: str, variant: str, values: dict[str, float]) -> None:
+    for metric, value in values.items():
+        results.add(SUITE, case, variant, metric, value)
+
+
+def sparse_ffn_cases(settings: Settings, results: Results) -> None:
+    """Sparse vs dense FFN forward + backward, and the weight-gradient part alone (module docstring).
+
+    The dense baseline does not depend on the percentage: it is measured once per shape and its
+    figures are repeated in every p row, so each row's ratio is within the same run.
+    """
+    from workload import SHAPES
+
+    shapes = ["minilm"] if settings.quick else ["minilm", "bert-base"]
+    percents = (5, 10, 25, 50, 100)
+    wanted = [(s, p) for s in shapes for p in percents
+              if settings.wants(f"sparse_ffn-{s}-p{p}") or settings.wants(f"sparse_ffn_wgrad-{s}-p{p}")]
+    if not wanted:
+        return
+    FFNSlices, trelm_ffn = require("trelm_fast.ffn", "FFNSlices", "trelm_ffn")
+    gathered_tn_matmul = require("trelm_fast.kernels.sparse_ffn", "gathered_tn_matmul")
+    dev, tokens = settings.device, 8 * 128
+    for shape in dict.fromkeys(s for s, _ in wanted):
+        d, inter = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 128, d, generator=g).to(dev).requires_grad_(True)
+        w1 = (torch.randn(inter, d, generator=g) * d**-0.5).to(dev)
+        b1 = (torch.randn(inter, generator=g) * 0.1).to(dev)
+        w2 = (torch.randn(d, inter, generator=g) * inter**-0.5).to(dev)
+        b2 = (torch.randn(d, generator=g) * 0.1).to(dev)
+        dy = torch.randn(8, 128, d, generator=g).to(dev)
+        dense_params = [p.clone().requires_grad_(True) for p in (w1, b1, w2, b2)]
+
+        def dense_step():
+            x.grad = None
+            for p in dense_params:
+                p.grad = None
+            trelm_ffn(x, *dense_params, F.gelu).backward(dy)
+
+        dense_step()
+        dense_grads = [x.grad.clone()] + [p.grad.clone() for p in dense_params[:3]]
+        # the weight-gradient inputs, once: X, A = gelu(pre), dY and dPre = (dY W2) * gelu'(pre)
+        xf, dyf = x.detach().reshape(tokens, d), dy.reshape(tokens, d)
+        pre = (xf @ w1.t() + b1).requires_grad_(True)
+        act = F.gelu(pre)
+        (d_pre,) = torch.autograd.grad(act, pre, dyf @ w2)
+        act = act.detach()
+
+        def dense_wgrad():
+            return d_pre.t() @ xf, d_pre.sum(0), dyf.t() @ act
+
+        dense = {}
+        for percent in (p for s, p in wanted if s == shape):
+            k = max(1, round(inter * percent / 100))
+            path = torch.randperm(inter, generator=g)[:k].sort().values.to(dev)
+            slices = FFNSlices(*(torch.zeros(size, device=dev, requires_grad=True) for size in ((k, d), (k,), (d, k))))
+
+            def sparse_step():
+                x.grad = None
+                for leaf in slices:
+                    leaf.grad = None
+                trelm_ffn(x, w1, b1, w2, b2, F.gelu, path=path, slices=slices).backward(dy)
+
+            act_s = act.index_select(1, path)  # what the forward keeps for dW2[:, S]
+
+            def sparse_wgrad():
+                return gathered_tn_matmul(d_pre, xf, a_idx=path, colsum=True), gathered_tn_matmul(dyf, act_s)
+
+            for case, sparse_fn, dense_fn, key, kwargs in (
+                (f"sparse_ffn-{shape}-p{percent}", sparse_step, dense_step, "step", {"tokens": tokens}),
+                (f"sparse_ffn_wgrad-{shape}-p{percent}", sparse_wgrad, dense_wgrad, "wgrad", {"memory": False}),
+            ):
+                if not settings.wants(case):
+                    continue
+                if key == "step":
+                    sparse_step()
+                    results.add(SUITE, case, "sparse", "max_rel_err", max(
+                        rel_err(x.grad, dense_grads[0]),
+                        rel_err(slices.w1.grad, dense_grads[1][path]),
+                        rel_err(slices.b1.grad, dense_grads[2][path]),
+                        rel_err(slices.w2.grad, dense_grads[3][:, path]),
+                    ))
+                add_all(results, case, "sparse", measure(settings, sparse_fn, **kwargs))
+                if key not in dense:
+                    dense[key] = measure(settings, dense_fn, **kwargs)
+                add_all(results, case, "dense", dense[key])
+        results.note(SUITE, f"sparse_ffn-{shape}: d={d}, I={inter}, 8 x 128 tokens, fp32, GELU; the dense "
+                            "baseline is measured once per shape and repeated in each p row")
+
+
+def attribution_case(settings: Settings, results: Results) -> None:
+    """`attribution-minilm`: fused batched IG vs the Knowledge Neurons per-layer loop, and the default config.
+
+    Both attribute every FFN layer of a random-init MiniLM-shape model at m = 20 (Riemann, eq. 11)
+    on 8 x 128 full-length sequences (quick: 1 x 64), CKA targets and negatives as the trelm step
+    draws them. `fused` = `trelm_fast.routing.attribute`, `naive` = `attribute_reference`;
+    max_rel_err compares their scores. `default`: the routing section of the embedded default
+    config (m, quadrature, layers, sequences); its `path_jaccard` is the mean over the attributed
+    layers of the Jaccard overlap between its selected paths and those of the exact m = 20
+    Riemann scores under the same selection rule.
+    """
+    case = "attribution-minilm"
+    if not settings.wants(case):
+        return
+    attribute, attribute_reference, select_paths, path_jaccard = require(
+        "trelm_fast.routing", "attribute", "attribute_reference", "select_paths", "path_jaccard")
+    sample_negatives = require("trelm_fast.losses", "sample_negatives")
+    import workload
+
+    data_dir = workload.dataset_dir()
+    step, model = workload.build_step("trelm", "minilm", data_dir, settings.device)
+    cfg = step.cfg
+    batch_size, seq_len = (1, 64) if settings.quick else (8, 128)
+    batch = {k: v.to(settings.device) for k, v in workload.full_batch(data_dir, batch_size, seq_len).items()}
+    with torch.no_grad():
+        hidden = model.embedding_output(batch)
+    targets = batch["cka_labels"][batch["cka_labels"].ne(-100)]
+    negatives = sample_negatives(targets, model.negative_q, cfg.loss.num_negatives,
+                                 generator=torch.Generator().manual_seed(0))
+    inputs = (model.mlm, hidden, batch["attention_mask"], batch["cka_labels"], negatives)
+    exact = {"m": 20, "quadrature_rule": "riemann", "layers": None, "sequences": 0, "head": model.head}
+    tokens = batch_size * seq_len
+    fused, values = measure_heavy(settings, lambda: attribute(*inputs, **exact), tokens)
+    add_all(results, case, "fused", values)
+    naive, values = measure_heavy(settings, lambda: attribute_reference(*inputs, **exact), tokens)
+    add_all(results, case, "naive", values)
+    results.add(SUITE, case, "fused", "max_rel_err", rel_err(fused.scores, naive.scores))
+
+    r = cfg.routing
+    default = {"m": r.m, "quadrature_rule": r.quadrature, "layers": r.layers, "sequences": r.sequences,
+               "head": model.head}
+    if default == exact:
+        chosen = fused
+        add_all(results, case, "default", {m: results.get(SUITE, case, "fused", m) for m in ("flops", "wall_ms", "tokens_per_s")
+                                           if results.get(SUITE, case, "fused", m) is not None})
+    else:
+        chosen, values = measure_heavy(settings, lambda: attribute(*inputs, **default), tokens)
+        add_all(results, case, "default", values)
+    rows = [fused.layers.index(layer) for layer in chosen.layers]
+    mine = select_paths(chosen.scores, r.rule, r.fraction, r.threshold)
+    reference = select_paths(fused.scores[rows], r.rule, r.fraction, r.threshold)
+    overlaps = [path_jaccard(a, b) for a, b in zip(mine, reference)]
+    results.add(SUITE, case, "default", "path_jaccard", sum(overlaps) / len(overlaps))
+    results.note(SUITE, f"{case}: {batch_size} x {seq_len} tokens, {fused.num_targets} target positions, "
+                        f"all {len(fused.layers)} layers, m = 20 Riemann for fused/naive; default = m {r.m} "
+                        f"{r.quadrature}, layers {r.layers or 'all'}, sequences {r.sequences or 'all'}, rule "
+                        f"{r.rule} (fraction {r.fraction}); per-layer path Jaccard "
+                        + ", ".join(f"{j:.2f}" for j in overlaps))
+
+
 def run(settings: Settings, results: Results) -> None:
     if settings.wants("entity_table"):
         entity_table_case(settings, results)
+    sparse_ffn_cases(settings, results)
+    attribution_case(settings, results)

@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import METRICS, Results, Settings, count_flops, peak_mem_mb, time_ms  # noqa: E402
+from harness import MAX_REPEATS, METRICS, Results, Settings, count_flops, peak_mem_mb, time_ms  # noqa: E402
 
 RECORD_KEYS = {"suite", "case", "variant", "metric", "value", "unit"}
 
@@ -27,9 +27,14 @@ def test_flops_peak_memory_and_timing_measure_what_they_say(tmp_path):
 
     assert peak_mem_mb(allocate_then_free, torch.device("cpu")) == pytest.approx(6.0, rel=0.01)
     settings = Settings.make("cpu", quick=True, out=tmp_path)
+    settings.min_time_s = 0.0
     calls = []
     assert time_ms(lambda: calls.append(1), settings) >= 0
     assert len(calls) == settings.warmup + settings.repeats
+    settings.min_time_s = 60.0  # short calls are repeated up to MAX_REPEATS, not for a minute
+    calls.clear()
+    time_ms(lambda: calls.append(1), settings)
+    assert len(calls) == settings.warmup + MAX_REPEATS
 
 
 def test_results_reject_unknown_metrics_and_nan():

@@ -1,0 +1,111 @@
+"""What the suites run on: model shapes, the benchmark dataset, full-length batches, step objects.
+
+- `SHAPES`: the MiniLM shape (6 layers, d=384, I=1536) and the BERT-base shape (12 layers, d=768,
+  I=3072), both with the MiniLM tokenizer's 30522-token vocabulary, random init (no downloads).
+- `dataset_dir()`: the `tiny` synthetic dataset (seq_len 128), built on first use through the
+  trainer's own `ensure_dataset` into `data_cache/bench-synthetic-tiny`; it provides the KG
+  embeddings, entity names, probes and the training data of the convergence suite.
+- `full_batch(...)`: a [B, n] batch in the loader's batch contract with every position a real
+  token (the synthetic documents are ~30 tokens long, so loader batches would be mostly padding):
+  random non-special tokens between [CLS] and [SEP], `spans_per_seq` linked mentions of 1-3 tokens
+  of which `targets_per_seq` are injection targets (CKA labels, KG triples drawn from the
+  dataset's entities and relations), and 15% of the other positions MLM-masked (80/10/10).
+- `build_step(...)`: the trainer's own `build_step_model` + `make_step` for a method at a shape.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from harness import require
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "minilm": {"num_layers": 6, "hidden_size": 384, "num_heads": 12, "intermediate_size": 1536},
+    "bert-base": {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "intermediate_size": 3072},
+}
+DATASET = ROOT / "data_cache" / "bench-synthetic-tiny"
+
+
+def config(shape: str | None, method: str, data_dir: Path, overrides: list[str] = ()):
+    """The trainer's Config for `method`: the embedded default, the model sized to `shape`
+    (None keeps the default's small model), random init, the benchmark dataset."""
+    load_config = require("trelm_fast.config", "load_config")
+    args = [f"method.name={method}", f"data.dir={data_dir}"]
+    if shape is not None:
+        args += [f"model.{k}={v}" for k, v in SHAPES[shape].items()]
+        args += ["model.max_position_embeddings=512", "model.dropout=0.1"]
+    return load_config(None, args + list(overrides))
+
+
+def dataset_dir() -> Path:
+    """Build (first use) and return the benchmark dataset directory."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ensure_dataset, Dist = require("trelm_fast.train", "ensure_dataset", "Dist")
+    cfg = config(None, "trelm", DATASET, ["data.build_args={size: tiny, seq_len: 128, quiet: true}"])
+    with contextlib.redirect_stdout(sys.stderr):  # the build prints its summary; results go to DIR
+        return ensure_dataset(cfg, Dist(0, 1, torch.device("cpu")))
+
+
+def full_batch(data_dir: Path, batch: int, seq_len: int, seed: int = 0, spans_per_seq: int = 6,
+               targets_per_seq: int = 2, mlm_prob: float = 0.15) -> dict[str, torch.Tensor]:
+    """A batch in the loader's contract with no padding (see the module docstring)."""
+    load_manifest = require("trelm_fast.data.loader", "load_manifest")
+    manifest = load_manifest(data_dir, verify=False)
+    tok = manifest["tokenizer"]
+    n_ent, n_rel = manifest["counts"]["entities"], manifest["counts"]["relations"]
+    g = torch.Generator().manual_seed(seed)
+    special = {tok["cls_id"], tok["sep_id"], tok["pad_id"], tok["mask_id"]}
+    low = max(special) + 1  # ids above every special token are ordinary tokens in a BERT vocabulary
+    ids = torch.randint(low, tok["vocab_size"], (batch, seq_len), generator=g)
+    ids[:, 0], ids[:, -1] = tok["cls_id"], tok["sep_id"]
+    entity, target, triples = [], [], []
+    cka = torch.full_like(ids, -100)
+    free = torch.ones_like(ids, dtype=torch.bool)
+    free[:, [0, -1]] = False
+    slot = (seq_len - 2) // spans_per_seq
+    if slot < 4:
+        raise ValueError(f"full_batch: seq_len {seq_len} is too short for {spans_per_seq} spans per sequence")
+    for row in range(batch):
+        for s in range(spans_per_seq):
+            length = int(torch.randint(1, 4, (1,), generator=g))
+            start = 1 + s * slot + int(torch.randint(0, slot - length + 1, (1,), generator=g))
+            ent = int(torch.randint(0, n_ent, (1,), generator=g))
+            entity.append([row, start, start + length, ent])
+            free[row, start:start + length] = False
+            if s < targets_per_seq:
+                target.append([row, start, start + length, ent])
+                triples.append([int(torch.randint(0, n_ent, (1,), generator=g)),
+                                int(torch.randint(0, n_rel, (1,), generator=g))])
+                cka[row, start:start + length] = ids[row, start:start + length]
+    mlm = torch.full_like(ids, -100)
+    chosen = free & (torch.rand(ids.shape, generator=g) < mlm_prob)
+    mlm[chosen] = ids[chosen]
+    u = torch.rand(ids.shape, generator=g)
+    masked = ids.clone()
+    masked[chosen & (u < 0.8)] = tok["mask_id"]
+    swap = chosen & (u >= 0.8) & (u < 0.9)
+    masked[swap] = torch.randint(low, tok["vocab_size"], (int(swap.sum()),), generator=g)
+    return {
+        "input_ids": masked,
+        "attention_mask": torch.ones_like(ids),
+        "mlm_labels": mlm,
+        "cka_labels": cka,
+        "entity_spans": torch.tensor(entity, dtype=torch.long).reshape(-1, 4),
+        "target_spans": torch.tensor(target, dtype=torch.long).reshape(-1, 4),
+        "target_triples": torch.tensor(triples, dtype=torch.long).reshape(-1, 2),
+    }
+
+
+def build_step(method: str, shape: str | None, data_dir: Path, device: torch.device, overrides: list[str] = (),
+               seed: int = 0):
+    """(step object, model) of the trainer for `method` at `shape`, seeded like train.py."""
+    build_step_model, make_step = require("trelm_fast.step", "build_step_model", "make_step")
+    cfg = config(shape, method, data_dir, overrides)
+    torch.manual_seed(seed)
+    model = build_step_model(method, cfg, data_dir).to(device)
+    return make_step(method, model, cfg), model
