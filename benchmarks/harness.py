@@ -86,12 +86,22 @@ class Settings:
     min_time_s: float
     cases: list[str] | None = None
     """Glob patterns selecting case names (None: every case)."""
+    shapes: list[str] | None = None
+    """Model shapes of the step and sparse_ffn cases (None: minilm, plus bert-base unless quick)."""
 
     @classmethod
-    def make(cls, device: str, quick: bool, out: Path, cases: list[str] | None = None) -> "Settings":
+    def make(cls, device: str, quick: bool, out: Path, cases: list[str] | None = None,
+             shapes: list[str] | None = None) -> "Settings":
         if quick:
-            return cls(torch.device(device), True, warmup=1, repeats=3, out=out, min_time_s=0.3, cases=cases)
-        return cls(torch.device(device), False, warmup=2, repeats=5, out=out, min_time_s=2.0, cases=cases)
+            return cls(torch.device(device), True, warmup=1, repeats=3, out=out, min_time_s=0.3, cases=cases,
+                       shapes=shapes)
+        return cls(torch.device(device), False, warmup=2, repeats=5, out=out, min_time_s=2.0, cases=cases,
+                   shapes=shapes)
+
+    def model_shapes(self) -> list[str]:
+        if self.shapes is not None:
+            return self.shapes
+        return ["minilm"] if self.quick else ["minilm", "bert-base"]
 
     def wants(self, case: str) -> bool:
         return self.cases is None or any(fnmatch.fnmatchcase(case, pattern) for pattern in self.cases)

@@ -32,7 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smallest sizes and fewer repeats (about 2 minutes on 2 CPU cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--case", action="append", default=None, metavar="GLOB",
-                   help="run only cases matching this glob (repeatable), e.g. 'sparse_ffn-minilm-*'")
+                   help="run only cases matching this glob (repeatable), e.g. 'sparse_ffn-minilm-*' "
+                        "(kernels and step; convergence always runs all its variants)")
+    p.add_argument("--shape", action="append", default=None, choices=("tiny", "minilm", "bert-base"),
+                   help="model shapes of the step and sparse_ffn cases (repeatable; default minilm and "
+                        "bert-base, --quick minilm; tiny = 2 layers, d=64, for smoke tests)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -49,7 +53,7 @@ def run_suite(name: str, settings: Settings, results: Results) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings.make(args.device, args.quick, args.out, args.case)
+    settings = Settings.make(args.device, args.quick, args.out, args.case, args.shape)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = Results()
     load_at_start = os.getloadavg()[0]

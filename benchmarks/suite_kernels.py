@@ -75,7 +75,7 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
     """
     from workload import SHAPES
 
-    shapes = ["minilm"] if settings.quick else ["minilm", "bert-base"]
+    shapes = settings.model_shapes()
     percents = (5, 10, 25, 50, 100)
     wanted = [(s, p) for s in shapes for p in percents
               if settings.wants(f"sparse_ffn-{s}-p{p}") or settings.wants(f"sparse_ffn_wgrad-{s}-p{p}")]

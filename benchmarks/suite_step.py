@@ -1,7 +1,7 @@
 """`step` suite: one training step (forward, backward, optimizer) of each DESIGN.md section 3 variant.
 
-Cases `minilm` and `bert-base` (workload.SHAPES; --quick: `minilm` only, batch 2 x 128), batch
-8 x 128 full-length sequences (workload.full_batch), random init. Each variant is the trainer's own
+Cases `minilm` and `bert-base` (workload.SHAPES; --quick: `minilm` only, batch 2 x 128; `--shape`
+selects others), batch 8 x 128 full-length sequences (workload.full_batch), random init. Each variant is the trainer's own
 step object (`trelm_fast.step.make_step`): `hf_dense`, `dense_opt`, `trelm_naive`, `trelm_fast`.
 
 Routed variants refresh their knowledge paths every R steps (`routing.refresh`), so their figures
@@ -86,7 +86,7 @@ def run_variant(settings: Settings, results: Results, shape: str, variant: str, 
 def run(settings: Settings, results: Results) -> None:
     import workload
 
-    shapes = ["minilm"] if settings.quick else ["minilm", "bert-base"]
+    shapes = settings.model_shapes()
     batch_size = 2 if settings.quick else 8
     data_dir = workload.dataset_dir()
     for shape in shapes:

@@ -1,7 +1,8 @@
 """What the suites run on: model shapes, the benchmark dataset, full-length batches, step objects.
 
 - `SHAPES`: the MiniLM shape (6 layers, d=384, I=1536) and the BERT-base shape (12 layers, d=768,
-  I=3072), both with the MiniLM tokenizer's 30522-token vocabulary, random init (no downloads).
+  I=3072), both with the MiniLM tokenizer's 30522-token vocabulary, random init (no downloads);
+  `tiny` (2 layers, d=64, I=256) for smoke tests.
 - `dataset_dir()`: the `tiny` synthetic dataset (seq_len 128), built on first use through the
   trainer's own `ensure_dataset` into `data_cache/bench-synthetic-tiny`; it provides the KG
   embeddings, entity names, probes and the training data of the convergence suite.
@@ -25,6 +26,7 @@ from harness import require
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
+    "tiny": {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 256},
     "minilm": {"num_layers": 6, "hidden_size": 384, "num_heads": 12, "intermediate_size": 1536},
     "bert-base": {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "intermediate_size": 3072},
 }

@@ -10,7 +10,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import MAX_REPEATS, METRICS, Results, Settings, count_flops, peak_mem_mb, time_ms  # noqa: E402
+from harness import (  # noqa: E402
+    MAX_REPEATS, METRICS, MissingComponent, Results, Settings, count_flops, peak_mem_mb, require, time_ms,
+)
 
 RECORD_KEYS = {"suite", "case", "variant", "metric", "value", "unit"}
 
@@ -71,13 +73,58 @@ def values(data: dict, **match) -> dict[tuple[str, str], float]:
     }
 
 
-def test_quick_entity_table(tmp_path):
-    rc, data, err = run_bench(tmp_path, "--suite", "kernels", "--case", "entity_table")
+def test_quick_kernels_entity_table_and_sparse_ffn(tmp_path):
+    rc, data, err = run_bench(tmp_path, "--suite", "kernels", "--case", "entity_table",
+                              "--case", "sparse_ffn-minilm-p10", "--case", "sparse_ffn_wgrad-minilm-p10")
     assert rc == 0, err
     check_schema(data)
     got = values(data, suite="kernels", case="entity_table")
     for variant in ("entity_table", "python_dict", "torch_searchsorted"):
         assert got[(variant, "lookups_per_s")] > 0
     assert got[("entity_table", "lookups_per_s")] > got[("python_dict", "lookups_per_s")]
+    ffn = values(data, suite="kernels", case="sparse_ffn-minilm-p10")
+    assert ffn[("sparse", "max_rel_err")] < 1e-5
+    assert ffn[("sparse", "flops")] < ffn[("dense", "flops")]
+    wgrad = values(data, suite="kernels", case="sparse_ffn_wgrad-minilm-p10")
+    # dW1[S], dW2[:, S] at |S| = 10% of I: a tenth of the dense weight-gradient FLOPs
+    assert wgrad[("sparse", "flops")] == pytest.approx(0.1 * wgrad[("dense", "flops")], rel=0.01)
     summary = (tmp_path / "summary.md").read_text()
-    assert "| entity_table | entity_table |" in summary and "CPU figures" in summary
+    assert "| entity_table | python_dict | " in summary and "CPU figures" in summary
+    assert "| sparse_ffn-minilm-p10 | dense | " in summary
+
+
+@pytest.mark.slow
+def test_quick_all_suites_on_the_tiny_shape(tmp_path):
+    rc, data, err = run_bench(tmp_path, "--suite", "all", "--shape", "tiny", "--case", "entity_table", "--case", "tiny")
+    assert rc == 0, err
+    check_schema(data)
+    assert data["meta"]["quick"] and not data["meta"]["errors"]
+    step = values(data, suite="step", case="tiny")
+    for variant in ("hf_dense", "dense_opt", "trelm_naive", "trelm_fast"):
+        for metric in ("wall_ms", "tokens_per_s", "flops", "peak_mem_mb"):
+            assert step[(variant, metric)] > 0
+        assert 0 < values(data, suite="limit", case="tiny")[(variant, "efficiency")]
+    assert 0 < step[("trelm_fast", "attribution_share")] < 1
+    assert step[("dense_opt", "flops")] < step[("hf_dense", "flops")]  # logits only at labelled positions
+    final = values(data, suite="convergence", case="final")
+    assert {v for v, _ in final} == {"dense", "trelm", "kmb_only", "routing_only"}
+    for name in ("summary.md", "step_throughput.png", "convergence.png", "curves.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| tiny | hf_dense | " in summary and "1.000 | 1.00x |" in summary
+
+
+def test_a_failing_suite_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    import run
+
+    def missing(name, settings, results):
+        raise MissingComponent("trelm_fast.nothing has no thing")
+
+    monkeypatch.setattr(run, "run_suite", missing)
+    assert run.main(["--suite", "step", "--out", str(tmp_path)]) == 1
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["records"] == [] and "missing component" in data["meta"]["errors"]["step"]
+    assert "## Failures" in (tmp_path / "summary.md").read_text()
+    assert "FAILED" in capsys.readouterr().err
+    with pytest.raises(MissingComponent, match="no_such_module"):
+        require("trelm_fast.no_such_module")
