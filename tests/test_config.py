@@ -12,7 +12,7 @@ from trelm_fast.data.build import FORMAT_VERSION
 
 def test_default_loads_and_round_trips(tmp_path):
     cfg = load_config()
-    assert cfg.method.name == "trelm" and cfg.loss.theta == 0.5 and cfg.routing.m == 20
+    assert cfg.method.name == "trelm" and cfg.loss.theta == 0.5 and cfg.model.init == "auto"
     cfg.dump(tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg

@@ -76,17 +76,14 @@ def dataset(tmp_path_factory):
 
 
 def test_build_mlm_random_and_tied():
-    mlm = build_mlm(tiny_config().model)
+    mlm = build_mlm(tiny_config().model)  # init: auto with sizes set -> random init
     assert mlm.config.hidden_size == 32 and mlm.config.num_hidden_layers == 2
     assert mlm.cls.predictions.decoder.weight is mlm.get_input_embeddings().weight
 
 
 @pytest.mark.slow
 def test_build_mlm_pretrained_minilm_gets_tied_head():
-    cfg = load_config(None, ["model.init=pretrained", "model.hidden_size=null", "model.num_layers=null",
-                             "model.num_heads=null", "model.intermediate_size=null",
-                             "model.max_position_embeddings=null"])
-    mlm = build_mlm(cfg.model)
+    mlm = build_mlm(load_config().model)  # the embedded default: pre-trained MiniLM
     assert mlm.config.num_hidden_layers == 6 and mlm.config.hidden_size == 384
     assert mlm.cls.predictions.decoder.weight is mlm.get_input_embeddings().weight
     # the encoder weights are MiniLM's, not a fresh init
@@ -100,7 +97,7 @@ def test_build_mlm_pretrained_minilm_gets_tied_head():
 
 def test_pretrained_rejects_size_overrides():
     with pytest.raises(ValueError, match="model.hidden_size"):
-        build_mlm(load_config(None, ["model.init=pretrained"]).model)
+        build_mlm(load_config(None, ["model.init=pretrained", "model.hidden_size=64"]).model)
 
 
 def test_span_positions():

@@ -40,10 +40,12 @@ class ModelConfig:
 
     ``init: pretrained`` loads its weights (a missing MLM head is created and tied to the word
     embeddings); ``init: random`` builds a fresh model from its config.json, with the size fields
-    below overriding it (null keeps the directory's value). The tokenizer always comes from ``path``.
+    below overriding it (null keeps the directory's value); ``init: auto`` (default) is
+    ``random`` when any size field is set and ``pretrained`` otherwise. The tokenizer always
+    comes from ``path``.
     """
     path: str = "minilm"
-    init: str = "random"
+    init: str = "auto"
     hidden_size: Optional[int] = None
     num_layers: Optional[int] = None
     num_heads: Optional[int] = None
@@ -313,7 +315,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{s}: model.path {cfg.model.path!r} ({model_dir}) is not a Hugging Face "
                           "model directory (no config.json)")
-    _choice(cfg.model.init, ("pretrained", "random"), "model.init", s)
+    _choice(cfg.model.init, ("auto", "pretrained", "random"), "model.init", s)
     for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
         _positive(getattr(cfg.model, name), f"model.{name}", s)
     if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:

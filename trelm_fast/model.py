@@ -57,7 +57,11 @@ def _quiet_transformers():
 
 
 def build_mlm(mcfg: ModelConfig) -> nn.Module:
-    """A `BertForMaskedLM` or `RobertaForMaskedLM` (decoder tied to the word embeddings)."""
+    """A `BertForMaskedLM` or `RobertaForMaskedLM` (decoder tied to the word embeddings).
+
+    ``init``: pretrained (weights of ``path``), random (its config.json with the size overrides)
+    or auto (random if any size is overridden, else pretrained).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, BertForMaskedLM, RobertaForMaskedLM
 
@@ -71,8 +75,9 @@ def build_mlm(mcfg: ModelConfig) -> nn.Module:
     if mcfg.dropout is not None:
         hf_cfg.hidden_dropout_prob = hf_cfg.attention_probs_dropout_prob = mcfg.dropout
     hf_cfg.tie_word_embeddings = True
-    if mcfg.init == "pretrained":
-        overridden = [f for f in _SIZE_FIELDS if getattr(mcfg, f) is not None]
+    overridden = [f for f in _SIZE_FIELDS if getattr(mcfg, f) is not None]
+    init = mcfg.init if mcfg.init != "auto" else ("random" if overridden else "pretrained")
+    if init == "pretrained":
         if overridden:
             raise ValueError(f"model.init=pretrained loads the sizes of {path}; set model.{overridden[0]} "
                              "to null or use model.init=random")
