@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trelm_fast.config import Config
-from trelm_fast.losses import MLMHead, mlm_loss, cka_loss, sample_negatives, trelm_loss, IGNORE_INDEX
+from trelm_fast.losses import IGNORE_INDEX, cka_loss, mlm_loss, sample_negatives, trelm_loss
 from trelm_fast.model import TrelmModel, build_model
 
 
@@ -107,17 +107,17 @@ def _distributed() -> bool:
 
 
 def _allreduce_mean(tensors: list[Tensor]) -> None:
-    """Average ``tensors`` in place across ranks (one flat buffer per dtype)."""
+    """Average ``tensors`` in place across ranks (one flat all-reduce per dtype)."""
     if not tensors or not _distributed():
         return
     world = dist.get_world_size()
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        flat /= world
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t))
 
 
 def _any_rank(flag: bool, device) -> bool:
@@ -132,14 +132,10 @@ def move_batch(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
-
-
-def _ffn_weights(mlm: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter, nn.Parameter]]:
+def _ffn_weights(model: TrelmModel) -> list[tuple[nn.Parameter, Optional[nn.Parameter], nn.Parameter]]:
     """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not)."""
-    from trelm_fast.routing import _encoder_layers
-
     return [(l.intermediate.dense.weight, l.intermediate.dense.bias, l.output.dense.weight)
-            for l in _encoder_layers(mlm)]
+            for l in model.encoder_model.encoder.layer]
 
 
 class TrainStep:
@@ -232,14 +228,13 @@ class TrainStep:
     def _mask_to_paths(self) -> None:
         """trelm_naive: keep only the path rows/columns of the dense FFN gradients."""
         routed = dict(zip(self.router.layers, self.paths))
-        for i, (w1, b1, w2) in enumerate(_ffn_weights(self.model.mlm)):
+        for i, (w1, b1, w2) in enumerate(_ffn_weights(self.model)):
             keep = torch.zeros(w1.shape[0], dtype=torch.bool, device=w1.device)
             if i in routed:
                 keep[routed[i].to(w1.device)] = True
-            for p, axis in ((w1, 0), (b1, 0), (w2, 1)):
+            for p, mask in ((w1, keep[:, None]), (b1, keep), (w2, keep[None, :])):
                 if p is not None and p.grad is not None:
-                    shape = [-1, 1] if (axis == 0 and p.dim() == 2) else ([1, -1] if axis == 1 else [-1])
-                    p.grad.mul_(keep.view(shape).to(p.grad.dtype))
+                    p.grad.mul_(mask.to(p.grad.dtype))
 
     # ------------------------------------------------------------------------- the objective
 
