@@ -245,3 +245,16 @@ def test_batch_without_targets_keeps_paths(dataset):
     r = step(batch, 1)
     assert not r.skipped_nonfinite and r.cka_loss == 0.0 and "time/attribution_s" not in r.stats
     assert all(torch.equal(a, b) for a, b in zip(paths, step.paths))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["trelm", "dense", "trelm_naive"])
+def test_steps_on_cuda(method, dataset):
+    cfg = tiny_config()
+    model = build_step_model(method, cfg, dataset, device="cuda")
+    step = make_step(method, model, cfg)
+    for i in range(2):
+        r = step(make_batch(seed=i), i)  # CPU batch: the step moves it
+        assert not r.skipped_nonfinite and math.isfinite(r.loss)
+    if model.bank is not None:
+        assert model.bank.local.is_cuda and (model.bank.counts > 0).any()
