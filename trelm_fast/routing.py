@@ -196,7 +196,7 @@ def _targets(hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, negativ
     negatives = negatives[torch.isin(pos_row, keep)]
     rows, cols = labelled[keep].nonzero(as_tuple=True)
     labels = cka_labels[keep][rows, cols]
-    return _Targets(hidden[keep], attention_mask[keep], rows, cols, labels, negatives)
+    return _Targets(hidden.detach()[keep], attention_mask[keep], rows, cols, labels, negatives)
 
 
 @dataclass
@@ -254,13 +254,16 @@ def attribute(
     sequences: int = 0,
     head: MLMHead | None = None,
     max_copies: int = 256,
+    autocast: torch.dtype | None = None,
 ) -> Attribution:
     """Fused batched IG attribution (eqs. 9-11) for the FFN layers `layers` (None: all).
 
     hidden: embedding output [B, n, d] (with knowledge injection); attention_mask, cka_labels
     [B, n]; negatives [N, K] for the CKA-labelled positions in row-major order. `sequences` > 0
     attributes only the first that many sequences that have targets. `max_copies` bounds the
-    sequence copies per forward/backward chunk (memory), not the result.
+    sequence copies per forward/backward chunk (memory), not the result. `autocast` (e.g.
+    torch.bfloat16) runs the scaled copies under torch.autocast; the prefix, the leaf gradients and
+    the step reduction stay in the model's precision.
     """
     enc = _encoder_layers(model)
     layer_ids = _resolve_layers(layers, len(enc))
@@ -286,13 +289,14 @@ def attribute(
                 leaf = (alphas[k0 : k0 + c, None, None] * u_t + b2).requires_grad_(True)  # [c, N, d]
                 rows = (torch.arange(c, device=t.rows.device)[:, None] * bsz + t.rows).reshape(-1)
                 cols = t.cols.repeat(c)
-                if l == len(enc) - 1:
-                    h_t = enc[l].output.LayerNorm(leaf + a[t.rows, t.cols])
-                else:
-                    x = f.repeat(c, 1, 1).index_put((rows, cols), leaf.reshape(-1, leaf.shape[-1]))
-                    h0 = enc[l].output.LayerNorm(x + a.repeat(c, 1, 1))
-                    h_t = _run_layers(model, enc, h0, t.mask.repeat(c, 1), l + 1, rows, cols)
-                p = cka_correct_prob_at(h_t.view(c, -1, h_t.shape[-1]), t.labels, t.negatives, head)
+                with torch.autocast(t.hidden.device.type, dtype=autocast, enabled=autocast is not None):
+                    if l == len(enc) - 1:
+                        h_t = enc[l].output.LayerNorm(leaf + a[t.rows, t.cols])
+                    else:
+                        x = f.repeat(c, 1, 1).index_put((rows, cols), leaf.reshape(-1, leaf.shape[-1]))
+                        h0 = enc[l].output.LayerNorm(x + a.repeat(c, 1, 1))
+                        h_t = _run_layers(model, enc, h0, t.mask.repeat(c, 1), l + 1, rows, cols)
+                    p = cka_correct_prob_at(h_t.view(c, -1, h_t.shape[-1]), t.labels, t.negatives, head)
                 (g,) = torch.autograd.grad(p.sum(), leaf)
                 grads.append(g)
             g_all = torch.cat(grads)
@@ -476,6 +480,7 @@ class KnowledgeRouter:
         threshold: float = 0.2,
         sequences: int = 0,
         max_copies: int = 256,
+        autocast: torch.dtype | None = None,
     ):
         if refresh < 1:
             raise ValueError(f"routing.refresh must be >= 1, got {refresh}")
@@ -489,7 +494,7 @@ class KnowledgeRouter:
         self.intermediate_size = enc[0].output.dense.weight.shape[1]
         self.m, self.quadrature, self.refresh_every = m, quadrature, refresh
         self.rule, self.fraction, self.threshold = rule, fraction, threshold
-        self.sequences, self.max_copies = sequences, max_copies
+        self.sequences, self.max_copies, self.autocast = sequences, max_copies, autocast
         self.paths: list[Tensor] | None = None
         self.stats: dict[str, float] = {}
         self.history = PathHistory(self.layers, self.intermediate_size)
@@ -509,7 +514,7 @@ class KnowledgeRouter:
         """Attribute this batch, sum scores over ranks, select; updates `paths`, `stats`, `history`."""
         attr = attribute(
             self.model, hidden, attention_mask, cka_labels, negatives, m=self.m, quadrature_rule=self.quadrature,
-            layers=self.layers, sequences=self.sequences, max_copies=self.max_copies,
+            layers=self.layers, sequences=self.sequences, max_copies=self.max_copies, autocast=self.autocast,
         )
         scores = reduce_scores(attr.scores)
         paths = select_paths(scores, self.rule, self.fraction, self.threshold)
