@@ -197,3 +197,16 @@ def test_router_refresh_cycle():
     assert router.history.steps == [0, 5]
     with pytest.raises(ValueError, match="routing.refresh"):
         KnowledgeRouter(model, refresh=0)
+
+
+def test_router_from_config_and_autocast():
+    from trelm_fast.config import RoutingConfig
+
+    model = _model()
+    hidden, mask, labels, neg = _batch()
+    cfg = RoutingConfig(m=4, quadrature="gauss_legendre", layers=[1, 2], refresh=3, rule="threshold", threshold=0.2)
+    router = KnowledgeRouter.from_config(model, cfg)
+    assert (router.m, router.quadrature, router.layers, router.refresh_every, router.rule) == (4, "gauss_legendre", (1, 2), 3, "threshold")
+    full = attribute(model, hidden, mask, labels, neg, m=4, quadrature_rule="gauss_legendre")
+    low = attribute(model, hidden, mask, labels, neg, m=4, quadrature_rule="gauss_legendre", autocast=torch.bfloat16)
+    assert _rel(low.scores, full.scores) < 0.05 and low.scores.dtype == torch.float32

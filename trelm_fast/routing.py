@@ -465,16 +465,19 @@ class PathHistory:
 class KnowledgeRouter:
     """Refreshes knowledge paths every `refresh` (R) steps: attribute, reduce over ranks, select.
 
-    Arguments mirror `trelm_fast.config.RoutingConfig`; `from_config` reads one.
+    Arguments mirror `trelm_fast.config.RoutingConfig`; `from_config` reads one. The defaults
+    (3-point Gauss-Legendre, all sequences, R = 50, top 10% per layer) are the measured choice in
+    docs/routing.md: paths agree with exact m = 20 Riemann paths at Jaccard ~0.97 for ~1/6 of the
+    cost, amortized to under 10% of a training step.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        m: int = 20,
-        quadrature: str = "riemann",
+        m: int = 3,
+        quadrature: str = "gauss_legendre",
         layers=None,
-        refresh: int = 10,
+        refresh: int = 50,
         fraction: float = 0.1,
         rule: str = "top_fraction",
         threshold: float = 0.2,
