@@ -1,8 +1,10 @@
 """Measurement primitives shared by every suite: wall-clock, FLOPs, peak memory, result records.
 
-- `time_ms(fn)`: median wall-clock of one call in milliseconds. CPU: `warmup` untimed calls, then
-  at least `repeats` calls timed with `time.perf_counter` (more, up to MAX_REPEATS, until
-  `min_time_s` has been spent: short calls get many samples), median. CUDA: `triton.testing.do_bench` with
+- `time_many(fns)`: median wall-clock of one call of each function, in milliseconds. CPU: `warmup`
+  untimed rounds, then at least `repeats` rounds timed with `time.perf_counter` (more, up to
+  MAX_REPEATS, until `min_time_s` has been spent: short calls get many samples); a round calls
+  every function once, so the variants being compared are interleaved and share the machine's
+  load alike. CUDA: `triton.testing.do_bench` with
   `return_mode="median"` (it synchronizes and flushes the L2 cache between calls).
 - `count_flops(fn)`: FLOPs of one call from `torch.utils.flop_counter.FlopCounterMode` (matmuls,
   convolutions and attention only; elementwise work is not counted, as in that counter).
@@ -143,26 +145,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], settings: Settings, warmup: int | None = None, repeats: int | None = None) -> float:
-    """Median wall-clock of one call of `fn`, in ms (see the module docstring).
+def time_many(fns: dict[str, Callable[[], object]], settings: Settings, warmup: int | None = None,
+              repeats: int | None = None) -> dict[str, float]:
+    """Median wall-clock in ms of one call of each of `fns`, timed interleaved on CPU.
 
-    `warmup` / `repeats` override the settings for calls that take many seconds each.
+    The calls go round-robin (a, b, c, a, b, c, ...), so a change in the load of a shared machine
+    hits every variant alike and ratios within one run stay fair. `warmup` / `repeats` override
+    the settings (calls of many seconds each). CUDA: `triton.testing.do_bench` per function.
     """
     if settings.device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return {name: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+                for name, fn in fns.items()}
     warmup = settings.warmup if warmup is None else warmup
     repeats = settings.repeats if repeats is None else repeats
     for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    while len(times) < repeats or (sum(times) < settings.min_time_s * 1e3 and len(times) < MAX_REPEATS):
-        start = time.perf_counter()
-        fn()
-        _sync(settings.device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rounds = 0
+    while rounds < repeats or (min(sum(t) for t in times.values()) < settings.min_time_s * 1e3 and rounds < MAX_REPEATS):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(settings.device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_ms(fn: Callable[[], object], settings: Settings, warmup: int | None = None, repeats: int | None = None) -> float:
+    """Median wall-clock of one call of `fn`, in ms (see `time_many`)."""
+    return time_many({"fn": fn}, settings, warmup, repeats)["fn"]
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -222,34 +237,42 @@ def peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float:
     return _cpu_peak_bytes(fn) / 2**20
 
 
-def measure(settings: Settings, fn: Callable[[], object], tokens: int | None = None, memory: bool = True) -> dict[str, float]:
-    """{metric: value} for `fn`: flops, peak_mem_mb (if `memory`), wall_ms, tokens_per_s (if `tokens`)."""
-    values = {"flops": float(count_flops(fn))}
+def count_and_profile(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(flops, peak_mem_mb) of a single call of `fn`, for calls too slow to make twice."""
+    peak: list[float] = []
+    flops = count_flops(lambda: peak.append(peak_mem_mb(fn, device)))
+    return float(flops), peak[0]
+
+
+def measure_many(settings: Settings, fns: dict[str, Callable[[], object]], tokens: int | None = None,
+                 memory: bool = True) -> dict[str, dict[str, float]]:
+    """{name: {metric: value}} for each of `fns`: flops, peak_mem_mb (if `memory`), wall_ms (timed
+    interleaved, see `time_many`), tokens_per_s (if `tokens`). The counted and profiled calls come
+    first and count as warm-up calls."""
+    values = {name: {"flops": float(count_flops(fn))} for name, fn in fns.items()}
     if memory:
-        values["peak_mem_mb"] = peak_mem_mb(fn, settings.device)
-    values["wall_ms"] = time_ms(fn, settings)
-    if tokens is not None:
-        values["tokens_per_s"] = tokens / (values["wall_ms"] / 1e3)
+        for name, fn in fns.items():
+            values[name]["peak_mem_mb"] = peak_mem_mb(fn, settings.device)
+    walls = time_many(fns, settings, warmup=max(0, settings.warmup - 1 - memory))
+    for name, wall in walls.items():
+        values[name]["wall_ms"] = wall
+        if tokens is not None:
+            values[name]["tokens_per_s"] = tokens / (wall / 1e3)
     return values
 
 
 def measure_heavy(settings: Settings, fn: Callable[[], object], tokens: int | None = None) -> tuple[object, dict[str, float]]:
     """(fn's result, {metric: value}) for calls of many seconds each.
 
-    The first call is timed and its result returned (for correctness checks). --quick stops there
-    (wall_ms only); otherwise flops and peak_mem_mb are measured on two more calls and wall_ms is
-    the median of the first and a fourth timed call.
+    One timed call (wall_ms; its result is returned for correctness checks), then, unless --quick,
+    one more call both counted (flops) and profiled (peak_mem_mb).
     """
     start = time.perf_counter()
     out = fn()
     _sync(settings.device)
-    times = [(time.perf_counter() - start) * 1e3]
-    values: dict[str, float] = {}
+    values = {"wall_ms": (time.perf_counter() - start) * 1e3}
     if not settings.quick:
-        values["flops"] = float(count_flops(fn))
-        values["peak_mem_mb"] = peak_mem_mb(fn, settings.device)
-        times.append(time_ms(fn, settings, warmup=0, repeats=1))
-    values["wall_ms"] = statistics.median(times)
+        values["flops"], values["peak_mem_mb"] = count_and_profile(fn, settings.device)
     if tokens is not None:
         values["tokens_per_s"] = tokens / (values["wall_ms"] / 1e3)
     return out, values

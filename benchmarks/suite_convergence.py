@@ -33,7 +33,7 @@ FRACTION = 0.8
 def _budget(settings: Settings) -> dict:
     if settings.quick:
         return {"batch_size": 8, "max_steps": 6, "eval_every": 3, "budget_s": 8.0}
-    return {"batch_size": 16, "max_steps": 400, "eval_every": 20, "budget_s": 150.0}
+    return {"batch_size": 16, "max_steps": 400, "eval_every": 20, "budget_s": 120.0}
 
 
 class Evaluator:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import Results, Settings, measure, measure_heavy, rel_err, require, time_ms
+from harness import Results, Settings, measure_heavy, measure_many, rel_err, require, time_many
 
 SUITE = "kernels"
 
@@ -55,8 +55,8 @@ def entity_table_case(settings: Settings, results: Results) -> None:
     expected = by_dict()
     if not (np.array_equal(by_table(), expected) and np.array_equal(by_searchsorted().numpy(), expected)):
         raise AssertionError("entity_table: the three lookups disagree")
-    for variant, fn in (("entity_table", by_table), ("python_dict", by_dict), ("torch_searchsorted", by_searchsorted)):
-        ms = time_ms(fn, settings)
+    walls = time_many({"entity_table": by_table, "python_dict": by_dict, "torch_searchsorted": by_searchsorted}, settings)
+    for variant, ms in walls.items():
         results.add(SUITE, "entity_table", variant, "wall_ms", ms)
         results.add(SUITE, "entity_table", variant, "lookups_per_s", lookups / (ms / 1e3))
     results.note(SUITE, f"entity_table: {lookups:,} lookups of present ids in a table of {len(ids):,} int64 ids (CPU)")
@@ -68,11 +68,7 @@ def add_all(results: Results, case: str, variant: str, values: dict[str, float])
 
 
 def sparse_ffn_cases(settings: Settings, results: Results) -> None:
-    """Sparse vs dense FFN forward + backward, and the weight-gradient part alone (module docstring).
-
-    The dense baseline does not depend on the percentage: it is measured once per shape and its
-    figures are repeated in every p row, so each row's ratio is within the same run.
-    """
+    """Sparse vs dense FFN forward + backward, and the weight-gradient part alone (module docstring)."""
     from workload import SHAPES
 
     shapes = settings.model_shapes()
@@ -113,7 +109,6 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
         def dense_wgrad():
             return d_pre.t() @ xf, d_pre.sum(0), dyf.t() @ act
 
-        dense = {}
         for percent in (p for s, p in wanted if s == shape):
             k = max(1, round(inter * percent / 100))
             path = torch.randperm(inter, generator=g)[:k].sort().values.to(dev)
@@ -144,12 +139,10 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
                         rel_err(slices.b1.grad, dense_grads[2][path]),
                         rel_err(slices.w2.grad, dense_grads[3][:, path]),
                     ))
-                add_all(results, case, "sparse", measure(settings, sparse_fn, **kwargs))
-                if key not in dense:
-                    dense[key] = measure(settings, dense_fn, **kwargs)
-                add_all(results, case, "dense", dense[key])
-        results.note(SUITE, f"sparse_ffn-{shape}: d={d}, I={inter}, 8 x 128 tokens, fp32, GELU; the dense "
-                            "baseline is measured once per shape and repeated in each p row")
+                for variant, values in measure_many(settings, {"sparse": sparse_fn, "dense": dense_fn}, **kwargs).items():
+                    add_all(results, case, variant, values)
+        results.note(SUITE, f"sparse_ffn-{shape}: d={d}, I={inter}, 8 x 128 tokens, fp32, GELU; sparse and dense "
+                            "timed interleaved in every row")
 
 
 def attribution_case(settings: Settings, results: Results) -> None:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
-from harness import Results, Settings, count_flops, measure, peak_mem_mb, time_ms
+from harness import Results, Settings, count_and_profile, measure_many
 
 SUITE = "step"
 VARIANTS = ("hf_dense", "dense_opt", "trelm_naive", "trelm_fast")
@@ -30,70 +28,76 @@ def _checked(result) -> None:
         raise RuntimeError(f"step skipped: non-finite loss {result.loss}; the timing would not be a step")
 
 
-def run_variant(settings: Settings, results: Results, shape: str, variant: str, data_dir, batch_size: int) -> str:
-    """Measure one variant at one shape; returns a note for the summary."""
-    import workload
+class Variant:
+    """One step variant at one shape: the trainer's step object, its batch, and its refresh figures."""
 
-    naive_scaled = variant == "trelm_naive" and shape != "minilm"
-    step, model = workload.build_step(variant, shape, data_dir, settings.device,
-                                      ["routing.sequences=1"] if naive_scaled else [])
-    batch = workload.full_batch(data_dir, batch_size, 128)
-    tokens = batch_size * 128
-    refresh = step.cfg.routing.refresh
-    routed = step.router is not None
-    if routed and refresh == 1:
-        raise ValueError("step suite: routing.refresh = 1 leaves no step without a refresh to time")
+    def __init__(self, settings: Settings, shape: str, name: str, data_dir, batch_size: int):
+        import workload
 
-    refresh_stats: dict = {}
-    refresh_peak: dict = {}
-    if routed:  # step 0 refreshes the paths: one call, counted, profiled and timed by the step itself
+        self.name = name
+        self.naive_scaled = name == "trelm_naive" and shape != "minilm"
+        self.step, self.model = workload.build_step(name, shape, data_dir, settings.device,
+                                                    ["routing.sequences=1"] if self.naive_scaled else [])
+        self.batch = workload.full_batch(data_dir, batch_size, 128)
+        self.routing = self.step.cfg.routing
+        self.routed = self.step.router is not None
+        if self.routed and self.routing.refresh == 1:
+            raise ValueError("step suite: routing.refresh = 1 leaves no step without a refresh to time")
+        self.scale = batch_size if self.naive_scaled else 1
+        self.indices = (i for i in itertools.count(1) if not self.routed or i % self.routing.refresh)
+        self.refresh = {}
+        if self.routed:  # step 0 refreshes the paths: one call, counted, profiled and timed by the step itself
+            stats: dict = {}
 
-        def refresh_step():
-            result = step(batch, 0)
-            _checked(result)
-            refresh_stats.update(result.stats)
+            def refresh_step():
+                result = self.step(self.batch, 0)
+                _checked(result)
+                stats.update(result.stats)
 
-        def profiled():
-            refresh_peak["mb"] = peak_mem_mb(refresh_step, settings.device)
+            flops, peak = count_and_profile(refresh_step, settings.device)
+            self.refresh = {"flops": flops, "peak_mem_mb": peak, "attribution_s": stats["time/attribution_s"]}
 
-        refresh_flops = count_flops(profiled)
-    indices = (i for i in itertools.count(1) if not routed or i % refresh)
+    def plain_step(self) -> None:
+        """A step whose index is not a refresh step."""
+        _checked(self.step(self.batch, next(self.indices)))
 
-    def plain_step():
-        _checked(step(batch, next(indices)))
-
-    values = measure(settings, plain_step, tokens)
-    note = f"{shape} {variant}: "
-    if routed:
-        scale = batch_size if naive_scaled else 1
-        attr_ms = refresh_stats["time/attribution_s"] * 1e3 * scale / refresh
-        values["flops"] += max(0.0, refresh_flops - values["flops"]) * scale / refresh
+    def amortized(self, values: dict[str, float], tokens: int) -> tuple[dict[str, float], str]:
+        """Add the refresh cost / R to a plain step's figures; returns them and a note."""
+        note = f"step without refresh {values['wall_ms']:.0f} ms"
+        if not self.routed:
+            return values, note
+        r, refresh = self.routing, self.routing.refresh
+        attr_ms = self.refresh["attribution_s"] * 1e3 * self.scale / refresh
+        values["flops"] += max(0.0, self.refresh["flops"] - values["flops"]) * self.scale / refresh
         values["wall_ms"] += attr_ms
         values["tokens_per_s"] = tokens / (values["wall_ms"] / 1e3)
-        values["peak_mem_mb"] = max(values["peak_mem_mb"], refresh_peak["mb"])
+        values["peak_mem_mb"] = max(values["peak_mem_mb"], self.refresh["peak_mem_mb"])
         values["attribution_share"] = attr_ms / values["wall_ms"]
-        r = step.cfg.routing
-        note += (f"attribution {refresh_stats['time/attribution_s']:.2f} s per refresh"
-                 + (f" on 1 sequence, x {scale} sequences" if naive_scaled else "")
-                 + f", every R = {refresh} steps (m {r.m} {r.quadrature}, layers {r.layers or 'all'}, "
-                 f"sequences {r.sequences or 'all'}); ")
-    note += f"step without refresh {values['wall_ms'] - (attr_ms if routed else 0):.0f} ms"
-    for metric, value in values.items():
-        results.add(SUITE, shape, variant, metric, value)
-    return note
+        note = (f"attribution {self.refresh['attribution_s']:.2f} s per refresh"
+                + (f" on 1 sequence, x {self.scale} sequences" if self.naive_scaled else "")
+                + f", every R = {refresh} steps (m {r.m} {r.quadrature}, layers {r.layers or 'all'}, "
+                f"sequences {r.sequences or 'all'}); " + note)
+        return values, note
 
 
 def run(settings: Settings, results: Results) -> None:
+    """Per shape: build the four variants, refresh the routed ones, time the plain steps interleaved."""
     import workload
 
-    shapes = settings.model_shapes()
     batch_size = 2 if settings.quick else 8
+    tokens = batch_size * 128
     data_dir = workload.dataset_dir()
-    for shape in shapes:
+    for shape in settings.model_shapes():
         if not settings.wants(shape):
             continue
-        for variant in VARIANTS:
-            results.note(SUITE, run_variant(settings, results, shape, variant, data_dir, batch_size))
-    results.note(SUITE, f"batch {batch_size} x 128 full-length sequences, fp32, random init, dropout 0.1; "
-                        "tokens_per_s counts every position; targets: trelm_fast wall_ms ratio <= 0.5 of hf_dense "
-                        "on minilm and below dense_opt")
+        variants = [Variant(settings, shape, name, data_dir, batch_size) for name in VARIANTS]
+        measured = measure_many(settings, {v.name: v.plain_step for v in variants}, tokens)
+        for v in variants:
+            values, note = v.amortized(measured[v.name], tokens)
+            for metric, value in values.items():
+                results.add(SUITE, shape, v.name, metric, value)
+            results.note(SUITE, f"{shape} {v.name}: {note}")
+        del variants
+    results.note(SUITE, f"batch {batch_size} x 128 full-length sequences, fp32, random init, dropout 0.1; the four "
+                        "variants' steps are timed interleaved; tokens_per_s counts every position; targets: "
+                        "trelm_fast wall_ms ratio <= 0.5 of hf_dense on minilm and below dense_opt")
