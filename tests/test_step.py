@@ -37,7 +37,7 @@ def test_every_config_method_has_a_spec():
 def test_a_few_steps_of_each_method(method, dataset):
     cfg, model, step = _setup(method, dataset)
     before = _snapshot(model)
-    results = [step(make_batch(seed=i), i) for i in range(3)]
+    results = [step(make_batch(seed=i), i) for i in range(2)]
     for r in results:
         assert not r.skipped_nonfinite
         assert math.isfinite(r.loss) and r.loss > 0
@@ -45,7 +45,7 @@ def test_a_few_steps_of_each_method(method, dataset):
     after = _snapshot(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed, f"{method}: no parameter changed"
-    assert step.steps_done == 3
+    assert step.steps_done == 2
     spec = method_spec(method)
     if spec.bank:
         assert (model.bank.counts > 0).any()
