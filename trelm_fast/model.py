@@ -12,9 +12,9 @@ positions (the tokens of all target spans), N_ent entities, N_rel relations.
       h_e = W_inj (E[h] + R[r]) + b_inj            (frozen TransE E [N_ent, k], R [N_rel, k])
       I_p = (1 - lambda) h_e + lambda / 2 (M_local[e] + M_global[e])   (when the bank is on)
 
-  and position/token-type embeddings and LayerNorm follow as in the stock model. Without
-  injection (ablation), h_e is the [MASK] word embedding, so the span must still be decoded from
-  context. After the forward, `update_bank` folds the final hidden states of every linked
+  and position/token-type embeddings and LayerNorm follow as in the stock model. In the
+  no-injection ablation (bank on), h_e is the [MASK] word embedding, so the span must still be
+  decoded from context; with neither injection nor bank the input is the stock one. After the forward, `update_bank` folds the final hidden states of every linked
   mention into the bank (no gradient).
 """
 from __future__ import annotations
