@@ -81,7 +81,14 @@ def build_step_model(method: str, cfg: Config, dataset_dir, device="cpu") -> Tre
 
 @dataclass
 class StepResult:
-    """Losses as Python floats (total = theta * MLM + (1 - theta) * CKA, or the method's own)."""
+    """Losses as Python floats (total = theta * MLM + (1 - theta) * CKA, or the method's own; cka_loss
+    is 0.0 for the methods without CKA).
+
+    stats: ``lr``, ``tokens`` (real tokens), ``cka_targets`` (CKA positions), seconds spent in
+    ``time/{forward,backward,optimizer,bank,step}_s``; on refresh steps ``time/attribution_s`` and
+    the router's ``routing/*`` path statistics; with a bank ``kmb/lambda``; on a skipped step
+    ``nonfinite_total``.
+    """
     loss: float
     mlm_loss: float
     cka_loss: float
