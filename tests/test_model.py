@@ -221,3 +221,22 @@ def test_no_injection_with_bank_mixes_mask_embedding(dataset):
     ids = batch["target_spans"][which, 3]
     mask = model.mlm.get_input_embeddings().weight[103].expand(which.numel(), -1)
     torch.testing.assert_close(model.input_embeddings(batch)[rows, cols], model.bank.read(ids, mask, 0.0))
+
+
+def test_roberta_from_a_local_config_dir(tmp_path):
+    from transformers import RobertaConfig
+
+    RobertaConfig(vocab_size=300, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=40, max_position_embeddings=40, pad_token_id=1).save_pretrained(tmp_path)
+    cfg = load_config(None, [f"model.path={tmp_path}", "model.init=random", "model.dropout=0.0",
+                             f"data.dir={tmp_path / 'no-dataset'}"])
+    mlm = build_mlm(cfg.model)
+    assert type(mlm).__name__ == "RobertaForMaskedLM"
+    assert mlm.lm_head.decoder.weight is mlm.get_input_embeddings().weight
+    model = TrelmModel(mlm, torch.randn(N_ENT, K_DIM), torch.randn(N_REL, K_DIM), mask_token_id=4).eval()
+    batch = make_batch()
+    batch["input_ids"] = batch["input_ids"] % 290 + 5
+    hidden = model(batch)
+    assert hidden.shape == (3, 17, 24) and torch.isfinite(hidden).all()
+    ref = mlm.roberta(inputs_embeds=model.input_embeddings(batch), attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(hidden, ref.last_hidden_state)
