@@ -50,9 +50,13 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("kind,rule", [("bert", "riemann"), ("roberta", "riemann"), ("bert", "gauss_legendre")])
-def test_fused_matches_reference(kind, rule):
+@pytest.mark.parametrize(
+    "kind,rule,attn",
+    [("bert", "riemann", "sdpa"), ("roberta", "riemann", "sdpa"), ("bert", "gauss_legendre", "eager")],
+)
+def test_fused_matches_reference(kind, rule, attn):
     model = _model(kind)
+    model.set_attn_implementation(attn)
     hidden, mask, labels, neg = _batch()
     fused = attribute(model, hidden, mask, labels, neg, m=6, quadrature_rule=rule, max_copies=7)
     ref = attribute_reference(model, hidden, mask, labels, neg, m=6, quadrature_rule=rule)
