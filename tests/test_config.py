@@ -17,6 +17,7 @@ def test_default_loads_and_round_trips(tmp_path):
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg
     assert config_from_dict(cfg.to_dict()) == cfg
+    assert cfg == Config()  # the embedded YAML and the dataclass defaults say the same
 
 
 def test_file_then_overrides(tmp_path):

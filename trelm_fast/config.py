@@ -96,11 +96,16 @@ class KMBConfig:
 
 @dataclass
 class RoutingConfig:
-    """Knowledge routing (eqs. 9-12): IG with ``m`` steps every ``refresh`` (R) steps."""
-    m: int = 20
-    quadrature: str = "riemann"
+    """Knowledge routing (eqs. 9-12): IG with ``m`` points every ``refresh`` (R) steps.
+
+    Defaults are the measured choice of docs/routing.md (3-point Gauss-Legendre on all sequences,
+    R = 50, top 10% per layer); eq. 11 exactly is ``m: 20, quadrature: riemann``.
+    ``sequences``: how many sequences of the batch are attributed (0 = all); ``layers``: null = all.
+    """
+    m: int = 3
+    quadrature: str = "gauss_legendre"
     layers: Optional[list] = None
-    refresh: int = 10
+    refresh: int = 50
     fraction: float = 0.1
     rule: str = "top_fraction"
     threshold: float = 0.2
