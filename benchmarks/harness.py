@@ -261,17 +261,18 @@ def measure_many(settings: Settings, fns: dict[str, Callable[[], object]], token
     return values
 
 
-def measure_heavy(settings: Settings, fn: Callable[[], object], tokens: int | None = None) -> tuple[object, dict[str, float]]:
+def measure_heavy(settings: Settings, fn: Callable[[], object], tokens: int | None = None,
+                  profile: bool = True) -> tuple[object, dict[str, float]]:
     """(fn's result, {metric: value}) for calls of many seconds each.
 
-    One timed call (wall_ms; its result is returned for correctness checks), then, unless --quick,
-    one more call both counted (flops) and profiled (peak_mem_mb).
+    One timed call (wall_ms; its result is returned for correctness checks), then, if `profile`
+    and not --quick, one more call both counted (flops) and profiled (peak_mem_mb).
     """
     start = time.perf_counter()
     out = fn()
     _sync(settings.device)
     values = {"wall_ms": (time.perf_counter() - start) * 1e3}
-    if not settings.quick:
+    if profile and not settings.quick:
         values["flops"], values["peak_mem_mb"] = count_and_profile(fn, settings.device)
     if tokens is not None:
         values["tokens_per_s"] = tokens / (values["wall_ms"] / 1e3)
@@ -336,7 +337,7 @@ def meta(settings: Settings, suites: list[str]) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "suites": suites,
-        "load_average_1m": os.getloadavg()[0],  # other processes on the machine: CPU figures depend on it
+        "load_average_1m": os.getloadavg()[0],  # other processes slow CPU figures down
         "quick": settings.quick,
         "warmup": settings.warmup,
         "repeats": settings.repeats,

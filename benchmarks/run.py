@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.make(args.device, args.quick, args.out, args.case, args.shape)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = Results()
-    load_at_start = os.getloadavg()[0]
+    info = meta(settings, suites)  # the commit and date of the code that runs
+    info["load_average_1m_at_start"] = info.pop("load_average_1m")
     for name in suites:
         start = time.perf_counter()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in results.errors:
             print(results.errors[name], file=sys.stderr)
 
-    info = meta(settings, suites)
-    info["load_average_1m_at_start"] = load_at_start
+    info["load_average_1m"] = os.getloadavg()[0]
     (args.out / "results.json").write_text(json.dumps(to_json(results, info), indent=1) + "\n")
     if results.curves:
         (args.out / "curves.json").write_text(json.dumps(results.curves) + "\n")

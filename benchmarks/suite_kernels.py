@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from harness import Results, Settings, measure_heavy, measure_many, rel_err, require, time_many
 
 SUITE = "kernels"
+CHOICES = (("riemann", 4, 0), ("gauss_legendre", 4, 0), ("gauss_legendre", 8, 0), ("riemann", 20, 4), ("riemann", 20, 2))
+"""Attribution settings measured one at a time: (quadrature, m, sequences; 0 = all)."""
 
 
 def entity_table_case(settings: Settings, results: Results) -> None:
@@ -62,9 +64,11 @@ def entity_table_case(settings: Settings, results: Results) -> None:
     results.note(SUITE, f"entity_table: {lookups:,} lookups of present ids in a table of {len(ids):,} int64 ids (CPU)")
 
 
-def add_all(results: Results, case: str, variant: str, values: dict[str, float]) -> None:
-    for metric, value in values.items():
-        results.add(SUITE, case, variant, metric, value)
+def add_all(results: Results, case: str, measured: dict[str, dict[str, float]]) -> None:
+    """Records from {variant: {metric: value}}."""
+    for variant, values in measured.items():
+        for metric, value in values.items():
+            results.add(SUITE, case, variant, metric, value)
 
 
 def sparse_ffn_cases(settings: Settings, results: Results) -> None:
@@ -125,22 +129,18 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
             def sparse_wgrad():
                 return gathered_tn_matmul(d_pre, xf, a_idx=path, colsum=True), gathered_tn_matmul(dyf, act_s)
 
-            for case, sparse_fn, dense_fn, key, kwargs in (
-                (f"sparse_ffn-{shape}-p{percent}", sparse_step, dense_step, "step", {"tokens": tokens}),
-                (f"sparse_ffn_wgrad-{shape}-p{percent}", sparse_wgrad, dense_wgrad, "wgrad", {"memory": False}),
-            ):
-                if not settings.wants(case):
-                    continue
-                if key == "step":
-                    sparse_step()
-                    results.add(SUITE, case, "sparse", "max_rel_err", max(
-                        rel_err(x.grad, dense_grads[0]),
-                        rel_err(slices.w1.grad, dense_grads[1][path]),
-                        rel_err(slices.b1.grad, dense_grads[2][path]),
-                        rel_err(slices.w2.grad, dense_grads[3][:, path]),
-                    ))
-                for variant, values in measure_many(settings, {"sparse": sparse_fn, "dense": dense_fn}, **kwargs).items():
-                    add_all(results, case, variant, values)
+            case, wcase = f"sparse_ffn-{shape}-p{percent}", f"sparse_ffn_wgrad-{shape}-p{percent}"
+            if settings.wants(case):
+                sparse_step()
+                results.add(SUITE, case, "sparse", "max_rel_err", max(
+                    rel_err(x.grad, dense_grads[0]),
+                    rel_err(slices.w1.grad, dense_grads[1][path]),
+                    rel_err(slices.b1.grad, dense_grads[2][path]),
+                    rel_err(slices.w2.grad, dense_grads[3][:, path]),
+                ))
+                add_all(results, case, measure_many(settings, {"sparse": sparse_step, "dense": dense_step}, tokens))
+            if settings.wants(wcase):
+                add_all(results, wcase, measure_many(settings, {"sparse": sparse_wgrad, "dense": dense_wgrad}, memory=False))
         results.note(SUITE, f"sparse_ffn-{shape}: d={d}, I={inter}, 8 x 128 tokens, fp32, GELU; sparse and dense "
                             "timed interleaved in every row")
 
@@ -154,7 +154,8 @@ def attribution_case(settings: Settings, results: Results) -> None:
     max_rel_err compares their scores. `default`: the routing section of the embedded default
     config (m, quadrature, layers, sequences); its `path_jaccard` is the mean over the attributed
     layers of the Jaccard overlap between its selected paths and those of the exact m = 20
-    Riemann scores under the same selection rule.
+    Riemann scores under the same selection rule. Not in --quick: one variant per entry of
+    CHOICES (one setting changed from the exact attribution), with its time and path_jaccard.
     """
     case = "attribution-minilm"
     if not settings.wants(case):
@@ -178,9 +179,9 @@ def attribution_case(settings: Settings, results: Results) -> None:
     exact = {"m": 20, "quadrature_rule": "riemann", "layers": None, "sequences": 0, "head": model.head}
     tokens = batch_size * seq_len
     fused, values = measure_heavy(settings, lambda: attribute(*inputs, **exact), tokens)
-    add_all(results, case, "fused", values)
+    add_all(results, case, {"fused": values})
     naive, values = measure_heavy(settings, lambda: attribute_reference(*inputs, **exact), tokens)
-    add_all(results, case, "naive", values)
+    add_all(results, case, {"naive": values})
     results.add(SUITE, case, "fused", "max_rel_err", rel_err(fused.scores, naive.scores))
 
     r = cfg.routing
@@ -188,21 +189,36 @@ def attribution_case(settings: Settings, results: Results) -> None:
                "head": model.head}
     if default == exact:
         chosen = fused
-        add_all(results, case, "default", {m: results.get(SUITE, case, "fused", m) for m in ("flops", "wall_ms", "tokens_per_s")
-                                           if results.get(SUITE, case, "fused", m) is not None})
+        add_all(results, case, {"default": {m: results.get(SUITE, case, "fused", m) for m in ("flops", "wall_ms", "tokens_per_s")
+                                            if results.get(SUITE, case, "fused", m) is not None}})
     else:
         chosen, values = measure_heavy(settings, lambda: attribute(*inputs, **default), tokens)
-        add_all(results, case, "default", values)
-    rows = [fused.layers.index(layer) for layer in chosen.layers]
-    mine = select_paths(chosen.scores, r.rule, r.fraction, r.threshold)
-    reference = select_paths(fused.scores[rows], r.rule, r.fraction, r.threshold)
-    overlaps = [path_jaccard(a, b) for a, b in zip(mine, reference)]
-    results.add(SUITE, case, "default", "path_jaccard", sum(overlaps) / len(overlaps))
+        add_all(results, case, {"default": values})
+
+    def overlaps(attr) -> list[float]:
+        """Per attributed layer: Jaccard of attr's paths with the exact m = 20 Riemann paths."""
+        rows = [fused.layers.index(layer) for layer in attr.layers]
+        mine = select_paths(attr.scores, r.rule, r.fraction, r.threshold)
+        reference = select_paths(fused.scores[rows], r.rule, r.fraction, r.threshold)
+        return [path_jaccard(a, b) for a, b in zip(mine, reference)]
+
+    default_overlaps = overlaps(chosen)
+    results.add(SUITE, case, "default", "path_jaccard", sum(default_overlaps) / len(default_overlaps))
     results.note(SUITE, f"{case}: {batch_size} x {seq_len} tokens, {fused.num_targets} target positions, "
                         f"all {len(fused.layers)} layers, m = 20 Riemann for fused/naive; default = m {r.m} "
                         f"{r.quadrature}, layers {r.layers or 'all'}, sequences {r.sequences or 'all'}, rule "
                         f"{r.rule} (fraction {r.fraction}); per-layer path Jaccard "
-                        + ", ".join(f"{j:.2f}" for j in overlaps))
+                        + ", ".join(f"{j:.2f}" for j in default_overlaps))
+    if settings.quick:
+        return
+    for rule, m, sequences in CHOICES:  # each cost-cutting choice alone: its time and its path overlap
+        variant = f"{rule}-m{m}" + (f"-seq{sequences}" if sequences else "")
+        config = {**exact, "m": m, "quadrature_rule": rule, "sequences": sequences}
+        attr, values = measure_heavy(settings, lambda: attribute(*inputs, **config), tokens, profile=False)
+        layer_overlaps = overlaps(attr)
+        add_all(results, case, {variant: {**values, "path_jaccard": sum(layer_overlaps) / len(layer_overlaps)}})
+    results.note(SUITE, f"{case}: variants <rule>-m<m>[-seq<n>] change one setting of the exact attribution "
+                        "(all layers) and give its time and the path Jaccard against the exact paths")
 
 
 def run(settings: Settings, results: Results) -> None:
