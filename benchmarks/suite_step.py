@@ -10,17 +10,22 @@ flops; `attribution_share` = (attribution time / R) / wall_ms. The attribution t
 own timer (`time/attribution_s`) on one refresh step, measured in the same call that counts its
 FLOPs and profiles its memory (their per-op overhead is small next to the m passes). peak_mem_mb
 is the larger of the refresh step's and a plain step's. `trelm_naive`'s per-layer, per-sequence
-loop is linear in the sequences: on `bert-base` it is run on 1 sequence (`routing.sequences=1`) and
-its time and FLOPs are multiplied by the batch size (said in the notes).
+loop is linear in the sequences: outside `minilm` it is run on 1 sequence (`routing.sequences=1`) and
+its time and FLOPs are multiplied by the number of sequences the configuration attributes (said in
+the notes).
 """
 from __future__ import annotations
 
 import itertools
+import statistics
 
 from harness import Results, Settings, count_and_profile, measure_many
 
 SUITE = "step"
 VARIANTS = ("hf_dense", "dense_opt", "trelm_naive", "trelm_fast")
+PHASES = ("forward", "backward", "optimizer", "bank")
+"""The step's own timers (`time/<phase>_s` in its stats; `other` = the rest of `time/step_s`:
+negative sampling, moving the batch), reported as a breakdown in the notes."""
 
 
 def _checked(result) -> None:
@@ -35,17 +40,19 @@ class Variant:
         import workload
 
         self.name = name
-        self.naive_scaled = name == "trelm_naive" and shape != "minilm"
+        self.routing = workload.config(shape, name, data_dir).routing  # as configured, before any override
+        sequences = min(batch_size, self.routing.sequences or batch_size)
+        self.naive_scaled = name == "trelm_naive" and shape != "minilm" and sequences > 1
         self.step, self.model = workload.build_step(name, shape, data_dir, settings.device,
                                                     ["routing.sequences=1"] if self.naive_scaled else [])
         self.batch = workload.full_batch(data_dir, batch_size, 128)
-        self.routing = self.step.cfg.routing
         self.routed = self.step.router is not None
         if self.routed and self.routing.refresh == 1:
             raise ValueError("step suite: routing.refresh = 1 leaves no step without a refresh to time")
-        self.scale = batch_size if self.naive_scaled else 1
+        self.scale = sequences if self.naive_scaled else 1
         self.indices = (i for i in itertools.count(1) if not self.routed or i % self.routing.refresh)
         self.refresh = {}
+        self.phases: dict[str, list[float]] = {}
         if self.routed:  # step 0 refreshes the paths: one call, counted, profiled and timed by the step itself
             stats: dict = {}
 
@@ -58,12 +65,23 @@ class Variant:
             self.refresh = {"flops": flops, "peak_mem_mb": peak, "attribution_s": stats["time/attribution_s"]}
 
     def plain_step(self) -> None:
-        """A step whose index is not a refresh step."""
-        _checked(self.step(self.batch, next(self.indices)))
+        """A step whose index is not a refresh step; keeps the step's own phase timers."""
+        result = self.step(self.batch, next(self.indices))
+        _checked(result)
+        times = {phase: result.stats.get(f"time/{phase}_s", 0.0) for phase in PHASES}
+        times["other"] = max(0.0, result.stats.get("time/step_s", 0.0) - sum(times.values()))
+        for phase, t in times.items():
+            self.phases.setdefault(phase, []).append(t)
+
+    def breakdown(self) -> str:
+        """Median share of each phase in a step without refresh (the step's own timers)."""
+        med = {p: statistics.median(t) for p, t in self.phases.items()}
+        total = sum(med.values())
+        return ", ".join(f"{p} {v / total:.0%}" for p, v in med.items()) if total > 0 else ""
 
     def amortized(self, values: dict[str, float], tokens: int) -> tuple[dict[str, float], str]:
         """Add the refresh cost / R to a plain step's figures; returns them and a note."""
-        note = f"step without refresh {values['wall_ms']:.0f} ms"
+        note = f"step without refresh {values['wall_ms']:.0f} ms ({self.breakdown()})"
         if not self.routed:
             return values, note
         r, refresh = self.routing, self.routing.refresh
