@@ -118,19 +118,29 @@ def summary_markdown(results: Results, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_step_throughput(results: Results, path: Path) -> bool:
-    """Grouped bars of tokens/s per step variant and case; False when there is nothing to plot."""
-    data = [r for r in results.records if r["suite"] == "step" and r["metric"] == "tokens_per_s"]
-    if not data:
-        return False
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_step_throughput(results: Results, path: Path) -> bool:
+    """Grouped bars of tokens/s per step variant and case; False when there is nothing to plot."""
+    data = [r for r in results.records if r["suite"] == "step" and r["metric"] == "tokens_per_s"]
+    if not data:
+        return False
     cases = list(dict.fromkeys(r["case"] for r in data))
     variants = sorted({r["variant"] for r in data}, key=_variant_key)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
         heights = [results.get("step", c, variant, "tokens_per_s") or 0.0 for c in cases]
@@ -138,32 +148,24 @@ def plot_step_throughput(results: Results, path: Path) -> bool:
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(cases))], cases)
     ax.set_ylabel("tokens / s (training step)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
 def plot_convergence(curves: dict[str, dict[str, list[float]]], path: Path) -> bool:
-    """Loss and P@1 against wall-clock, one line per variant."""
+    """MLM loss (training steps, thin; validation, markers) and probe P@1 against wall-clock."""
     if not curves:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_p) = _pyplot().subplots(1, 2, figsize=(10, 4))
     for variant in sorted(curves, key=_variant_key):
         c = curves[variant]
-        ax_loss.plot(c["loss_wall_s"], c["loss"], label=variant)
+        (line,) = ax_loss.plot(c["loss_wall_s"], c["loss"], alpha=0.35, linewidth=1)
+        ax_loss.plot(c["probe_wall_s"], c["valid_mlm_loss"], marker="o", color=line.get_color(), label=variant)
         ax_p.plot(c["probe_wall_s"], c["p_at_1"], marker="o", label=variant)
-    ax_loss.set_xlabel("wall-clock (s)")
-    ax_loss.set_ylabel("training loss")
-    ax_p.set_xlabel("wall-clock (s)")
-    ax_p.set_ylabel("probe P@1")
+    ax_loss.set_xlabel("wall-clock of training steps (s)")
+    ax_loss.set_ylabel("MLM loss (train: thin, valid: markers)")
+    ax_p.set_xlabel("wall-clock of training steps (s)")
+    ax_p.set_ylabel("probe P@1 (macro, stated facts)")
     ax_loss.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
