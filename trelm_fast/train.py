@@ -189,7 +189,7 @@ def train(cfg: Config, d: Dist, resume: str | None = None) -> dict:
 
     # the model and its step: same seed on every rank, then rank 0's weights broadcast for certainty
     torch.manual_seed(cfg.seed)
-    model = build_step_model(cfg.method.name, cfg, data_dir).to(d.device)
+    model = build_step_model(cfg.method.name, cfg, data_dir, device=d.device)
     if d.world_size > 1:
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
