@@ -2,6 +2,9 @@
 export + reload, command-line errors, dataset build on first use."""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +215,11 @@ def test_dataset_is_built_on_first_use(tmp_path, tiny_dir, monkeypatch):
     assert calls == [["build", "--source", "synthetic", "--out", str(target), "--size", "tiny",
                       "--transe-epochs", "10", "--quiet"]]
     assert (target / "manifest.json").is_file()
+
+
+def test_script_entry_point_help():
+    """`python trelm_fast/train.py` (the README command) runs as a script, not only as a module."""
+    script = Path(train_mod.__file__).resolve()
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--resume" in proc.stdout and "--section.key VALUE" in proc.stdout
