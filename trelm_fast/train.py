@@ -12,8 +12,9 @@ Options: `--config FILE` (YAML, see trelm_fast/configs/default.yaml), `--method 
 CPU, NCCL on CUDA); every rank reads its own share of the data, rank 0 logs and saves.
 
 Outputs under `out_dir`: metrics.jsonl (one JSON object per logged step), tensorboard/ (event
-files), checkpoints/step_* (see trelm_fast/checkpoint.py) and model/ (a plain `transformers`
-directory with tokenizer files, loadable by `AutoModelForMaskedLM.from_pretrained`).
+files), checkpoints/step_* (see trelm_fast/checkpoint.py), model/ (a plain `transformers`
+directory with tokenizer files, loadable by `AutoModelForMaskedLM.from_pretrained`), paths.png
+(knowledge paths over training) and summary.json. docs/training.md has the details.
 """
 from __future__ import annotations
 
