@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	touch $@
 
 run: setup
-	$(PY) trelm_fast/train.py
+	$(PY) trelm_fast/train.py --overwrite
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) tests

@@ -176,6 +176,16 @@ def test_too_many_nonfinite_in_a_row_stop_the_run(tmp_path, tiny_dir, monkeypatc
     assert not (out / "model").exists()
 
 
+def test_a_fresh_run_never_mixes_with_an_earlier_one(tmp_path, tiny_dir, capsys):
+    assert run(tmp_path, tiny_dir, "train.steps=2")[0] == 0
+    code, out = run(tmp_path, tiny_dir, "train.steps=1")
+    assert code == 2 and "holds an earlier run" in capsys.readouterr().err
+    assert load_checkpoint(out / "checkpoints").step == 2  # untouched
+    code, out = run(tmp_path, tiny_dir, "train.steps=1", "--overwrite")
+    assert code == 0 and sorted(metrics(out)) == [0, 1]  # only the new run's records
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--loss.theta", "1.5"], "loss.theta must be in [0, 1]"),
     (["kmb.gamma=1"], "kmb.gamma must be in (0, 1)"),

@@ -7,7 +7,8 @@
 
 Options: `--config FILE` (YAML, see trelm_fast/configs/default.yaml), `--method NAME` (shortcut for
 `method.name`), `--resume DIR` (a checkpoint, or a directory of them: the latest is used; without
---config the run continues with the checkpoint's config.yaml), and any `--section.key VALUE` or
+--config the run continues with the checkpoint's config.yaml), `--overwrite` (a fresh run replaces
+an earlier run's outputs in out_dir instead of refusing to start), and any `--section.key VALUE` or
 `section.key=VALUE` override. Under torchrun the process group comes from the environment (gloo on
 CPU, NCCL on CUDA); every rank reads its own share of the data, rank 0 logs and saves.
 
@@ -27,6 +28,7 @@ if __name__ == "__main__":  # run as a script: its own directory must not shadow
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -75,6 +77,29 @@ def setup_distributed(device: str) -> Dist:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(),
                 torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the output directory
+
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "model", "metrics.jsonl", "summary.json", "paths.png")
+
+
+def prepare_out_dir(out_dir: Path, d: Dist, fresh: bool, overwrite: bool) -> None:
+    """A fresh run never mixes with an earlier run's outputs: refuse, or with `--overwrite` remove them."""
+    existing = [out_dir / name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if fresh and existing:
+        if not overwrite:
+            raise ConfigError(f"out_dir {out_dir} holds an earlier run ({', '.join(p.name for p in existing)}); "
+                              f"continue it with --resume {out_dir / 'checkpoints'}, replace it with --overwrite, "
+                              "or choose another out_dir")
+        if d.main:
+            for path in existing:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+    d.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +158,8 @@ def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: in
 # metrics
 
 class Metrics:
-    """Rank-0 metrics: `out_dir/metrics.jsonl` (appended) and TensorBoard events in `out_dir/tensorboard`."""
+    """Rank-0 metrics: `out_dir/metrics.jsonl` (appended to when resuming) and TensorBoard events in
+    `out_dir/tensorboard` (events at or after the resumed step are purged)."""
 
     def __init__(self, out_dir: Path, enabled: bool, start_step: int):
         self.enabled = enabled
@@ -142,8 +168,8 @@ class Metrics:
         from torch.utils.tensorboard import SummaryWriter
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step or None)
+        self.jsonl = open(out_dir / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -169,10 +195,11 @@ def probe_metrics(result: ProbeResult, split: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the run
 
-def train(cfg: Config, d: Dist, resume: str | None = None) -> dict:
+def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = False) -> dict:
     """Train `cfg` on this process's rank; returns a summary (probe P@1 before/after, wall-clock)."""
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir)
+    prepare_out_dir(out_dir, d, fresh=resume is None, overwrite=overwrite)
     data_dir = ensure_dataset(cfg, d)
     from trelm_fast.data.base_model import load_tokenizer
     from trelm_fast.data.loader import load_probes
@@ -316,8 +343,9 @@ def train(cfg: Config, d: Dist, resume: str | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # command line
 
-def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
-    """(config, checkpoint to resume from or None) from the command line; exits with a message on bad input."""
+def parse_args(argv: list[str] | None) -> tuple[Config, str | None, bool]:
+    """(config, checkpoint to resume from or None, --overwrite) from the command line; exits with a
+    message on bad input."""
     parser = argparse.ArgumentParser(prog="trelm_fast/train.py", allow_abbrev=False,
                                      description="Train a TRELM model (see the module docstring).",
                                      epilog="Any other argument is a config override: --section.key VALUE "
@@ -325,6 +353,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
     parser.add_argument("--config", help="YAML configuration file (default: the embedded default)")
     parser.add_argument("--method", help="training method (shortcut for method.name)")
     parser.add_argument("--resume", help="checkpoint directory, or a directory of checkpoints (latest is used)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in out_dir")
     args, overrides = parser.parse_known_args(argv)
     if args.method is not None:
         overrides += ["--method.name", args.method]
@@ -339,14 +368,14 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
             resume = find_checkpoint(cfg.train.resume)
     except (ConfigError, FileNotFoundError) as err:
         parser.error(str(err))
-    return cfg, None if resume is None else str(resume)
+    return cfg, None if resume is None else str(resume), args.overwrite
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = parse_args(argv)
+    cfg, resume, overwrite = parse_args(argv)
     d = setup_distributed(cfg.device)
     try:
-        train(cfg, d, resume)
+        train(cfg, d, resume, overwrite)
     except (ConfigError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
