@@ -209,22 +209,27 @@ def test_batch_larger_than_the_data_is_a_clear_error(tmp_path, tiny_dir, capsys)
 
 
 def test_dataset_is_built_on_first_use(tmp_path, tiny_dir, monkeypatch):
-    import trelm_fast.data.__main__ as data_cli
+    import trelm_fast.data.build as data_build
 
     calls = []
 
-    def fake_build(argv):  # the real build is what the data tests cover; here: the trainer's call
-        calls.append(argv)
-        shutil.copytree(tiny_dir, argv[argv.index("--out") + 1])
-        return 0
+    def fake_build(out, config, progress=True, force=False):  # the data tests cover the real build
+        calls.append((out, config, progress))
+        shutil.copytree(tiny_dir, out)
+        return {}
 
-    monkeypatch.setattr(data_cli, "main", fake_build)
+    monkeypatch.setattr(data_build, "build_source", fake_build)
     target = tmp_path / "cache" / "synthetic"
     code, _ = run(tmp_path, target, "train.steps=1", "--data.build_args", "{size: tiny, transe_epochs: 10, quiet: true}")
     assert code == 0
-    assert calls == [["build", "--source", "synthetic", "--out", str(target), "--size", "tiny",
-                      "--transe-epochs", "10", "--quiet"]]
+    assert calls == [(target, data_build.BuildConfig(source="synthetic", size="tiny", transe_epochs=10), False)]
     assert (target / "manifest.json").is_file()
+
+
+def test_unknown_build_arg_is_a_config_error(tmp_path, capsys):
+    code, _ = run(tmp_path, tmp_path / "cache", "--data.build_args", "{sise: tiny}")
+    assert code == 2
+    assert "data.build_args" in capsys.readouterr().err
 
 
 def test_script_entry_point_help():

@@ -59,7 +59,7 @@ class DataConfig:
     """The dataset: ``dir`` is read (built from ``source`` on first use by the trainer)."""
     source: str = "synthetic"
     dir: str = "data_cache/synthetic"
-    build_args: dict = field(default_factory=dict)
+    build_args: dict = field(default_factory=lambda: {"size": "small"})
     mlm_probability: float = 0.15
     num_workers: int = 0
 

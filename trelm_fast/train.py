@@ -39,6 +39,7 @@ from tqdm import tqdm
 from trelm_fast.checkpoint import (CONFIG_FILE, export_pretrained, find_checkpoint, load_checkpoint,
                                    rng_state, save_checkpoint, set_rng_state)
 from trelm_fast.config import Config, ConfigError, load_config, resolve_model_path
+from trelm_fast.data.formats import DataFormatError
 from trelm_fast.probe import ProbeResult, evaluate_probes
 from trelm_fast.step import build_step_model, make_step
 
@@ -109,15 +110,19 @@ def ensure_dataset(cfg: Config, d: Dist) -> Path:
     """The dataset directory, built from `data.source` with `data.build_args` on first use (rank 0)."""
     data_dir = Path(cfg.data.dir)
     if d.main and not (data_dir / "manifest.json").is_file():
-        from trelm_fast.data.__main__ import main as data_cli
+        from trelm_fast.data.build import BuildConfig, build_source
 
-        args = ["build", "--source", cfg.data.source, "--out", str(data_dir)]
-        for key, value in cfg.data.build_args.items():
-            flag = "--" + key.replace("_", "-")
-            args += [flag] if value is True else ([] if value is False else [flag, str(value)])
+        options = dict(cfg.data.build_args)
+        quiet = bool(options.pop("quiet", False))
+        try:
+            build_config = BuildConfig(source=cfg.data.source, **options)
+        except TypeError as e:
+            raise ConfigError(f"data.build_args: {e} (the keys are BuildConfig fields, see docs/data.md)") from e
         print(f"building the {cfg.data.source} dataset into {data_dir} (first use)", flush=True)
-        if data_cli(args) != 0:
-            raise ConfigError(f"data.dir: building {data_dir} failed (see the error above)")
+        try:
+            build_source(data_dir, build_config, progress=not quiet)
+        except (DataFormatError, ValueError, OSError) as e:
+            raise ConfigError(f"data.dir: building {data_dir} failed: {e}") from e
     d.barrier()
     cfg.validate(f"data.dir {data_dir}")  # now that it exists: built for model.path's tokenizer?
     return data_dir

@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 
-from .formats import ON_BAD_RECORD, BadRecords, DataFormatError
+from .formats import ON_BAD_RECORD, DataFormatError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,33 +40,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args) -> dict:
-    from .build import BuildConfig, build_dataset
+    from .build import BuildConfig, build_source
 
-    bad = BadRecords(args.on_bad_record)
-    inputs = {}
-    if args.source == "synthetic":
-        from .sources.synthetic import generate
-
-        raw = generate(args.size, args.seed)
-    elif args.source == "wiki-geo":
-        from .sources.wiki_geo import load_wiki_geo
-
-        raw = load_wiki_geo(max_pages=args.max_pages, progress=not args.quiet)
-    else:
-        if not args.corpus or not args.kg:
-            raise SystemExit("--source files needs --corpus and --kg (and usually --probes)")
-        from .sources.files import load_files
-
-        inputs = {k: v for k, v in (("corpus", args.corpus), ("kg", args.kg), ("probes", args.probes),
-                                    ("probes_heldout", args.probes_heldout)) if v}
-        raw = load_files(args.corpus, args.kg, args.probes, args.probes_heldout, bad)
+    inputs = {k: v for k, v in (("corpus", args.corpus), ("kg", args.kg), ("probes", args.probes),
+                                ("probes_heldout", args.probes_heldout)) if v}
     cfg = BuildConfig(source=args.source, size=args.size, seed=args.seed, seq_len=args.seq_len,
                       on_bad_record=args.on_bad_record, long_tail_quantile=args.long_tail_quantile,
                       si_min_quantile=args.si_min_quantile, targets_per_sequence=args.targets_per_sequence,
                       long_tail_only=args.long_tail_only, valid_fraction=args.valid_fraction,
                       transe_dim=args.transe_dim, transe_epochs=args.transe_epochs, max_pages=args.max_pages,
                       inputs=inputs)
-    return build_dataset(raw, args.out, cfg, bad, progress=not args.quiet, force=args.force)
+    return build_source(args.out, cfg, progress=not args.quiet, force=args.force)
 
 
 def _exit_on_sigterm(signum, frame):

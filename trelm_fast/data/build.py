@@ -143,6 +143,33 @@ def _pick_triple(options: list[tuple[int, int]], in_sequence: set[int]) -> tuple
     return options[0]
 
 
+def load_source(config: BuildConfig, bad: BadRecords, progress: bool = True) -> RawData:
+    """The raw data of ``config.source``: synthetic (size, seed), wiki-geo (max_pages) or files
+    (``config.inputs``: corpus, kg and optionally probes, probes_heldout paths)."""
+    if config.source == "synthetic":
+        from .sources.synthetic import generate
+
+        return generate(config.size, config.seed)
+    if config.source == "wiki-geo":
+        from .sources.wiki_geo import load_wiki_geo
+
+        return load_wiki_geo(max_pages=config.max_pages, progress=progress)
+    if config.source == "files":
+        if "corpus" not in config.inputs or "kg" not in config.inputs:
+            raise ValueError("source 'files' needs the corpus and kg paths (--corpus, --kg)")
+        from .sources.files import load_files
+
+        return load_files(config.inputs["corpus"], config.inputs["kg"], config.inputs.get("probes"),
+                          config.inputs.get("probes_heldout"), bad)
+    raise ValueError(f"unknown source {config.source!r}: expected synthetic, wiki-geo or files")
+
+
+def build_source(out: str | Path, config: BuildConfig, progress: bool = True, force: bool = False) -> dict:
+    """Load ``config.source`` and build it into ``out`` (see :func:`build_dataset`); returns the summary."""
+    bad = BadRecords(config.on_bad_record)
+    return build_dataset(load_source(config, bad, progress), out, config, bad, progress=progress, force=force)
+
+
 def build_dataset(raw: RawData, out: str | Path, config: BuildConfig, bad: BadRecords | None = None,
                   progress: bool = True, force: bool = False) -> dict:
     """Build the dataset of ``raw`` into ``out`` atomically; returns the summary (also in the manifest)."""
