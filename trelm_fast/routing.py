@@ -446,7 +446,9 @@ class PathHistory:
 
         data = np.stack(self.masks)  # [T, L, I]
         fig, axes = plt.subplots(len(self.layers), 1, figsize=(10, 1.2 + 1.1 * len(self.layers)), sharex=True, squeeze=False)
-        extent = (-0.5, self.intermediate_size - 0.5, self.steps[-1], self.steps[0])
+        # Row k holds the paths from steps[k] until the next refresh; the last row gets the last interval.
+        last_interval = self.steps[-1] - self.steps[-2] if len(self.steps) > 1 else 1
+        extent = (-0.5, self.intermediate_size - 0.5, self.steps[-1] + max(last_interval, 1), self.steps[0])
         for ax, i in zip(axes[:, 0], range(len(self.layers))):
             ax.imshow(data[:, i, :], aspect="auto", interpolation="nearest", cmap="Greys", extent=extent)
             ax.set_ylabel(f"layer {self.layers[i]}\nstep")
