@@ -91,6 +91,7 @@ def test_quick_kernels_entity_table_and_sparse_ffn(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| entity_table | python_dict | " in summary and "CPU figures" in summary
     assert "| sparse_ffn-minilm-p10 | dense | " in summary
+    assert "| kernels: python_dict wall / entity_table wall >= 30 | " in summary  # the targets table
 
 
 @pytest.mark.slow
