@@ -90,15 +90,17 @@ class Settings:
     """Glob patterns selecting case names (None: every case)."""
     shapes: list[str] | None = None
     """Model shapes of the step and sparse_ffn cases (None: minilm, plus bert-base unless quick)."""
+    dropout: float = 0.1
+    """Dropout of the step-suite models (BERT's 0.1 by default)."""
 
     @classmethod
     def make(cls, device: str, quick: bool, out: Path, cases: list[str] | None = None,
-             shapes: list[str] | None = None) -> "Settings":
+             shapes: list[str] | None = None, dropout: float = 0.1) -> "Settings":
         if quick:
             return cls(torch.device(device), True, warmup=1, repeats=3, out=out, min_time_s=0.3, cases=cases,
-                       shapes=shapes)
+                       shapes=shapes, dropout=dropout)
         return cls(torch.device(device), False, warmup=2, repeats=5, out=out, min_time_s=2.0, cases=cases,
-                   shapes=shapes)
+                   shapes=shapes, dropout=dropout)
 
     def model_shapes(self) -> list[str]:
         if self.shapes is not None:
@@ -339,6 +341,7 @@ def meta(settings: Settings, suites: list[str]) -> dict:
         "suites": suites,
         "load_average_1m": os.getloadavg()[0],  # other processes slow CPU figures down
         "quick": settings.quick,
+        "step_dropout": settings.dropout,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "timing": "triton.testing.do_bench median" if settings.device.type == "cuda" else "perf_counter median after warm-up",

@@ -37,8 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", action="append", default=None, choices=("tiny", "minilm", "bert-base"),
                    help="model shapes of the step and sparse_ffn cases (repeatable; default minilm and "
                         "bert-base, --quick minilm; tiny = 2 layers, d=64, for smoke tests)")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout of the step-suite models, the same for every variant (default 0.1 as in BERT; "
+                        "the trainer's embedded default config uses 0.0)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     args = p.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -53,7 +58,7 @@ def run_suite(name: str, settings: Settings, results: Results) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings.make(args.device, args.quick, args.out, args.case, args.shape)
+    settings = Settings.make(args.device, args.quick, args.out, args.case, args.shape, args.dropout)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = Results()
     info = meta(settings, suites)  # the commit and date of the code that runs

@@ -43,8 +43,8 @@ class Variant:
         self.routing = workload.config(shape, name, data_dir).routing  # as configured, before any override
         sequences = min(batch_size, self.routing.sequences or batch_size)
         self.naive_scaled = name == "trelm_naive" and shape != "minilm" and sequences > 1
-        self.step, self.model = workload.build_step(name, shape, data_dir, settings.device,
-                                                    ["routing.sequences=1"] if self.naive_scaled else [])
+        overrides = [f"model.dropout={settings.dropout}"] + (["routing.sequences=1"] if self.naive_scaled else [])
+        self.step, self.model = workload.build_step(name, shape, data_dir, settings.device, overrides)
         self.batch = workload.full_batch(data_dir, batch_size, 128)
         self.routed = self.step.router is not None
         if self.routed and self.routing.refresh == 1:
@@ -116,6 +116,7 @@ def run(settings: Settings, results: Results) -> None:
                 results.add(SUITE, shape, v.name, metric, value)
             results.note(SUITE, f"{shape} {v.name}: {note}")
         del variants
-    results.note(SUITE, f"batch {batch_size} x 128 full-length sequences, fp32, random init, dropout 0.1; the four "
+    results.note(SUITE, f"batch {batch_size} x 128 full-length sequences, fp32, random init, dropout "
+                        f"{settings.dropout:g} (--dropout); the four "
                         "variants' steps are timed interleaved; tokens_per_s counts every position; targets: "
                         "trelm_fast wall_ms ratio <= 0.5 of hf_dense on minilm and below dense_opt")
