@@ -15,20 +15,18 @@ reference elsewhere (CPU). Tests run the kernel on CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_I": 64}, num_warps=4)]
-if not _INTERPRET:
-    _CONFIGS += [
-        triton.Config({"BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_I": 64}, num_warps=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_I": 128}, num_warps=8),
-    ]
+from ._autotune import autotune_configs
+
+_CONFIGS = autotune_configs(
+    triton.Config({"BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_I": 64}, num_warps=4),
+    triton.Config({"BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_I": 64}, num_warps=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_I": 128}, num_warps=8),
+)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "D", "I"])

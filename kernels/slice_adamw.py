@@ -17,17 +17,18 @@ CPU under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=1)]
-if not _INTERPRET:
-    _CONFIGS += [triton.Config({"BLOCK_N": 256}, num_warps=2), triton.Config({"BLOCK_N": 1024}, num_warps=4)]
+from ._autotune import autotune_configs
+
+_CONFIGS = autotune_configs(
+    triton.Config({"BLOCK_N": 32}, num_warps=1),
+    triton.Config({"BLOCK_N": 256}, num_warps=2),
+    triton.Config({"BLOCK_N": 1024}, num_warps=4),
+)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N"])

@@ -19,21 +19,19 @@ reference elsewhere). Tests run the kernel on CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_T": 16}, num_warps=4)]
-if not _INTERPRET:
-    _CONFIGS += [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_T": 32}, num_warps=8),
-    ]
+from ._autotune import INTERPRET, autotune_configs
+
+_CONFIGS = autotune_configs(
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_T": 16}, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_T": 32}, num_warps=8),
+)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "T"])
@@ -124,7 +122,7 @@ def gathered_tn_matmul_triton(
         return out, (sums if colsum else None)
     if t == 0:
         return out.zero_(), (sums.zero_() if colsum else None)
-    ieee = _INTERPRET or a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype
+    ieee = INTERPRET or a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _gathered_tn_matmul_kernel[grid](
         # unused pointer arguments get a live tensor (never an empty one: its pointer may be null)
