@@ -29,8 +29,8 @@ F_k = alpha_k (v_t W2^T) + b2 at the target positions, a [m, N, d] leaf; the m c
 layer l's output LayerNorm(F_k + a_l), which differs from the prefix's output only at the targets:
 the copies are the prefix output with those rows replaced, and in layer l+1 the q/k/v projections run
 only at the targets (the prefix's q/k/v elsewhere; BERT-style SDPA attention, else the plain layer).
-The layers above run in full, except the last layer's attention output projection and FFN, which run
-only at the targets (all that P reads). One backward gives G_k = dP/dF_k; dP/dv at step k is G_k W2, so
+The layers above run in full, except the last layer, whose attention queries (SDPA BERT attention),
+output projection and FFN run only at the targets (all that P reads). One backward gives G_k = dP/dF_k; dP/dv at step k is G_k W2, so
 Attr = v_t * ((sum_k w_k G_k) W2) summed over t, computed by `kernels.attribution` (fused
 Triton kernel on CUDA, its PyTorch reference on CPU): no [m, N, I] tensor. All sequences of the
 batch are batched together; the m points run as one batch of m * B copies (split into chunks of at
@@ -144,6 +144,25 @@ def _attention_at(layer: nn.Module, h: Tensor, mask, rows: Tensor, cols: Tensor)
     `output` = LayerNorm(dense(ctx) + h), both per position) the output projection and LayerNorm
     run only at those positions; otherwise the full output is indexed."""
     attn = layer.attention
+    if _plain_sdpa(layer, mask):  # queries only at the targets, padded to the most per sequence
+        sa = attn.self
+        C, n, d = h.shape
+        hd = sa.attention_head_size
+        counts = torch.bincount(rows, minlength=C)
+        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        tmax = int(counts.max())
+        h_t = h[rows, cols]
+        q_t = sa.query(h_t)
+        q = q_t.new_zeros(C, tmax, d).index_put((rows, slot), q_t).view(C, tmax, -1, hd).transpose(1, 2)
+        k = sa.key(h).view(C, n, -1, hd).transpose(1, 2)
+        v = sa.value(h).view(C, n, -1, hd).transpose(1, 2)
+        if mask is not None:
+            qcols = torch.zeros(C, tmax, dtype=torch.long, device=rows.device).index_put((rows, slot), cols)
+            full = mask.expand(C, mask.shape[1], n, n)
+            mask = full[torch.arange(C, device=rows.device)[:, None], :, qcols].transpose(1, 2)  # [C, h, tmax, n]
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sa.scaling)
+        ctx = ctx.transpose(1, 2).reshape(C, tmax, d)[rows, slot]
+        return attn.output(ctx, h_t)
     if isinstance(getattr(attn, "self", None), nn.Module) and isinstance(getattr(attn, "output", None), nn.Module):
         ctx = attn.self(h, attention_mask=mask)[0]
         return attn.output(ctx[rows, cols], h[rows, cols])
