@@ -561,7 +561,7 @@ class KnowledgeRouter:
         rule: str = "top_fraction",
         threshold: float = 0.2,
         sequences: int = 0,
-        max_copies: int = 256,
+        max_copies: int = 64,
         autocast: torch.dtype | None = None,
     ):
         if refresh < 1:
