@@ -18,15 +18,6 @@ from trelm_fast.data.sources.synthetic import generate
 FAST = dict(transe_epochs=10, transe_dim=16)
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """The tiny synthetic dataset, built once per session (shared with test_data_loader)."""
-    d = tmp_path_factory.getbasetemp() / "data_tiny"
-    if not (d / "manifest.json").exists():
-        build_dataset(generate("tiny", seed=0), d, BuildConfig(**FAST), progress=False)
-    return d
-
-
 def _small_raw(docs, triples=(("e:a", "r", "e:b"),), probes=()):
     return RawData([Document(t, [Mention(*m) for m in ms], "corpus.jsonl", i + 1) for i, (t, ms) in enumerate(docs)],
                    list(triples), list(probes), [])

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from test_data_build import tiny_dir  # noqa: F401  (session fixture: the tiny synthetic dataset)
 from trelm_fast.data.formats import read_kg
 from trelm_fast.data.loader import (MLMCollator, ResumableSampler, TrelmDataset, check_tokenizer, load_entities,
                                     load_entity_tokens, load_kg_embeddings, load_probes, load_relations)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_data_build import tiny_dir  # noqa: F401  (session fixture: the tiny synthetic dataset)
 
 from trelm_fast import train as train_mod
 from trelm_fast.checkpoint import load_checkpoint

@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_data_build import tiny_dir  # noqa: F401  (session fixture: the tiny synthetic dataset)
 from test_train import TINY
 
 from trelm_fast.checkpoint import load_checkpoint

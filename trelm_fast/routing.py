@@ -57,7 +57,6 @@ statistics (`path_stats`, `path_jaccard`) and a heatmap (`PathHistory.plot`).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
