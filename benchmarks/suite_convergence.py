@@ -77,7 +77,7 @@ class Run:
         build_step_model, make_step = require("trelm_fast.step", "build_step_model", "make_step")
         batches, Dist = require("trelm_fast.train", "batches", "Dist")
         torch.manual_seed(cfg.seed)
-        self.model = build_step_model(cfg.method.name, cfg, data_dir).to(device)
+        self.model = build_step_model(cfg.method.name, cfg, data_dir, device=device)
         self.model.mlm.load_state_dict(start["mlm"])
         self.model.injection.load_state_dict(start["injection"])
         self.step = make_step(cfg.method.name, self.model, cfg)

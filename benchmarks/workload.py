@@ -109,5 +109,5 @@ def build_step(method: str, shape: str | None, data_dir: Path, device: torch.dev
     build_step_model, make_step = require("trelm_fast.step", "build_step_model", "make_step")
     cfg = config(shape, method, data_dir, overrides)
     torch.manual_seed(seed)
-    model = build_step_model(method, cfg, data_dir).to(device)
+    model = build_step_model(method, cfg, data_dir, device=device)
     return make_step(method, model, cfg), model
