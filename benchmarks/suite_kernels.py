@@ -8,9 +8,9 @@ Cases (issue 7's names):
   on 8 x 128 tokens; `sparse`: knowledge path of percent% of I (random sorted neurons), slice
   gradients + exact dX, b2 frozen (the TRELM default); `dense`: autograd over W1, b1, W2, b2 + dX.
   `sparse_ffn_wgrad-<shape>-p<percent>`: the weight-gradient part of that backward alone, on the
-  same tensors: `sparse` = the two `kernels.sparse_ffn.gathered_tn_matmul` calls TrelmFFN makes
-  (dW1[S], db1[S] from dPre; dW2[:, S] from A[:, S] kept by the forward); `dense` = dPre^T X,
-  sum_t dPre, dY^T A. `max_rel_err`: slice gradients and dX against dense autograd restricted to S.
+  same tensors: `sparse` = the two `kernels.sparse_ffn` calls TrelmFFN makes (`gathered_tn_matmul`:
+  dW1[S], db1[S] from dPre; `column_slice_grad`: dW2[:, S] from A[:, S] kept by the forward);
+  `dense` = dPre^T X, sum_t dPre, dY^T A. `max_rel_err`: slice gradients and dX against dense autograd restricted to S.
 - `attribution-minilm`: see `attribution_case`.
 """
 from __future__ import annotations
@@ -82,7 +82,8 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
     if not wanted:
         return
     FFNSlices, trelm_ffn = require("trelm_fast.ffn", "FFNSlices", "trelm_ffn")
-    gathered_tn_matmul = require("trelm_fast.kernels.sparse_ffn", "gathered_tn_matmul")
+    column_slice_grad, gather_columns, gathered_tn_matmul = require(
+        "trelm_fast.kernels.sparse_ffn", "column_slice_grad", "gather_columns", "gathered_tn_matmul")
     dev, tokens = settings.device, 8 * 128
     for shape in dict.fromkeys(s for s, _ in wanted):
         d, inter = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"]
@@ -124,10 +125,10 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
                     leaf.grad = None
                 trelm_ffn(x, w1, b1, w2, b2, F.gelu, path=path, slices=slices).backward(dy)
 
-            act_s = act.index_select(1, path)  # what the forward keeps for dW2[:, S]
+            act_s = gather_columns(act, path)  # what the forward keeps for dW2[:, S]
 
             def sparse_wgrad():
-                return gathered_tn_matmul(d_pre, xf, a_idx=path, colsum=True), gathered_tn_matmul(dyf, act_s)
+                return gathered_tn_matmul(d_pre, xf, a_idx=path, colsum=True), column_slice_grad(dyf, act_s)
 
             case, wcase = f"sparse_ffn-{shape}-p{percent}", f"sparse_ffn_wgrad-{shape}-p{percent}"
             if settings.wants(case):

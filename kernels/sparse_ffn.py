@@ -8,11 +8,11 @@ For T tokens, one product covers both slice gradients of a knowledge path S:
 - up projection rows:      dW1[S, :] = dPre[:, S]^T X  and  db1[S] = sum_t dPre[t, S]
   -> gathered_tn_matmul(dPre, X, a_idx=S, colsum=True)
 - down projection columns: dW2[:, S] = dY^T A[:, S]
-  -> gathered_tn_matmul(dY, A, b_idx=S), or gathered_tn_matmul(dY, A_S) when A_S = A[:, S]
-     was gathered in the forward (what TrelmFFN does: it keeps only |S| columns of A alive).
+  -> gathered_tn_matmul(dY, A, b_idx=S), or column_slice_grad(dY, A_S) when A_S = A[:, S] was
+     gathered in the forward (what TrelmFFN does: only |S| columns of A stay alive).
 
 Only the [|S|, d] / [d, |S|] results are materialized, always in fp32 (fp32 accumulation of fp16/bf16
-inputs). `gathered_tn_matmul_reference` is the plain PyTorch form (index_select + matmul);
+inputs). `gathered_tn_matmul_reference` is the plain PyTorch form (column gather + matmul);
 `gathered_tn_matmul_triton` is one Triton kernel that gathers while loading, reduces over tokens and
 adds the column sums in the same pass; `gathered_tn_matmul` dispatches (Triton on CUDA, the
 reference elsewhere). Tests run the kernel on CPU under TRITON_INTERPRET=1.
@@ -95,14 +95,23 @@ def _check(a: Tensor, b: Tensor, a_idx: Tensor | None, b_idx: Tensor | None) -> 
             raise ValueError(f"gathered_tn_matmul: {name} is on {idx.device}, operand on {src.device}")
 
 
+def gather_columns(t: Tensor, idx: Tensor) -> Tensor:
+    """t[:, idx] as a new [T, |idx|] tensor (t [T, K], idx 1-D integer).
+
+    torch.gather with a broadcast index: on CPU about twice as fast as index_select(1, idx), which
+    copies one element at a time (0.11 vs 0.22 ms for 154 of 1536 columns of 1024 rows, 2 cores).
+    """
+    return torch.gather(t, 1, idx.long().expand(t.shape[0], -1))
+
+
 def gathered_tn_matmul_reference(
     a: Tensor, b: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None,
     colsum: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """out = a[:, a_idx]^T b[:, b_idx] in fp32 ([|a_idx|, |b_idx|]), colsum = sum_t a[t, a_idx]."""
     _check(a, b, a_idx, b_idx)
-    a_g = a if a_idx is None else a.index_select(1, a_idx)
-    b_g = b if b_idx is None else b.index_select(1, b_idx)
+    a_g = a if a_idx is None else gather_columns(a, a_idx)
+    b_g = b if b_idx is None else gather_columns(b, b_idx)
     a_g, b_g = a_g.float(), b_g.float()
     return a_g.t() @ b_g, (a_g.sum(0) if colsum else None)
 
@@ -142,3 +151,15 @@ def gathered_tn_matmul(
     if a.is_cuda:
         return gathered_tn_matmul_triton(a, b, a_idx, b_idx, colsum)
     return gathered_tn_matmul_reference(a, b, a_idx, b_idx, colsum)
+
+
+def column_slice_grad(dy: Tensor, a_s: Tensor) -> Tensor:
+    """dW[:, S] = dY^T A_S in fp32, [d_out, |S|], from dY [T, d_out] and A_S = A[:, S] [T, |S|].
+
+    For |S| < d_out it is computed as (A_S^T dY)^T (a transposed view): CPU BLAS runs the
+    [T]-reduction faster with the longer output dimension contiguous (0.37 vs 0.46 ms for
+    |S| = 154, d_out = 384, T = 1024 on 2 cores; equal at |S| = d_out).
+    """
+    if a_s.shape[1] < dy.shape[1]:
+        return gathered_tn_matmul(a_s, dy)[0].t()
+    return gathered_tn_matmul(dy, a_s)[0]

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from trelm_fast.kernels.sparse_ffn import (gathered_tn_matmul, gathered_tn_matmul_reference,
-                                           gathered_tn_matmul_triton)
+from trelm_fast.kernels import sparse_ffn
+from trelm_fast.kernels.sparse_ffn import (column_slice_grad, gather_columns, gathered_tn_matmul,
+                                           gathered_tn_matmul_reference, gathered_tn_matmul_triton)
 
 T, D, I = 21, 19, 37
 
@@ -43,6 +44,27 @@ def test_columns_gathered_or_pregathered(k):
     torch.testing.assert_close(out2, w.grad[:, idx], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [0, 1, 18, I])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_gather_columns_equals_index_select(k, dtype):
+    t = _rand(I, T, seed=k).t()                        # non-contiguous [T, I]
+    idx = _idx(k, seed=k + 1, dtype=dtype)
+    out = gather_columns(t, idx)
+    assert out.shape == (T, k) and out.is_contiguous()
+    assert torch.equal(out, t.index_select(1, idx))
+
+
+@pytest.mark.parametrize("k", [1, 18, D, I])
+def test_column_slice_grad_in_either_orientation(k):
+    """|S| < d_out goes through the transposed product, |S| >= d_out through the direct one."""
+    dy, a, idx = _rand(T, D, seed=k), _rand(T, I, seed=k + 5), _idx(k, seed=k + 6)
+    w = torch.zeros(D, I, requires_grad=True)
+    (torch.nn.functional.linear(a, w) * dy).sum().backward()
+    out = column_slice_grad(dy, gather_columns(a, idx))
+    assert out.shape == (D, k) and out.dtype == torch.float32
+    torch.testing.assert_close(out, w.grad[:, idx], rtol=1e-5, atol=1e-5)
+
+
 def test_strided_int32_and_low_precision_inputs():
     g = _rand(I, T, seed=3).t()                        # non-contiguous [T, I]
     x = _rand(T, 2 * D, seed=4)[:, ::2]                 # strided columns
@@ -79,7 +101,8 @@ def test_ffn_backward_through_the_kernel(monkeypatch):
     """The autograd Functions of trelm_fast.ffn with the kernel in place of the CPU dispatch."""
     import trelm_fast.ffn as ffn
 
-    monkeypatch.setattr(ffn, "gathered_tn_matmul", gathered_tn_matmul_triton)
+    for module in (ffn, sparse_ffn):                    # ffn's own call and column_slice_grad's
+        monkeypatch.setattr(module, "gathered_tn_matmul", gathered_tn_matmul_triton)
     x, dy = _rand(3, 7, D, seed=8), _rand(3, 7, D, seed=9)
     w1, b1, w2, b2 = _rand(I, D, seed=10), _rand(I, seed=11), _rand(D, I, seed=12), _rand(D, seed=13)
     idx = _idx(11, seed=14)

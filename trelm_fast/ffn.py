@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
 from transformers.models.roberta.modeling_roberta import RobertaIntermediate, RobertaOutput
 
-from trelm_fast.kernels.sparse_ffn import gathered_tn_matmul
+from trelm_fast.kernels.sparse_ffn import column_slice_grad, gather_columns, gathered_tn_matmul
 
 _SUPPORTED = ((BertIntermediate, BertOutput), (RobertaIntermediate, RobertaOutput))
 
@@ -87,7 +87,7 @@ class ColSliceLinear(torch.autograd.Function):
     def forward(ctx, a, weight, bias, idx, w_slice):
         a_s = None
         if ctx.needs_input_grad[4]:
-            a_s = _flat(a) if idx is None else _flat(a).index_select(1, idx)
+            a_s = _flat(a) if idx is None else gather_columns(_flat(a), idx)
         ctx.save_for_backward(weight, a_s)
         ctx.a_dtype, ctx.slice_dtype = a.dtype, w_slice.dtype
         return F.linear(a, weight, bias)
@@ -101,7 +101,7 @@ class ColSliceLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             db = _flat(dy).sum(0)
         if ctx.needs_input_grad[4]:
-            dw = gathered_tn_matmul(_flat(dy), a_s)[0].to(ctx.slice_dtype)
+            dw = column_slice_grad(_flat(dy), a_s).to(ctx.slice_dtype)
         return da, None, db, None, dw
 
 
