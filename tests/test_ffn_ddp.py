@@ -4,6 +4,7 @@ The ranks see different batches and the same paths. After every step both ranks 
 weights, equal to one process training on the mean of the two ranks' losses.
 """
 import copy
+from datetime import timedelta
 import os
 import socket
 
@@ -49,7 +50,7 @@ def _worker(rank, world, port, out_dir):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         model = _model()
         ddp = DDP(model)

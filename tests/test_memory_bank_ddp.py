@@ -1,4 +1,6 @@
 """Under DDP (2 CPU processes, gloo) every rank holds the same bank, equal to applying all batches in rank order."""
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,7 +30,8 @@ def _rank_batch(rank, step):
 
 
 def _worker(rank, world, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     bank = _new_bank()
     for step in range(STEPS):

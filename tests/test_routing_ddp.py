@@ -1,5 +1,6 @@
 """Under DDP every rank must select the same knowledge paths: scores are summed over ranks first."""
 import os
+from datetime import timedelta
 import socket
 
 import pytest
@@ -33,7 +34,7 @@ def _rank_batch(rank):
 
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         torch.set_num_threads(1)
         router = KnowledgeRouter(_model(), m=4, fraction=0.2)

@@ -1,5 +1,6 @@
 """TrainStep: a few steps of every method and ablation on a tiny model; sparse updates; skips."""
 import copy
+from datetime import timedelta
 import math
 
 import pytest
@@ -201,7 +202,8 @@ def test_paths_refresh_every_R_steps_and_state_round_trips(dataset):
 def _ddp_worker(rank, world, init_file, dataset, out):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         torch.set_num_threads(1)
         cfg = tiny_config()
