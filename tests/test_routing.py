@@ -1,5 +1,6 @@
 """Routing: fused attribution vs the Knowledge-Neurons-style reference, IG completeness, quadrature,
 selection rules, statistics and the router."""
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -186,6 +187,23 @@ def test_stats_history_and_plot(tmp_path):
     out = tmp_path / "paths.png"
     hist.plot(out)
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("intermediate", [8, 11])
+def test_history_state_round_trip(intermediate):
+    hist = PathHistory((0, 4), intermediate)
+    hist.record(0, [torch.tensor([0, 7]), torch.tensor([3])])
+    hist.record(50, [torch.tensor([1, intermediate - 1]), torch.tensor([], dtype=torch.long)])
+    state = hist.state_dict()
+    assert state["masks"].dtype == torch.uint8 and state["masks"].shape == (2, 2, (intermediate + 7) // 8)
+    back = PathHistory((0, 4), intermediate)
+    back.load_state_dict(state)
+    assert back.steps == [0, 50] and all(np.array_equal(x, y) for x, y in zip(back.masks, hist.masks))
+    empty = PathHistory((0, 4), intermediate)
+    empty.load_state_dict(PathHistory((0, 4), intermediate).state_dict())
+    assert empty.steps == [] and empty.masks == []
+    with pytest.raises(ValueError, match="do not fit"):
+        PathHistory((0, 4, 5), intermediate).load_state_dict(state)
 
 
 def test_router_refresh_cycle():

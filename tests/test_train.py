@@ -128,6 +128,10 @@ def test_resume_continues_exactly(tmp_path, tiny_dir, monkeypatch):
     for key in ("local", "global_mean", "counts", "entity_ids"):
         assert torch.equal(a.state["bank"][key], b.state["bank"][key]), key
     assert all(torch.equal(p, q) for p, q in zip(a.state["step"]["paths"], b.state["step"]["paths"]))
+    # the path history (paths.png) spans the whole run, refreshes before the interruption included
+    ha, hb = a.state["step"]["path_history"], b.state["step"]["path_history"]
+    assert ha["steps"].tolist() == hb["steps"].tolist() == [0, 2, 4, 6]
+    assert torch.equal(ha["masks"], hb["masks"])
 
 
 def poisoned_steps(monkeypatch, bad_steps):

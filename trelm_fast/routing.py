@@ -511,6 +511,23 @@ class PathHistory:
         self.steps.append(int(step))
         self.masks.append(mask)
 
+    def state_dict(self) -> dict:
+        """{"steps": int64 [R], "masks": uint8 [R, layers, ceil(I / 8)]}: the record, bit-packed."""
+        masks = np.stack(self.masks) if self.masks else np.zeros((0, len(self.layers), self.intermediate_size), bool)
+        return {"steps": torch.tensor(self.steps, dtype=torch.int64),
+                "masks": torch.from_numpy(np.packbits(masks, axis=-1))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the record with a `state_dict()` of a history over the same layers and I."""
+        packed = np.asarray(state["masks"], dtype=np.uint8)
+        want = (len(self.layers), (self.intermediate_size + 7) // 8)
+        if packed.ndim != 3 or packed.shape[1:] != want or packed.shape[0] != len(state["steps"]):
+            raise ValueError(f"PathHistory.load_state_dict: masks {tuple(packed.shape)} do not fit "
+                             f"{len(state['steps'])} refreshes x {want[0]} layers x I = {self.intermediate_size}")
+        masks = np.unpackbits(packed, axis=-1, count=self.intermediate_size).astype(bool)
+        self.steps = [int(t) for t in state["steps"]]
+        self.masks = list(masks)
+
     def plot(self, path) -> None:
         """PNG: one panel per layer, x = neuron, y = training step, dark = on the knowledge path."""
         if not self.masks:

@@ -351,6 +351,7 @@ class TrainStep:
             "steps_done": self.steps_done,
             "nonfinite_total": self.nonfinite_total,
             "generator": self.generator.get_state(),
+            "path_history": None if self.router is None else self.router.history.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -363,6 +364,8 @@ class TrainStep:
         self.paths = None if state["paths"] is None else [torch.as_tensor(p, dtype=torch.long) for p in state["paths"]]
         if self.router is not None:
             self.router.paths = self.paths
+            if state.get("path_history") is not None:  # absent in checkpoints written before it was kept
+                self.router.history.load_state_dict(state["path_history"])
             if self.paths is not None and self.spec.routing == "fused":
                 self._apply_paths()
 
