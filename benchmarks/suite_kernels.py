@@ -81,7 +81,7 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
               if settings.wants(f"sparse_ffn-{s}-p{p}") or settings.wants(f"sparse_ffn_wgrad-{s}-p{p}")]
     if not wanted:
         return
-    FFNSlices, trelm_ffn = require("trelm_fast.ffn", "FFNSlices", "trelm_ffn")
+    FFNSlices, gather_index, trelm_ffn = require("trelm_fast.ffn", "FFNSlices", "gather_index", "trelm_ffn")
     column_slice_grad, gather_columns, gathered_tn_matmul = require(
         "trelm_fast.kernels.sparse_ffn", "column_slice_grad", "gather_columns", "gathered_tn_matmul")
     dev, tokens = settings.device, 8 * 128
@@ -125,10 +125,11 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
                     leaf.grad = None
                 trelm_ffn(x, w1, b1, w2, b2, F.gelu, path=path, slices=slices).backward(dy)
 
-            act_s = gather_columns(act, path)  # what the forward keeps for dW2[:, S]
+            idx = gather_index(path, inter)  # as TrelmFFN passes it: None (no gather) for all I neurons
+            act_s = act if idx is None else gather_columns(act, idx)  # what the forward keeps for dW2[:, S]
 
             def sparse_wgrad():
-                return gathered_tn_matmul(d_pre, xf, a_idx=path, colsum=True), column_slice_grad(dyf, act_s)
+                return gathered_tn_matmul(d_pre, xf, a_idx=idx, colsum=True), column_slice_grad(dyf, act_s)
 
             case, wcase = f"sparse_ffn-{shape}-p{percent}", f"sparse_ffn_wgrad-{shape}-p{percent}"
             if settings.wants(case):
