@@ -5,7 +5,9 @@ mean-pooling sentence encoder), h_rep the same for x with e's tokens set to [MAS
 
     SI(e) = |h_o| |h_rep| / (h_o . h_rep)          (= 1 / cos(h_o, h_rep))
 
-Higher SI: replacing e changes the sentence representation more. x is the sentence that contains
+Higher SI: replacing e changes the sentence representation more. Where cos <= MIN_COS (the
+replacement turned the representation orthogonal or around, the largest change there is) SI is
+1 / MIN_COS, not negative or infinite, so such mentions rank first. x is the sentence that contains
 the mention (``sentence_contexts``: the sentences of a training sequence, split after '.', '!',
 '?', wrapped in [CLS] ... [SEP]), as in the paper, which also keeps the encoder input short. One
 encoder forward scores a whole group: the group's original sentences and every replaced variant of
@@ -18,6 +20,9 @@ import time
 import numpy as np
 import torch
 from tqdm import tqdm
+
+MIN_COS = 1e-3
+"""Floor of cos(h_o, h_rep) in SI: SI <= 1 / MIN_COS."""
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -46,7 +51,8 @@ def semantic_importance(encoder, input_ids: torch.Tensor, attention_mask: torch.
     att = torch.cat([attention_mask, attention_mask[rows]])
     h = mean_pool(encoder(input_ids=ids, attention_mask=att).last_hidden_state, att).float()
     h_o, h_rep = h[: input_ids.shape[0]][rows], h[input_ids.shape[0]:]
-    return (h_o.norm(dim=-1) * h_rep.norm(dim=-1) / (h_o * h_rep).sum(-1)).float()
+    norms = h_o.norm(dim=-1) * h_rep.norm(dim=-1)
+    return (norms / (h_o * h_rep).sum(-1).maximum(MIN_COS * norms)).float()
 
 
 def sentence_contexts(input_ids: list[int], spans: np.ndarray, break_ids: frozenset[int]
