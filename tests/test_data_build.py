@@ -185,6 +185,27 @@ def test_manifest_checksums(tiny_dir, tmp_path):
         load_manifest(d)
 
 
+def test_litter_of_killed_builds(tiny_dir, tmp_path):
+    """What kill -9 leaves: the loader names a previous dataset parked by a --force rebuild, and the
+    next build removes dead processes' leftovers only (a live pid's and a needed .old- stay)."""
+    import shutil
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "ds"
+    (tmp_path / f"ds.tmp-{dead.pid}").mkdir()
+    (tmp_path / "ds.tmp-1").mkdir()  # pid 1 is alive: a build in progress
+    shutil.copytree(tiny_dir, tmp_path / f"ds.old-{dead.pid}")
+    with pytest.raises(FileNotFoundError, match=rf"ds.old-{dead.pid} holds the dataset .* rename it to ds"):
+        load_manifest(out)
+    assert build_mod.remove_stale_build_dirs(out) == [tmp_path / f"ds.tmp-{dead.pid}"]
+    shutil.copytree(tiny_dir, out)  # a finished dataset again: the parked one is no longer needed
+    assert build_mod.remove_stale_build_dirs(out) == [tmp_path / f"ds.old-{dead.pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.tmp-1"]
+
+
 @pytest.mark.slow
 def test_sigterm_leaves_no_dataset(tmp_path):
     import os

@@ -170,6 +170,37 @@ def build_source(out: str | Path, config: BuildConfig, progress: bool = True, fo
     return build_dataset(load_source(config, bad, progress), out, config, bad, progress=progress, force=force)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_build_dirs(out: Path) -> list[Path]:
+    """Remove what killed builds of ``out`` left beside it; returns the removed paths.
+
+    ``OUT.tmp-<pid>`` (a build killed before it finished: never a dataset) goes when process <pid>
+    is gone. ``OUT.old-<pid>`` (a --force rebuild killed between its two renames: the previous,
+    complete dataset) goes only when ``OUT`` is a finished dataset again; otherwise it is kept, and
+    the loader's error names it.
+    """
+    removed = []
+    for kind in ("tmp", "old"):
+        for d in out.parent.glob(f"{out.name}.{kind}-*"):
+            pid = d.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not (out / "manifest.json").is_file():
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def build_dataset(raw: RawData, out: str | Path, config: BuildConfig, bad: BadRecords | None = None,
                   progress: bool = True, force: bool = False) -> dict:
     """Build the dataset of ``raw`` into ``out`` atomically; returns the summary (also in the manifest)."""
@@ -179,6 +210,8 @@ def build_dataset(raw: RawData, out: str | Path, config: BuildConfig, bad: BadRe
         raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace it")
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    for d in remove_stale_build_dirs(out):
+        print(f"removed {d}, left by a killed build", flush=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -28,8 +28,11 @@ def load_manifest(directory: str | Path, verify: bool = True) -> dict:
     d = Path(directory)
     path = d / "manifest.json"
     if not path.is_file():
+        previous = sorted(d.parent.glob(f"{d.name}.old-*"))
+        hint = (f"; {previous[-1]} holds the dataset that a killed --force rebuild was replacing: rename it "
+                f"to {d.name} to use it" if previous else "")
         raise FileNotFoundError(f"{path}: no manifest; {d} is not a finished dataset (an interrupted build "
-                                "leaves only a .tmp-<pid> directory)")
+                                f"leaves only a .tmp-<pid> directory){hint}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
