@@ -81,3 +81,33 @@ def test_si_caps_non_positive_cosine():
     assert torch.isfinite(si).all()
     assert si[:2].tolist() == pytest.approx([1 / MIN_COS] * 2)
     assert si[2] == pytest.approx(325**0.5 / 18)
+
+
+def test_minilm_matches_direct():
+    tok, enc = load_tokenizer(), load_encoder()
+    texts = ["Zorvan Keltish was born in Paris.", "The violin player moved to Tokyo last year with her family."]
+    seqs = [tok(t)["input_ids"] for t in texts]
+    spans = [np.array([[1, 5], [7, 8]]), np.array([[2, 3], [6, 7]])]
+    got, _ = score_sequences(enc, seqs, spans, tok.mask_token_id, tok.pad_token_id, progress=False)
+    for ids, sp, si in zip(seqs, spans, got):
+        np.testing.assert_allclose(si, [direct_si(enc, ids, a, b, tok.mask_token_id) for a, b in sp], rtol=1e-4)
+        assert (si > 1.0).all()
+
+
+def test_sentence_contexts():
+    # [CLS] a b . c d e . f [SEP] with '.' = 9; mentions: (1,3) in sentence 1, (5,6) in 2, (3,6) crosses, (8,9) in 3
+    ids = [1, 10, 11, 9, 12, 13, 14, 9, 15, 2]
+    spans = np.array([[1, 3], [5, 6], [3, 6], [8, 9], [4, 5]])
+    ctx = sentence_contexts(ids, spans, frozenset({9}))
+    got = {tuple(c): (sp.tolist(), idx.tolist()) for c, sp, idx in ctx}
+    assert got == {
+        (1, 10, 11, 9, 2): ([[1, 3]], [0]),
+        (1, 12, 13, 14, 9, 2): ([[2, 3], [1, 2]], [1, 4]),
+        (1, 10, 11, 9, 12, 13, 14, 9, 2): ([[3, 6]], [2]),
+        (1, 15, 2): ([[1, 2]], [3]),
+    }
+    for c, sp, idx in ctx:  # every context span covers the same tokens as in the sequence
+        for (a, b), k in zip(sp, idx):
+            assert c[a:b] == ids[spans[k, 0]:spans[k, 1]]
+    whole = sentence_contexts(ids, spans[:1], frozenset())
+    assert [c for c, _, _ in whole] == [ids]
