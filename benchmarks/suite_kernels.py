@@ -10,7 +10,8 @@ Cases (issue 7's names):
   `sparse_ffn_wgrad-<shape>-p<percent>`: the weight-gradient part of that backward alone, on the
   same tensors: `sparse` = the two `kernels.sparse_ffn` calls TrelmFFN makes (`gathered_tn_matmul`:
   dW1[S], db1[S] from dPre; `column_slice_grad`: dW2[:, S] from A[:, S] kept by the forward);
-  `dense` = dPre^T X, sum_t dPre, dY^T A. `max_rel_err`: slice gradients and dX against dense autograd restricted to S.
+  `dense` = dPre^T X, sum_t dPre, dY^T A. `max_rel_err`: slice gradients and dX against dense
+  autograd restricted to S.
 - `attribution-minilm`: see `attribution_case`.
 """
 from __future__ import annotations
