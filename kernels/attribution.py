@@ -20,31 +20,32 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._autotune import autotune_configs
+from ._launch import autotune, bucket, use_triton
 
-_CONFIGS = autotune_configs(
+_CONFIGS = [
     triton.Config({"BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_I": 64}, num_warps=4),
     triton.Config({"BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_I": 64}, num_warps=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_I": 128}, num_warps=8),
-)
+]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "D", "I"])
+@autotune(_CONFIGS, key=["N_BUCKET", "D", "I"])
 @triton.jit
 def _attribution_kernel(
     g_ptr, w_ptr, w2_ptr, v_ptr, out_ptr,
-    M, N, D, I,
+    M, N, D, I, N_BUCKET,  # N_BUCKET: autotune key only
+
     stride_gk, stride_gn, stride_gd,
     stride_w2d, stride_w2i,
     stride_vn, stride_vi,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    i_i = tl.program_id(0)
+    i_i = tl.program_id(0).to(tl.int64)
     o_i = i_i * BLOCK_I + tl.arange(0, BLOCK_I)
     m_i = o_i < I
     b_out = tl.zeros([BLOCK_I], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
+        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < N
         b_acc = tl.zeros([BLOCK_N, BLOCK_I], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -53,9 +54,10 @@ def _attribution_kernel(
             m_nd = m_n[:, None] & m_d[None, :]
             p_g = g_ptr + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd
             b_g = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for k in range(0, M):
+            for k in range(0, M):  # p_g steps through the m quadrature points (64-bit pointer arithmetic)
                 b_wk = tl.load(w_ptr + k).to(tl.float32)
-                b_g += b_wk * tl.load(p_g + k * stride_gk, mask=m_nd, other=0.0).to(tl.float32)
+                b_g += b_wk * tl.load(p_g, mask=m_nd, other=0.0).to(tl.float32)
+                p_g += stride_gk
             p_w2 = w2_ptr + o_d[:, None] * stride_w2d + o_i[None, :] * stride_w2i
             b_w2 = tl.load(p_w2, mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
             b_acc += tl.dot(b_g, b_w2, input_precision="ieee")
@@ -99,7 +101,7 @@ def attribution_scores_triton(grads: Tensor, weights: Tensor, w2: Tensor, v: Ten
 
     _attribution_kernel[grid](
         grads, weights, w2, v, out,
-        m, n, d, i,
+        m, n, d, i, bucket(n),
         grads.stride(0), grads.stride(1), grads.stride(2),
         w2.stride(0), w2.stride(1),
         v.stride(0), v.stride(1),
@@ -109,6 +111,6 @@ def attribution_scores_triton(grads: Tensor, weights: Tensor, w2: Tensor, v: Ten
 
 def attribution_scores(grads: Tensor, weights: Tensor, w2: Tensor, v: Tensor) -> Tensor:
     """Neuron scores [I] (fp32): the Triton kernel on CUDA tensors, the PyTorch reference otherwise."""
-    if grads.is_cuda:
+    if use_triton(grads):
         return attribution_scores_triton(grads, weights, w2, v)
     return attribution_scores_reference(grads, weights, w2, v)

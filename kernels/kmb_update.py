@@ -14,11 +14,13 @@ registers over all its spans and rounded to the storage dtype once; the kernel r
 launcher adds the new contexts to them afterwards. No float atomics: the result is deterministic.
 
 Shapes: hidden [R, n, d] (any float dtype, last dim contiguous); rows, lo, hi, slots, cls_index [E]
-int64; cls [C, d]; local, gmean [N, d] contiguous (storage dtype); counts [N] int64. The bank tensors
-are updated in place. Inputs are assumed validated by the caller (`KnowledgeMemoryBank.update`).
+int32/int64, any stride (the launcher makes them contiguous int64); cls [C, d]; local, gmean [N, d]
+contiguous (storage dtype); counts [N] int64. The bank tensors are updated in place. Span values are
+assumed validated by the caller (`KnowledgeMemoryBank.update`).
 
-`kmb_update_ref` is the plain PyTorch reference (the CPU path); `kmb_update` launches the Triton
-kernel (one program per (distinct slot, block of d)).
+`kmb_update_ref` is the plain PyTorch reference (the CPU path); `kmb_update_triton` launches the
+Triton kernel (one program per (distinct slot, block of d); no autotuning); `kmb_update` dispatches
+(`_launch.use_triton`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ._launch import index_arg, use_triton
 
 BLOCK_W = 16  # window positions loaded per tile
 
@@ -105,7 +109,7 @@ def _kmb_update_kernel(
     gamma, d, stride_hr, stride_hn, stride_c,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_g, i_d = tl.program_id(0), tl.program_id(1)
+    i_g, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < d
     o_w = tl.arange(0, BLOCK_W)
@@ -118,8 +122,8 @@ def _kmb_update_kernel(
     for j in range(g_start, g_end):
         i_e = tl.load(order_ptr + j)
         row = tl.load(rows_ptr + i_e).to(tl.int64)
-        lo = tl.load(lo_ptr + i_e)
-        hi = tl.load(hi_ptr + i_e)
+        lo = tl.load(lo_ptr + i_e).to(tl.int32)  # positions within one sequence
+        hi = tl.load(hi_ptr + i_e).to(tl.int32)
         b_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
         for p0 in range(lo, hi, BLOCK_W):
             o_p = p0 + o_w
@@ -138,14 +142,19 @@ def _kmb_update_kernel(
     tl.store(gmean_ptr + slot * d + o_d, b_gmean.to(gmean_ptr.dtype.element_ty), mask=m_d)
 
 
-def kmb_update(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float) -> None:
+def kmb_update_triton(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float) -> None:
     """Triton launch of the fused update (same contract as `kmb_update_ref`)."""
+    rows, lo, hi, slots, cls_index = (index_arg(t, name, "kmb_update", hidden.device) for name, t in (
+        ("rows", rows), ("lo", lo), ("hi", hi), ("slots", slots), ("cls_index", cls_index)))
+    if len({t.numel() for t in (rows, lo, hi, slots, cls_index)}) != 1:
+        raise ValueError("kmb_update: rows, lo, hi, slots and cls_index need one entry per span, got "
+                         f"{[t.numel() for t in (rows, lo, hi, slots, cls_index)]}")
     if slots.numel() == 0:
         return
     if hidden.stride(-1) != 1 or cls.stride(-1) != 1:
         raise ValueError("kmb_update: hidden and cls need a contiguous last dimension")
-    if not (local.is_contiguous() and gmean.is_contiguous() and counts.dtype == torch.int64):
-        raise ValueError("kmb_update: local/gmean must be contiguous and counts int64")
+    if not (local.is_contiguous() and gmean.is_contiguous() and counts.is_contiguous() and counts.dtype == torch.int64):
+        raise ValueError("kmb_update: local, gmean and counts must be contiguous, counts int64")
     d = hidden.shape[-1]
     order, offsets, _ = group_by_slot(slots)
     block_d = max(16, min(triton.next_power_of_2(d), 128))
@@ -157,5 +166,10 @@ def kmb_update(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts
         BLOCK_W=BLOCK_W, BLOCK_D=block_d,
     )
     # every d-block program reads the old count, so the new counts are written after the kernel
-    has_cls = cls_index >= 0
-    counts.index_add_(0, slots[has_cls], torch.ones_like(slots[has_cls]))
+    counts.index_add_(0, slots, (cls_index >= 0).long())
+
+
+def kmb_update(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float) -> None:
+    """Dispatch (`_launch.use_triton`): the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
+    fn = kmb_update_triton if use_triton(hidden) else kmb_update_ref
+    fn(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma)

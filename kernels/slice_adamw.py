@@ -11,8 +11,9 @@ step), exactly torch.optim.AdamW's update restricted to that slice:
 Unselected slices, and their moments, are not touched at all (no momentum drift, no decay).
 `slice_adamw_reference` is index_select + the update + index_copy_ in PyTorch;
 `slice_adamw_triton` is one fused in-place kernel (a program per (slice, element block), math in
-fp32); `slice_adamw` dispatches (Triton on CUDA, the reference elsewhere). Tests run the kernel on
-CPU under TRITON_INTERPRET=1.
+fp32); `slice_adamw` dispatches (`_launch.use_triton`: Triton on CUDA, the reference elsewhere). The kernel
+writes p, m and v in place, so the autotuner restores them after each benchmark run; its key is the
+slice length, fixed per parameter. Tests run the kernel on CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -22,16 +23,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._autotune import autotune_configs
+from ._launch import autotune, index_arg, use_triton
 
-_CONFIGS = autotune_configs(
+_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=1),
     triton.Config({"BLOCK_N": 256}, num_warps=2),
     triton.Config({"BLOCK_N": 1024}, num_warps=4),
-)
+]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N"])
+@autotune(_CONFIGS, key=["N"], restore_value=["p_ptr", "m_ptr", "v_ptr"])
 @triton.jit
 def _slice_adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, idx_ptr, step_ptr,
@@ -39,8 +40,8 @@ def _slice_adamw_kernel(
     lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
     BLOCK_N: tl.constexpr,
 ):
-    i_s, i_n = tl.program_id(0), tl.program_id(1)
-    j = tl.load(idx_ptr + i_s).to(tl.int64)
+    i_s, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    j = tl.load(idx_ptr + i_s)
     t = tl.load(step_ptr + j).to(tl.float32)
     bc1 = 1.0 - tl.exp2(t * log2_beta1)
     bc2 = 1.0 - tl.exp2(t * log2_beta2)
@@ -66,8 +67,8 @@ def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ste
     if param.dim() not in (1, 2) or dim not in range(param.dim()):
         raise ValueError(f"slice_adamw: param must be 1-D or 2-D with dim in range, got "
                          f"{tuple(param.shape)} dim={dim}")
-    if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slice_adamw: idx must be a 1-D integer tensor, got {idx.dtype} {tuple(idx.shape)}")
+    index_arg(idx, "idx", "slice_adamw", param.device)
+    index_arg(steps, "steps", "slice_adamw", param.device)
     want = list(param.shape)
     want[dim] = idx.numel()
     if list(grad.shape) != want:
@@ -111,6 +112,8 @@ def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
     k = idx.numel()
     if k == 0:
         return
+    idx = index_arg(idx, "idx", "slice_adamw", param.device)
+    steps = index_arg(steps, "steps", "slice_adamw", param.device)
     if param.dim() == 1:
         n, sp, sn, sg, sgn = 1, param.stride(0), 0, grad.stride(0), 0
     else:
@@ -129,6 +132,6 @@ def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
 def slice_adamw(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor,
                 idx: Tensor, dim: int, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float) -> None:
-    """Dispatch: the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
-    fn = slice_adamw_triton if param.is_cuda else slice_adamw_reference
+    """Dispatch (`_launch.use_triton`): the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
+    fn = slice_adamw_triton if use_triton(param) else slice_adamw_reference
     fn(param, grad, exp_avg, exp_avg_sq, steps, idx, dim, lr, beta1, beta2, eps, weight_decay)

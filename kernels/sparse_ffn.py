@@ -14,8 +14,10 @@ For T tokens, one product covers both slice gradients of a knowledge path S:
 Only the [|S|, d] / [d, |S|] results are materialized, always in fp32 (fp32 accumulation of fp16/bf16
 inputs). `gathered_tn_matmul_reference` is the plain PyTorch form (column gather + matmul);
 `gathered_tn_matmul_triton` is one Triton kernel that gathers while loading, reduces over tokens and
-adds the column sums in the same pass; `gathered_tn_matmul` dispatches (Triton on CUDA, the
-reference elsewhere). Tests run the kernel on CPU under TRITON_INTERPRET=1.
+adds the column sums in the same pass; `gathered_tn_matmul` dispatches (`_launch.use_triton`: Triton
+on CUDA, the reference elsewhere). The kernel is autotuned on the bucketed sizes (`_launch.bucket`:
+|S| and the token count change from batch to batch). Tests run the kernel on CPU under
+TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -24,26 +26,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._autotune import INTERPRET, autotune_configs
+from ._launch import INTERPRET, autotune, bucket, index_arg, use_triton
 
-_CONFIGS = autotune_configs(
+_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_T": 16}, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_T": 32}, num_warps=8),
-)
+]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "T"])
+@autotune(_CONFIGS, key=["M_BUCKET", "N_BUCKET", "T_BUCKET", "GATHER_A", "GATHER_B", "COLSUM"])
 @triton.jit
 def _gathered_tn_matmul_kernel(
     a_ptr, b_ptr, ia_ptr, ib_ptr, out_ptr, colsum_ptr,
-    M, N, T,
+    M, N, T, M_BUCKET, N_BUCKET, T_BUCKET,  # *_BUCKET: autotune keys only
     stride_at, stride_ak, stride_bt, stride_bk, stride_om, stride_on,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, COLSUM: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    i_m, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m, m_n = o_m < M, o_n < N
@@ -59,7 +61,7 @@ def _gathered_tn_matmul_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        o_t = t0 + tl.arange(0, BLOCK_T)
+        o_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         m_t = o_t < T
         b_a = tl.load(a_ptr + o_t[:, None] * stride_at + c_a[None, :] * stride_ak,
                       mask=m_t[:, None] & m_m[None, :], other=0.0)
@@ -86,13 +88,8 @@ def _check(a: Tensor, b: Tensor, a_idx: Tensor | None, b_idx: Tensor | None) -> 
             f"a {tuple(a.shape)}, b {tuple(b.shape)}"
         )
     for name, idx, src in (("a_idx", a_idx, a), ("b_idx", b_idx, b)):
-        if idx is None:
-            continue
-        if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"gathered_tn_matmul: {name} must be a 1-D integer tensor, got "
-                             f"{idx.dtype} {tuple(idx.shape)}")
-        if idx.device != src.device:
-            raise ValueError(f"gathered_tn_matmul: {name} is on {idx.device}, operand on {src.device}")
+        if idx is not None:
+            index_arg(idx, name, "gathered_tn_matmul", src.device)
 
 
 def gather_columns(t: Tensor, idx: Tensor) -> Tensor:
@@ -122,6 +119,8 @@ def gathered_tn_matmul_triton(
 ) -> tuple[Tensor, Tensor | None]:
     """The fused kernel (CUDA, or CPU under TRITON_INTERPRET=1); same result as the reference."""
     _check(a, b, a_idx, b_idx)
+    a_idx, b_idx = (None if i is None else index_arg(i, name, "gathered_tn_matmul", a.device)
+                    for name, i in (("a_idx", a_idx), ("b_idx", b_idx)))
     m = a.shape[1] if a_idx is None else a_idx.numel()
     n = b.shape[1] if b_idx is None else b_idx.numel()
     t = a.shape[0]
@@ -136,7 +135,7 @@ def gathered_tn_matmul_triton(
     _gathered_tn_matmul_kernel[grid](
         # unused pointer arguments get a live tensor (never an empty one: its pointer may be null)
         a, b, a if a_idx is None else a_idx, b if b_idx is None else b_idx, out, sums if colsum else out,
-        m, n, t,
+        m, n, t, bucket(m), bucket(n), bucket(t),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, COLSUM=colsum, IEEE=ieee,
     )
@@ -147,8 +146,8 @@ def gathered_tn_matmul(
     a: Tensor, b: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None,
     colsum: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Dispatch: the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
-    if a.is_cuda:
+    """Dispatch (`_launch.use_triton`): the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
+    if use_triton(a):
         return gathered_tn_matmul_triton(a, b, a_idx, b_idx, colsum)
     return gathered_tn_matmul_reference(a, b, a_idx, b_idx, colsum)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trelm_fast.kernels.kmb_update import ema_apply_ref, group_by_slot, kmb_update, kmb_update_ref, window_mean_ref
+from trelm_fast.kernels.kmb_update import ema_apply_ref, group_by_slot, kmb_update_ref, kmb_update_triton, window_mean_ref
 
 
 def _problem(seed, rows=3, n=37, d=45, bank=11, spans=19, distinct=5, dtype=torch.float32):
@@ -65,7 +65,7 @@ def test_kernel_matches_reference(shape, dtype):
     expected = tuple(t.clone() for t in bank)
     got = tuple(t.clone() for t in bank)
     kmb_update_ref(*args, *expected, 0.25)
-    kmb_update(*args, *got, 0.25)
+    kmb_update_triton(*args, *got, 0.25)
     tol = {} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got[0], expected[0], **tol)
     torch.testing.assert_close(got[1], expected[1], **tol)
@@ -79,7 +79,7 @@ def test_kernel_with_no_spans_changes_nothing():
     (hidden, row, lo, hi, slots, cls, cls_index), bank = _problem(3)
     got = tuple(t.clone() for t in bank)
     empty = slots[:0]
-    kmb_update(hidden, empty, empty, empty, empty, cls, empty, *got, 0.5)
+    kmb_update_triton(hidden, empty, empty, empty, empty, cls, empty, *got, 0.5)
     for a, b in zip(got, bank):
         assert torch.equal(a, b)
 
@@ -92,6 +92,6 @@ def test_kernel_on_precomputed_means_as_length_one_windows():
     expected = tuple(t.clone() for t in bank)
     got = tuple(t.clone() for t in bank)
     ema_apply_ref(means, slots, cls, cls_index, *expected, 0.4)
-    kmb_update(means[:, None], idx, torch.zeros_like(idx), torch.ones_like(idx), slots, cls, cls_index, *got, 0.4)
+    kmb_update_triton(means[:, None], idx, torch.zeros_like(idx), torch.ones_like(idx), slots, cls, cls_index, *got, 0.4)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trelm_fast.kernels import sparse_ffn
+from trelm_fast.kernels import kernel_backend, sparse_ffn
 from trelm_fast.kernels.sparse_ffn import (column_slice_grad, gather_columns, gathered_tn_matmul,
                                            gathered_tn_matmul_reference, gathered_tn_matmul_triton)
 
@@ -93,22 +93,25 @@ def test_empty_path_and_empty_tokens():
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="same T"):
         gathered_tn_matmul(_rand(T, I), _rand(T + 1, D))
-    with pytest.raises(ValueError, match="a_idx must be a 1-D integer"):
+    with pytest.raises(ValueError, match="a_idx must be a 1-D int32/int64"):
         gathered_tn_matmul(_rand(T, I), _rand(T, D), a_idx=torch.tensor([1.0]))
 
 
 def test_ffn_backward_through_the_kernel(monkeypatch):
-    """The autograd Functions of trelm_fast.ffn with the kernel in place of the CPU dispatch."""
+    """The autograd Functions of trelm_fast.ffn with both slice products on the kernel."""
     import trelm_fast.ffn as ffn
 
-    for module in (ffn, sparse_ffn):                    # ffn's own call and column_slice_grad's
-        monkeypatch.setattr(module, "gathered_tn_matmul", gathered_tn_matmul_triton)
+    calls = []
+    monkeypatch.setattr(sparse_ffn, "gathered_tn_matmul_triton",
+                        lambda *a, **k: calls.append(1) or gathered_tn_matmul_triton(*a, **k))
     x, dy = _rand(3, 7, D, seed=8), _rand(3, 7, D, seed=9)
     w1, b1, w2, b2 = _rand(I, D, seed=10), _rand(I, seed=11), _rand(D, I, seed=12), _rand(D, seed=13)
     idx = _idx(11, seed=14)
     sl = ffn.FFNSlices(torch.zeros(11, D, requires_grad=True), torch.zeros(11, requires_grad=True),
                        torch.zeros(D, 11, requires_grad=True))
-    (ffn.trelm_ffn(x, w1, b1, w2, b2, torch.nn.functional.gelu, idx, sl) * dy).sum().backward()
+    with kernel_backend("triton"):
+        (ffn.trelm_ffn(x, w1, b1, w2, b2, torch.nn.functional.gelu, idx, sl) * dy).sum().backward()
+    assert len(calls) == 2  # dW1[S, :] with db1[S], and dW2[:, S]
     dense = [t.clone().requires_grad_() for t in (w1, b1, w2)]
     (ffn.trelm_ffn(x, *dense[:2], dense[2], b2, torch.nn.functional.gelu) * dy).sum().backward()
     torch.testing.assert_close(sl.w1.grad, dense[0].grad[idx], rtol=1e-5, atol=1e-5)

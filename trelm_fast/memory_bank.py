@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trelm_fast.entity_table import EntityTable
-from trelm_fast.kernels.kmb_update import ema_apply_ref, kmb_update, kmb_update_ref, window_mean_ref
+from trelm_fast.kernels.kmb_update import kmb_update, window_mean_ref
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -291,8 +291,8 @@ class KnowledgeMemoryBank:
             self._update_distributed(hidden, row, lo, hi, ent, first)
             return
         cls_index = torch.where(first, row, -1)
-        update = kmb_update if hidden.is_cuda else kmb_update_ref
-        update(hidden, row, lo, hi, slots, hidden[:, 0], cls_index, self._local, self._gmean, self._counts, self.gamma)
+        kmb_update(hidden, row, lo, hi, slots, hidden[:, 0], cls_index, self._local, self._gmean, self._counts,
+                   self.gamma)
 
     @staticmethod
     def _first_in_context(slots: torch.Tensor, row: torch.Tensor, batch: int) -> torch.Tensor:
@@ -318,12 +318,9 @@ class KnowledgeMemoryBank:
         d = self.hidden_size
         cls_index = torch.where(ints[:, 1] > 0, torch.arange(slots.numel(), device=slots.device), -1)
         means, cls = floats[:, :d], floats[:, d:]
-        if means.is_cuda:  # each gathered mean is a window of length 1
-            idx = torch.arange(slots.numel(), device=slots.device)
-            kmb_update(means[:, None], idx, torch.zeros_like(idx), idx.new_ones(idx.shape), slots, cls, cls_index,
-                       self._local, self._gmean, self._counts, self.gamma)
-        else:
-            ema_apply_ref(means, slots, cls, cls_index, self._local, self._gmean, self._counts, self.gamma)
+        idx = torch.arange(slots.numel(), device=slots.device)  # each gathered mean is a window of length 1
+        kmb_update(means[:, None], idx, torch.zeros_like(idx), idx.new_ones(idx.shape), slots, cls, cls_index,
+                   self._local, self._gmean, self._counts, self.gamma)
 
     def _all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate x [E_r, ...] of all ranks in rank order (padded to the largest E_r for the collective)."""
