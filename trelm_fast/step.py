@@ -22,6 +22,13 @@ if the loss is not finite on any rank, skip (no update, gradients dropped) and s
 under torch.distributed average dense gradients (explicit all-reduce) and path slices
 (`allreduce_slice_grads`); optimizer step at the scheduled learning rate; memory-bank update from
 the final hidden states (after the forward, no gradient).
+
+Precision (`train.precision`, trelm_fast/precision.py): the forward and loss run under
+torch.autocast for bf16/fp16, the backward outside it; fp16 scales the loss and its scaler may skip
+the optimizer update after a gradient overflow (an expected event, reported as `amp/*` stats, not
+a non-finite loss; the bank update still runs, its input was finite). The attribution runs under
+bf16 autocast when the precision is bf16, in fp32 otherwise. The bank keeps its own storage dtype
+(`kmb.dtype`) whatever dtype the final hidden states have.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from torch import Tensor, nn
 from trelm_fast.config import Config
 from trelm_fast.losses import IGNORE_INDEX, cka_loss, mlm_loss, sample_negatives, trelm_loss
 from trelm_fast.model import TrelmModel, build_model
+from trelm_fast.precision import MixedPrecision, autocast, set_tf32
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,8 @@ class StepResult:
     stats: ``lr``, ``tokens`` (real tokens), ``cka_targets`` (CKA positions), seconds spent in
     ``time/{forward,backward,optimizer,bank,step}_s``; on refresh steps ``time/attribution_s`` and
     the router's ``routing/*`` path statistics; with a bank ``kmb/lambda``; on a skipped step
-    ``nonfinite_total``.
+    ``nonfinite_total``; under fp16 the loss scale ``amp/scale`` and whether the scaler skipped the
+    update, ``amp/skipped`` (this step) and ``amp/skipped_total``.
     """
     loss: float
     mlm_loss: float
@@ -149,7 +158,8 @@ class TrainStep:
     """One training step of ``method`` on a TrelmModel; see the module docstring.
 
     ``step(batch, step_index, epoch)`` runs it; ``state_dict()/load_state_dict()`` cover what the
-    step owns: optimizer state, knowledge paths, step counters and the negative-sampling generator.
+    step owns: optimizer state, loss-scaler state, knowledge paths, step counters and the
+    negative-sampling generator. Construction applies ``train.tf32`` (process-wide, CUDA only).
     """
 
     def __init__(self, method: str, model: TrelmModel, cfg: Config):
@@ -162,6 +172,8 @@ class TrainStep:
                              "a memory bank (use build_step_model)")
         self.head = model.head
         self.device = next(model.parameters()).device
+        self.precision = MixedPrecision(cfg.train.precision, self.device)
+        set_tf32(self.device, cfg.train.tf32)
         rank = dist.get_rank() if _distributed() else 0
         self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + rank)
         self.steps_done = 0
@@ -171,7 +183,8 @@ class TrainStep:
         if self.spec.routing is not None:
             from trelm_fast.routing import KnowledgeRouter
 
-            self.router = KnowledgeRouter.from_config(model.mlm, cfg.routing)
+            self.router = KnowledgeRouter.from_config(model.mlm, cfg.routing,
+                                                      autocast=self.precision.attribution_dtype)
         self._setup_parameters()
 
     # ------------------------------------------------------------------------- set-up
@@ -219,10 +232,11 @@ class TrainStep:
         if self.spec.routing == "fused":
             self.router.refresh(step_index, hidden, batch["attention_mask"], batch["cka_labels"], negatives)
             paths, stats = self.router.paths, dict(self.router.stats)
-        else:
-            attr = attribute_reference(self.model.mlm, hidden, batch["attention_mask"], batch["cka_labels"],
-                                       negatives, m=r.m, quadrature_rule=r.quadrature, layers=self.router.layers,
-                                       sequences=r.sequences, head=self.head)
+        else:  # the Knowledge-Neurons loop runs whole under the attribution's autocast
+            with autocast(self.device.type, self.router.autocast):
+                attr = attribute_reference(self.model.mlm, hidden, batch["attention_mask"], batch["cka_labels"],
+                                           negatives, m=r.m, quadrature_rule=r.quadrature,
+                                           layers=self.router.layers, sequences=r.sequences, head=self.head)
             paths = [p.cpu() for p in select_paths(reduce_scores(attr.scores), r.rule, r.fraction, r.threshold)]
             stats = path_stats(self.router.layers, paths, self.paths)
             self.router.paths = paths
@@ -311,7 +325,8 @@ class TrainStep:
         self.optimizer.lr = lr
 
         t0 = time.perf_counter()
-        total, mlm, cka, hidden = self._objective(batch, epoch, negatives)
+        with self.precision.autocast():
+            total, mlm, cka, hidden = self._objective(batch, epoch, negatives)
         stats["time/forward_s"] = time.perf_counter() - t0
         if _any_rank(not bool(torch.isfinite(total)), self.device):
             self.nonfinite_total += 1
@@ -320,15 +335,16 @@ class TrainStep:
             return StepResult(float(total.detach()), float(mlm.detach()), float(cka.detach()), True, stats)
 
         t0 = time.perf_counter()
-        total.backward()
+        self.precision.backward(total)
         if self.spec.routing == "naive":
             self._mask_to_paths()
         self._reduce_grads()
         stats["time/backward_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.optimizer.step()
+        stepped = self.precision.step(self.optimizer)
         self.optimizer.zero_grad()
         stats["time/optimizer_s"] = time.perf_counter() - t0
+        stats.update(self.precision.stats(stepped))
         if hidden is not None and self.model.bank is not None:
             t0 = time.perf_counter()
             self.model.update_bank(hidden, batch)
@@ -352,6 +368,7 @@ class TrainStep:
             "nonfinite_total": self.nonfinite_total,
             "generator": self.generator.get_state(),
             "path_history": None if self.router is None else self.router.history.state_dict(),
+            "precision": self.precision.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -361,6 +378,8 @@ class TrainStep:
         self.steps_done = int(state["steps_done"])
         self.nonfinite_total = int(state["nonfinite_total"])
         self.generator.set_state(state["generator"])
+        if state.get("precision") is not None:  # absent in checkpoints written before it was kept
+            self.precision.load_state_dict(state["precision"])
         self.paths = None if state["paths"] is None else [torch.as_tensor(p, dtype=torch.long) for p in state["paths"]]
         if self.router is not None:
             self.router.paths = self.paths
