@@ -156,6 +156,22 @@ def test_swapped_ffn_gives_same_scores():
     torch.testing.assert_close(attribute(model, hidden, mask, labels, neg, m=3).scores, before)
 
 
+def test_attribution_computes_no_path_slice_gradients(monkeypatch):
+    """With paths set, the attribution passes must not run the slice weight-gradient products."""
+    ffn = pytest.importorskip("trelm_fast.ffn")
+    model = ffn.swap_ffn(_model())
+    for f in ffn.ffn_modules(model):
+        f.set_path(torch.arange(0, 37, 4))
+    calls = []
+    monkeypatch.setattr(ffn, "gathered_tn_matmul", lambda *a, **k: calls.append(1))
+    hidden, mask, labels, neg = _batch()
+    for attr in (attribute, attribute_reference):
+        attr(model, hidden, mask, labels, neg, m=3)
+    assert calls == []
+    assert all(f.path is not None and all(t.grad is None for t in f.slices if t is not None)
+               for f in ffn.ffn_modules(model))
+
+
 def test_selection_rules():
     scores = torch.tensor([[0.1, 5.0, -2.0, 0.9, 1.2, 0.0], [3.0, 0.2, 0.1, 0.5, -1.0, 0.7]])
     top = select_paths(scores, "top_fraction", fraction=0.34)  # round(2.04) = 2 per layer

@@ -65,6 +65,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask
 
+from trelm_fast.ffn import suspended_paths
 from trelm_fast.kernels.attribution import attribution_scores
 from trelm_fast.losses import IGNORE_INDEX, MLMHead, cka_correct_prob_at
 
@@ -114,14 +115,17 @@ def _resolve_layers(layers, num_layers: int) -> tuple[int, ...]:
 
 @contextlib.contextmanager
 def _frozen_eval(model: nn.Module):
-    """Eval mode (no dropout) and requires_grad=False on every parameter; both restored on exit."""
+    """Eval mode (no dropout), requires_grad=False on every parameter and knowledge paths suspended
+    (attribution passes need input gradients only, never the path-slice weight gradients); all
+    restored on exit."""
     modes = [(mod, mod.training) for mod in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in grads:
         p.requires_grad_(False)
     try:
-        yield
+        with suspended_paths(model):
+            yield
     finally:
         for mod, training in modes:
             mod.training = training
