@@ -57,6 +57,13 @@ SUITES = ("kernels", "step", "limit", "convergence")
 MAX_REPEATS = 50
 
 
+def interpret_triton_without_gpu() -> None:
+    """Set TRITON_INTERPRET=1 (unless set) when there is no GPU, so the Triton kernels run interpreted
+    on CPU tensors; call it before any kernel module is imported."""
+    if os.environ.get("TRITON_INTERPRET") is None and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 class MissingComponent(RuntimeError):
     """A suite needs a part of trelm_fast that is not importable (yet); no numbers are made up."""
 
@@ -92,15 +99,21 @@ class Settings:
     """Model shapes of the step and sparse_ffn cases (None: minilm, plus bert-base unless quick)."""
     dropout: float = 0.1
     """Dropout of the step-suite models (BERT's 0.1 by default)."""
+    precision: str = "fp32"
+    """Training precision of the step suite (the trainer's `train.precision`): fp32, bf16 or fp16."""
+    batch_size: int | None = None
+    """Sequences per step-suite batch (None: 8, --quick 2)."""
+    seq_len: int = 128
+    """Tokens per step-suite sequence."""
+    variants: list[str] | None = None
+    """Step-suite variants to run (None: all of them)."""
 
     @classmethod
-    def make(cls, device: str, quick: bool, out: Path, cases: list[str] | None = None,
-             shapes: list[str] | None = None, dropout: float = 0.1) -> "Settings":
-        if quick:
-            return cls(torch.device(device), True, warmup=1, repeats=3, out=out, min_time_s=0.3, cases=cases,
-                       shapes=shapes, dropout=dropout)
-        return cls(torch.device(device), False, warmup=2, repeats=5, out=out, min_time_s=2.0, cases=cases,
-                   shapes=shapes, dropout=dropout)
+    def make(cls, device: str, quick: bool, out: Path, **options) -> "Settings":
+        """Settings with the quick or full timing repeats; `options` set the other fields."""
+        timing = ({"warmup": 1, "repeats": 3, "min_time_s": 0.3} if quick
+                  else {"warmup": 2, "repeats": 5, "min_time_s": 2.0})
+        return cls(torch.device(device), quick, out=out, **timing, **options)
 
     def model_shapes(self) -> list[str]:
         if self.shapes is not None:
@@ -113,7 +126,8 @@ class Settings:
 
 @dataclass
 class Results:
-    """The records of one run, each `{"suite", "case", "variant", "metric", "value", "unit"}`."""
+    """The records of one run, each `{"suite", "case", "variant", "metric", "value", "unit"}` (step
+    records also carry `device` and `precision`)."""
 
     records: list[dict] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
@@ -121,14 +135,16 @@ class Results:
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """Convergence curves per variant: loss_wall_s, loss, probe_wall_s, p_at_1 (curves.json)."""
 
-    def add(self, suite: str, case: str, variant: str, metric: str, value: float) -> None:
+    def add(self, suite: str, case: str, variant: str, metric: str, value: float, **tags: str) -> None:
+        """Append a record; `tags` (e.g. device, precision) become extra keys of it."""
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
         value = float(value)
         if value != value:
             raise ValueError(f"{suite}/{case}/{variant}/{metric} is NaN")
         self.records.append(
-            {"suite": suite, "case": case, "variant": variant, "metric": metric, "value": value, "unit": METRICS[metric]}
+            {"suite": suite, "case": case, "variant": variant, "metric": metric, "value": value, "unit": METRICS[metric],
+             **tags}
         )
 
     def note(self, suite: str, text: str) -> None:
@@ -342,6 +358,7 @@ def meta(settings: Settings, suites: list[str]) -> dict:
         "load_average_1m": os.getloadavg()[0],  # other processes slow CPU figures down
         "quick": settings.quick,
         "step_dropout": settings.dropout,
+        "step_precision": settings.precision,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "timing": "triton.testing.do_bench median" if settings.device.type == "cuda" else "perf_counter median after warm-up",

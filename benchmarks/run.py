@@ -1,4 +1,5 @@
-"""`python benchmarks/run.py [--suite all|kernels|step|convergence|limit] [--quick] [--device cpu|cuda] --out DIR`
+"""`python benchmarks/run.py [--suite all|kernels|step|convergence|limit] [--quick] [--device cpu|cuda] --out DIR
+[--precision fp32|bf16|fp16] [--batch-size B] [--seq-len N] [--variant NAME ...]` (the last four: step suite)
 
 Runs the suites, then writes DIR/results.json (`{"meta", "records"}`), DIR/summary.md, DIR/curves.json
 (convergence curves) and the PNG plots. A suite whose part of trelm_fast is missing, or that fails,
@@ -14,16 +15,14 @@ import time
 import traceback
 from pathlib import Path
 
-if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET") is None:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():  # the Triton kernels run interpreted on CPU tensors
-        os.environ["TRITON_INTERPRET"] = "1"
-
 import torch
 
-from harness import SUITES, MissingComponent, Results, Settings, meta, to_json
+from harness import SUITES, MissingComponent, Results, Settings, interpret_triton_without_gpu, meta, to_json
+
+if __name__ == "__main__":
+    interpret_triton_without_gpu()
 from report import plot_convergence, plot_step_throughput, summary_markdown
+from suite_step import VARIANTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,10 +39,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.1,
                    help="dropout of the step-suite models, the same for every variant (default 0.1 as in BERT; "
                         "the trainer's embedded default config uses 0.0)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="training precision of the step suite (the trainer's train.precision; default fp32); "
+                        "its cases are named <shape>-<precision> unless fp32")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per step-suite batch (default 8, --quick 2)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per step-suite sequence (default 128)")
+    p.add_argument("--variant", action="append", default=None, choices=VARIANTS,
+                   help="step-suite variants to run (repeatable; default all)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     args = p.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seq_len < 26:
+        p.error(f"--seq-len must be >= 26 (six mentions per sequence), got {args.seq_len}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -58,7 +69,9 @@ def run_suite(name: str, settings: Settings, results: Results) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings.make(args.device, args.quick, args.out, args.case, args.shape, args.dropout)
+    settings = Settings.make(args.device, args.quick, args.out, cases=args.case, shapes=args.shape,
+                             dropout=args.dropout, precision=args.precision, batch_size=args.batch_size,
+                             seq_len=args.seq_len, variants=args.variant)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = Results()
     info = meta(settings, suites)  # the commit and date of the code that runs

@@ -168,7 +168,7 @@ def attribution_case(settings: Settings, results: Results) -> None:
     sample_negatives = require("trelm_fast.losses", "sample_negatives")
     import workload
 
-    data_dir = workload.dataset_dir()
+    data_dir = workload.generated_dir()
     step, model = workload.build_step("trelm", "minilm", data_dir, settings.device)
     cfg = step.cfg
     batch_size, seq_len = (1, 64) if settings.quick else (8, 128)

@@ -1,8 +1,12 @@
 """`step` suite: one training step (forward, backward, optimizer) of each DESIGN.md section 3 variant.
 
 Cases `minilm` and `bert-base` (workload.SHAPES; --quick: `minilm` only, batch 2 x 128; `--shape`
-selects others), batch 8 x 128 full-length sequences (workload.full_batch), random init. Each variant is the trainer's own
-step object (`trelm_fast.step.make_step`): `hf_dense`, `dense_opt`, `trelm_naive`, `trelm_fast`.
+selects others), batch 8 x 128 full-length sequences (workload.full_batch; `--batch-size`, `--seq-len`),
+random init, the generated dataset (workload.generated_dir). Each variant is the trainer's own step
+object (`trelm_fast.step.make_step`): `hf_dense`, `dense_opt`, `trelm_naive`, `trelm_fast` (`--variant`
+selects some). The precision is the trainer's `train.precision` (`--precision`, default fp32); a case
+is named after its shape, with `-bf16` / `-fp16` appended at those precisions, and every record
+carries `device` and `precision`.
 
 Routed variants refresh their knowledge paths every R steps (`routing.refresh`), so their figures
 are amortized: wall_ms = (median step without a refresh) + (attribution time) / R, and likewise
@@ -19,7 +23,7 @@ from __future__ import annotations
 import itertools
 import statistics
 
-from harness import Results, Settings, count_and_profile, measure_many
+from harness import Results, Settings, count_and_profile, describe_device, measure_many
 
 SUITE = "step"
 VARIANTS = ("hf_dense", "dense_opt", "trelm_naive", "trelm_fast")
@@ -36,16 +40,17 @@ def _checked(result) -> None:
 class Variant:
     """One step variant at one shape: the trainer's step object, its batch, and its refresh figures."""
 
-    def __init__(self, settings: Settings, shape: str, name: str, data_dir, batch_size: int):
+    def __init__(self, settings: Settings, shape: str, name: str, data_dir, batch_size: int, seq_len: int):
         import workload
 
         self.name = name
         self.routing = workload.config(shape, name, data_dir).routing  # as configured, before any override
         sequences = min(batch_size, self.routing.sequences or batch_size)
         self.naive_scaled = name == "trelm_naive" and shape != "minilm" and sequences > 1
-        overrides = [f"model.dropout={settings.dropout}"] + (["routing.sequences=1"] if self.naive_scaled else [])
+        overrides = [f"model.dropout={settings.dropout}", f"train.precision={settings.precision}"]
+        overrides += ["routing.sequences=1"] if self.naive_scaled else []
         self.step, self.model = workload.build_step(name, shape, data_dir, settings.device, overrides)
-        self.batch = workload.full_batch(data_dir, batch_size, 128)
+        self.batch = workload.full_batch(data_dir, batch_size, seq_len)
         self.routed = self.step.router is not None
         if self.routed and self.routing.refresh == 1:
             raise ValueError("step suite: routing.refresh = 1 leaves no step without a refresh to time")
@@ -98,25 +103,36 @@ class Variant:
         return values, note
 
 
+def case_name(shape: str, precision: str) -> str:
+    """The step case of a shape at a precision: the shape itself at fp32, else `<shape>-<precision>`."""
+    return shape if precision == "fp32" else f"{shape}-{precision}"
+
+
 def run(settings: Settings, results: Results) -> None:
-    """Per shape: build the four variants, refresh the routed ones, time the plain steps interleaved."""
+    """Per shape: build the variants, refresh the routed ones, time the plain steps interleaved."""
     import workload
 
-    batch_size = 2 if settings.quick else 8
-    tokens = batch_size * 128
-    data_dir = workload.dataset_dir()
+    batch_size = settings.batch_size or (2 if settings.quick else 8)
+    seq_len = settings.seq_len
+    tokens = batch_size * seq_len
+    names = settings.variants or VARIANTS
+    tags = {"device": describe_device(settings.device), "precision": settings.precision}
+    data_dir = workload.generated_dir()
+    tf32 = workload.config(None, "hf_dense", data_dir).train.tf32
     for shape in settings.model_shapes():
-        if not settings.wants(shape):
+        case = case_name(shape, settings.precision)
+        if not settings.wants(case):
             continue
-        variants = [Variant(settings, shape, name, data_dir, batch_size) for name in VARIANTS]
+        variants = [Variant(settings, shape, name, data_dir, batch_size, seq_len) for name in names]
         measured = measure_many(settings, {v.name: v.plain_step for v in variants}, tokens)
         for v in variants:
             values, note = v.amortized(measured[v.name], tokens)
             for metric, value in values.items():
-                results.add(SUITE, shape, v.name, metric, value)
-            results.note(SUITE, f"{shape} {v.name}: {note}")
+                results.add(SUITE, case, v.name, metric, value, **tags)
+            results.note(SUITE, f"{case} {v.name}: {note}")
         del variants
-    results.note(SUITE, f"batch {batch_size} x 128 full-length sequences, fp32, random init, dropout "
-                        f"{settings.dropout:g} (--dropout); the four "
-                        "variants' steps are timed interleaved; tokens_per_s counts every position; targets: "
-                        "trelm_fast wall_ms ratio <= 0.5 of hf_dense on minilm and below dense_opt")
+    results.note(SUITE, f"batch {batch_size} x {seq_len} full-length sequences, {settings.precision} "
+                        f"(train.precision; train.tf32 {tf32}: TF32 fp32 matmuls on CUDA), random init, "
+                        f"dropout {settings.dropout:g} (--dropout); the variants' steps are timed interleaved; "
+                        "tokens_per_s counts every position; targets: trelm_fast wall_ms ratio <= 0.5 of "
+                        "hf_dense on minilm and below dense_opt")

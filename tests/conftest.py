@@ -2,7 +2,8 @@
 
 TRITON_INTERPRET must be set before any kernel module is imported, so it is set here, at
 collection time. Tests marked `cuda` are skipped when no GPU is present. Shared fixtures:
-`tiny_dir`, the tiny synthetic dataset built once per session.
+`tiny_dir`, the tiny synthetic dataset built once per session; `dataset`, the hand-made dataset
+directory of `test_model.make_dataset` (what a model reads; no tokenizer), once per session.
 """
 import os
 
@@ -32,3 +33,10 @@ def tiny_dir(tmp_path_factory):
     if not (d / "manifest.json").exists():
         build_dataset(generate("tiny", seed=0), d, BuildConfig(transe_epochs=10, transe_dim=16), progress=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    from test_model import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("ds"))

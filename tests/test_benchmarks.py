@@ -15,6 +15,7 @@ from harness import (  # noqa: E402
 )
 
 RECORD_KEYS = {"suite", "case", "variant", "metric", "value", "unit"}
+STEP_TAGS = {"device", "precision"}  # step records say what they ran on
 
 
 def test_flops_peak_memory_and_timing_measure_what_they_say(tmp_path):
@@ -60,7 +61,7 @@ def check_schema(data: dict) -> None:
     assert {"device", "versions", "commit", "date"} <= set(data["meta"])
     assert data["records"]
     for r in data["records"]:
-        assert set(r) == RECORD_KEYS
+        assert set(r) == RECORD_KEYS | (STEP_TAGS if r["suite"] == "step" else set())
         assert r["unit"] == METRICS[r["metric"]]
         assert isinstance(r["value"], float)
 
@@ -113,6 +114,19 @@ def test_quick_all_suites_on_the_tiny_shape(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
     assert "| tiny | hf_dense | " in summary and "1.000 | 1.00x |" in summary
+
+
+def test_step_suite_precision_batch_size_seq_len_and_variants(tmp_path):
+    rc, data, err = run_bench(tmp_path, "--suite", "step", "--shape", "tiny", "--precision", "bf16",
+                              "--batch-size", "3", "--seq-len", "40", "--variant", "hf_dense", "--variant", "trelm_fast")
+    assert rc == 0, err
+    check_schema(data)
+    got = values(data, suite="step", case="tiny-bf16")
+    assert {v for v, _ in got} == {"hf_dense", "trelm_fast"}
+    assert all(r["precision"] == "bf16" and r["device"] == data["meta"]["device"] for r in data["records"])
+    assert got[("hf_dense", "tokens_per_s")] == pytest.approx(3 * 40 / (got[("hf_dense", "wall_ms")] / 1e3))
+    assert data["meta"]["step_precision"] == "bf16"
+    assert "batch 3 x 40 full-length sequences, bf16" in (tmp_path / "summary.md").read_text()
 
 
 def test_a_failing_suite_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):

