@@ -95,3 +95,18 @@ def test_id_list_errors(tmp_path):
         read_id_list(tmp_path / "ids.txt")
     with pytest.raises(ValueError):
         BadRecords("ignore")
+
+
+def test_bytes_that_are_not_utf8_are_bad_records_with_file_and_line(tmp_path):
+    corpus, kg = tmp_path / "corpus.jsonl", tmp_path / "kg.tsv"
+    good = json.dumps(GOOD).encode()
+    corpus.write_bytes(good + b"\n" + b'{"text": "Par\xffis", "entities": []}\n' + good + b"\r\n")
+    kg.write_bytes(b"a\tr\tb\nc\tr\t\xfed\nc\tr\td\r\n")
+    with pytest.raises(DataFormatError, match=r"corpus.jsonl:2: not UTF-8: byte 0xff at byte 14 of the line"):
+        list(read_corpus(corpus))
+    with pytest.raises(DataFormatError, match=r"kg.tsv:2: not UTF-8: byte 0xfe"):
+        read_kg(kg)
+    bad = BadRecords("skip")
+    assert [d.line for d in read_corpus(corpus, bad)] == [1, 3]
+    assert read_kg(kg, bad) == [("a", "r", "b"), ("c", "r", "d")]
+    assert bad.counts == {"corpus: not UTF-8": 1, "kg: not UTF-8": 1}

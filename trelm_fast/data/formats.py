@@ -129,23 +129,34 @@ def _require(cur: _Cursor, obj: dict, key: str, typ: type, prefix: str = "") -> 
     return val
 
 
-def _json_lines(path: Path, bad: BadRecords, kind: str) -> Iterator[tuple[_Cursor, dict]]:
-    with open(path, encoding="utf-8") as f:
+def _text_lines(path: str | Path, bad: BadRecords, kind: str) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line break) of each UTF-8 line of ``path``; a line that is not
+    UTF-8 is a bad record (file, line and the offending byte named) of reason ``{kind}: not UTF-8``."""
+    with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            cur = _Cursor(str(path), lineno, bad, kind)
             try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                bad.report(DataFormatError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})"),
-                           f"{kind}: malformed JSON")
-                continue
-            if not isinstance(obj, dict):
-                bad.report(DataFormatError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}"),
-                           f"{kind}: not an object")
-                continue
-            yield cur, obj
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                bad.report(DataFormatError(path, lineno, None, f"not UTF-8: byte 0x{raw[e.start]:02x} at byte "
+                                           f"{e.start + 1} of the line"), f"{kind}: not UTF-8")
+
+
+def _json_lines(path: Path, bad: BadRecords, kind: str) -> Iterator[tuple[_Cursor, dict]]:
+    for lineno, raw in _text_lines(path, bad, kind):
+        if not raw.strip():
+            continue
+        cur = _Cursor(str(path), lineno, bad, kind)
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            bad.report(DataFormatError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})"),
+                       f"{kind}: malformed JSON")
+            continue
+        if not isinstance(obj, dict):
+            bad.report(DataFormatError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}"),
+                       f"{kind}: not an object")
+            continue
+        yield cur, obj
 
 
 def parse_document(cur: _Cursor, obj: dict) -> Document | None:
@@ -204,21 +215,19 @@ def read_kg(path: str | Path, bad: BadRecords | None = None) -> list[tuple[str, 
     bad = bad or BadRecords()
     triples: dict[tuple[str, str, str], None] = {}
     names = ("head", "relation", "tail")
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if len(cols) != 3:
-                bad.report(DataFormatError(path, lineno, None, f"expected 3 tab-separated columns "
-                                           f"(head, relation, tail), got {len(cols)}"), "kg: wrong column count")
-                continue
-            empty = [n for n, c in zip(names, cols) if not c.strip()]
-            if empty:
-                bad.report(DataFormatError(path, lineno, empty[0], "empty"), "kg: empty column")
-                continue
-            triples[tuple(c.strip() for c in cols)] = None
+    for lineno, line in _text_lines(path, bad, "kg"):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) != 3:
+            bad.report(DataFormatError(path, lineno, None, f"expected 3 tab-separated columns "
+                                       f"(head, relation, tail), got {len(cols)}"), "kg: wrong column count")
+            continue
+        empty = [n for n, c in zip(names, cols) if not c.strip()]
+        if empty:
+            bad.report(DataFormatError(path, lineno, empty[0], "empty"), "kg: empty column")
+            continue
+        triples[tuple(c.strip() for c in cols)] = None
     return list(triples)
 
 
