@@ -145,7 +145,7 @@ class Check:
         lines = ["# trelm-fast GPU check", "", f"- device: **{info['device']}**"]
         if self.device.type == "cpu":
             lines.append(f"- **{NO_GPU}** (CPU figures, not GPU figures)")
-        lines += [f"- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
                   + (f", CUDA {torch.version.cuda}" if self.device.type == "cuda" else ""),
                   f"- commit: {info['commit']}{' (dirty)' if info['dirty'] else ''}, date: {info['date']}",
                   f"- result: **{'FAILED: ' + ', '.join(failed) if failed else 'all parts passed'}**",

@@ -34,7 +34,6 @@ _CONFIGS = [
 def _attribution_kernel(
     g_ptr, w_ptr, w2_ptr, v_ptr, out_ptr,
     M, N, D, I, N_BUCKET,  # N_BUCKET: autotune key only
-
     stride_gk, stride_gn, stride_gd,
     stride_w2d, stride_w2i,
     stride_vn, stride_vi,

@@ -18,7 +18,7 @@ slice length, fixed per parameter. Tests run the kernel on CPU under TRITON_INTE
 from __future__ import annotations
 
 import math
-import torch
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -63,12 +63,13 @@ def _slice_adamw_kernel(
 
 
 def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor,
-           idx: Tensor, dim: int) -> None:
+           idx: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Validate the arguments; returns (idx, steps) as the kernel reads them (`_launch.index_arg`)."""
     if param.dim() not in (1, 2) or dim not in range(param.dim()):
         raise ValueError(f"slice_adamw: param must be 1-D or 2-D with dim in range, got "
                          f"{tuple(param.shape)} dim={dim}")
-    index_arg(idx, "idx", "slice_adamw", param.device)
-    index_arg(steps, "steps", "slice_adamw", param.device)
+    idx = index_arg(idx, "idx", "slice_adamw", param.device)
+    steps = index_arg(steps, "steps", "slice_adamw", param.device)
     want = list(param.shape)
     want[dim] = idx.numel()
     if list(grad.shape) != want:
@@ -80,6 +81,7 @@ def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ste
                              f"{tuple(t.shape)} {t.stride()} vs {tuple(param.shape)} {param.stride()}")
     if steps.shape != (param.shape[dim],):
         raise ValueError(f"slice_adamw: steps must have shape ({param.shape[dim]},), got {tuple(steps.shape)}")
+    return idx, steps
 
 
 def slice_adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -108,12 +110,10 @@ def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
                        steps: Tensor, idx: Tensor, dim: int, lr: float, beta1: float,
                        beta2: float, eps: float, weight_decay: float) -> None:
     """The fused in-place kernel (CUDA, or CPU under TRITON_INTERPRET=1); same result as the reference."""
-    _check(param, grad, exp_avg, exp_avg_sq, steps, idx, dim)
+    idx, steps = _check(param, grad, exp_avg, exp_avg_sq, steps, idx, dim)
     k = idx.numel()
     if k == 0:
         return
-    idx = index_arg(idx, "idx", "slice_adamw", param.device)
-    steps = index_arg(steps, "steps", "slice_adamw", param.device)
     if param.dim() == 1:
         n, sp, sn, sg, sgn = 1, param.stride(0), 0, grad.stride(0), 0
     else:

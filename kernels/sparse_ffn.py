@@ -81,15 +81,15 @@ def _gathered_tn_matmul_kernel(
             tl.store(colsum_ptr + o_m, b_sum, mask=m_m)
 
 
-def _check(a: Tensor, b: Tensor, a_idx: Tensor | None, b_idx: Tensor | None) -> None:
+def _check(a: Tensor, b: Tensor, a_idx: Tensor | None, b_idx: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Validate the operands; returns (a_idx, b_idx) as the kernel reads them (`_launch.index_arg`)."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(
             "gathered_tn_matmul expects a [T, Ka] and b [T, Kb] with the same T; got "
             f"a {tuple(a.shape)}, b {tuple(b.shape)}"
         )
-    for name, idx, src in (("a_idx", a_idx, a), ("b_idx", b_idx, b)):
-        if idx is not None:
-            index_arg(idx, name, "gathered_tn_matmul", src.device)
+    return tuple(None if idx is None else index_arg(idx, name, "gathered_tn_matmul", src.device)
+                 for name, idx, src in (("a_idx", a_idx, a), ("b_idx", b_idx, b)))
 
 
 def gather_columns(t: Tensor, idx: Tensor) -> Tensor:
@@ -118,9 +118,7 @@ def gathered_tn_matmul_triton(
     colsum: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """The fused kernel (CUDA, or CPU under TRITON_INTERPRET=1); same result as the reference."""
-    _check(a, b, a_idx, b_idx)
-    a_idx, b_idx = (None if i is None else index_arg(i, name, "gathered_tn_matmul", a.device)
-                    for name, i in (("a_idx", a_idx), ("b_idx", b_idx)))
+    a_idx, b_idx = _check(a, b, a_idx, b_idx)
     m = a.shape[1] if a_idx is None else a_idx.numel()
     n = b.shape[1] if b_idx is None else b_idx.numel()
     t = a.shape[0]
