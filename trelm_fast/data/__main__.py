@@ -1,4 +1,4 @@
-"""CLI: ``python -m trelm_fast.data build --source {synthetic,wiki-geo,files} --out DIR [...]``
+"""CLI: ``python -m trelm_fast.data build --source {synthetic,wiki-geo,files,hf} --out DIR [...]``
 and ``python -m trelm_fast.data info DIR`` (verify checksums, print the summary)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trelm_fast.data", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a dataset directory")
-    b.add_argument("--source", required=True, choices=["synthetic", "wiki-geo", "files"])
+    b.add_argument("--source", required=True, choices=["synthetic", "wiki-geo", "files", "hf"])
     b.add_argument("--out", required=True, help="output directory (written to OUT.tmp-<pid>, renamed when complete)")
     b.add_argument("--size", default="small", choices=["tiny", "small", "medium"], help="synthetic size")
     b.add_argument("--seed", type=int, default=0)
@@ -29,9 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--transe-epochs", type=int, default=100)
     b.add_argument("--max-pages", type=int, default=None, help="wiki-geo: read at most this many pages")
     b.add_argument("--corpus", help="files: corpus JSONL")
-    b.add_argument("--kg", help="files: KG TSV")
-    b.add_argument("--probes", help="files: probes JSONL (facts stated in the corpus)")
-    b.add_argument("--probes-heldout", help="files: probes JSONL (held-out facts)")
+    b.add_argument("--path", help="hf: a `datasets` dataset on disk (save_to_disk directory, or arrow, "
+                   "parquet or JSON lines files, or a directory of them)")
+    b.add_argument("--text-column", default="text", help="hf: the column holding the document text")
+    b.add_argument("--entities-column", default="entities", help="hf: the column holding the entity spans")
+    b.add_argument("--kg", help="files, hf: KG TSV")
+    b.add_argument("--probes", help="files, hf: probes JSONL (facts stated in the corpus)")
+    b.add_argument("--probes-heldout", help="files, hf: probes JSONL (held-out facts)")
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     i = sub.add_parser("info", help="verify a dataset's checksums and print its summary")
@@ -42,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 def _build(args) -> dict:
     from .build import BuildConfig, build_source
 
-    inputs = {k: v for k, v in (("corpus", args.corpus), ("kg", args.kg), ("probes", args.probes),
+    inputs = {k: v for k, v in (("corpus", args.corpus), ("path", args.path), ("kg", args.kg), ("probes", args.probes),
                                 ("probes_heldout", args.probes_heldout)) if v}
+    if args.source == "hf":
+        inputs.update(text_column=args.text_column, entities_column=args.entities_column)
     cfg = BuildConfig(source=args.source, size=args.size, seed=args.seed, seq_len=args.seq_len,
                       on_bad_record=args.on_bad_record, long_tail_quantile=args.long_tail_quantile,
                       si_min_quantile=args.si_min_quantile, targets_per_sequence=args.targets_per_sequence,

@@ -145,8 +145,10 @@ def _pick_triple(options: list[tuple[int, int]], in_sequence: set[int]) -> tuple
 
 
 def load_source(config: BuildConfig, bad: BadRecords, progress: bool = True) -> RawData:
-    """The raw data of ``config.source``: synthetic (size, seed), wiki-geo (max_pages) or files
-    (``config.inputs``: corpus, kg and optionally probes, probes_heldout paths)."""
+    """The raw data of ``config.source``: synthetic (size, seed), wiki-geo (max_pages), files
+    (``config.inputs``: corpus, kg and optionally probes, probes_heldout paths) or hf (``config.inputs``:
+    path of a `datasets` dataset on disk, kg, optionally probes, probes_heldout, text_column,
+    entities_column)."""
     if config.source == "synthetic":
         from .sources.synthetic import generate
 
@@ -162,7 +164,15 @@ def load_source(config: BuildConfig, bad: BadRecords, progress: bool = True) -> 
 
         return load_files(config.inputs["corpus"], config.inputs["kg"], config.inputs.get("probes"),
                           config.inputs.get("probes_heldout"), bad)
-    raise ValueError(f"unknown source {config.source!r}: expected synthetic, wiki-geo or files")
+    if config.source == "hf":
+        if "path" not in config.inputs or "kg" not in config.inputs:
+            raise ValueError("source 'hf' needs the dataset and kg paths (--path, --kg)")
+        from .sources.hf import load_hf
+
+        i = config.inputs
+        return load_hf(i["path"], i["kg"], i.get("probes"), i.get("probes_heldout"), bad,
+                       text_column=i.get("text_column", "text"), entities_column=i.get("entities_column", "entities"))
+    raise ValueError(f"unknown source {config.source!r}: expected synthetic, wiki-geo, files or hf")
 
 
 def build_source(out: str | Path, config: BuildConfig, progress: bool = True, force: bool = False) -> dict:

@@ -3,6 +3,7 @@
 - ``synthetic``: generated, deterministic from a seed (:mod:`.synthetic`);
 - ``wiki-geo``: the Wikipedia excerpt in the gensim wheel + GeoNames facts (:mod:`.wiki_geo`);
 - ``files``: user files in the formats of :mod:`trelm_fast.data.formats` (:mod:`.files`).
+- ``hf``: a corpus as a Hugging Face ``datasets`` dataset on disk, KG and probes as ``files`` (:mod:`.hf`).
 """
 from __future__ import annotations
 
