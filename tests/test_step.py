@@ -46,7 +46,7 @@ def test_dense_loss_is_stock_full_vocabulary_mlm_plus_cka(dataset):
     cfg, model, step = setup_step("dense", dataset)
     batch = make_batch(seed=5)
     model.eval()
-    negatives = step._negatives(batch)
+    negatives = step.negatives(batch)
     total, mlm, cka, hidden = step._objective(batch, 0.0, negatives)
     head = MLMHead.from_model(model.mlm)
     logits = head.logits(hidden)  # [B, n, V] at every position, as stock transformers
@@ -61,7 +61,7 @@ def test_hf_dense_is_stock_mlm(dataset):
     cfg, model, step = setup_step("hf_dense", dataset)
     batch = make_batch(seed=6)
     model.eval()
-    total, mlm, cka, _ = step._objective(batch, 0.0, step._negatives(batch))
+    total, mlm, cka, _ = step._objective(batch, 0.0, step.negatives(batch))
     ref = model.mlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     labels=batch["mlm_labels"]).loss
     torch.testing.assert_close(total, ref)
@@ -69,7 +69,7 @@ def test_hf_dense_is_stock_mlm(dataset):
     _, model2, step2 = setup_step("dense_opt", dataset)
     model2.load_state_dict(model.state_dict())
     model2.eval()
-    total2, *_ = step2._objective(batch, 0.0, step2._negatives(batch))
+    total2, *_ = step2._objective(batch, 0.0, step2.negatives(batch))
     torch.testing.assert_close(total2, ref)
 
 

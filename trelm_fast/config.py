@@ -136,6 +136,11 @@ class ScheduleConfig:
 class TrainConfig:
     """The loop: steps, batch, checkpoints every N (keep K), probes every N, non-finite limit.
 
+    ``batch_size`` is the micro-batch of one forward/backward; an optimizer step takes
+    ``grad_accum_steps`` of them (their losses weighted so that the gradient is the one of their
+    concatenation). ``max_grad_norm`` > 0 clips the global norm of every trained gradient (dense
+    parameters and knowledge-path slices together) before the update; 0 leaves them unclipped.
+
     ``precision``: one of PRECISIONS (forward and loss under torch.autocast for bf16/fp16, fp16 with
     a gradient scaler); ``tf32``: allow TF32 for fp32 matmuls and convolutions on CUDA (no effect on
     CPU). See trelm_fast/precision.py.
@@ -150,6 +155,8 @@ class TrainConfig:
     resume: Optional[str] = None
     precision: str = "auto"
     tf32: bool = True
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 0.0
 
 
 @dataclass
@@ -394,8 +401,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
     t = cfg.train
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "eval_every", "max_nonfinite"):
+                 "eval_every", "max_nonfinite", "grad_accum_steps"):
         _positive(getattr(t, name), f"train.{name}", s)
+    _positive(t.max_grad_norm, "train.max_grad_norm", s, allow_zero=True)
     if t.resume is not None and not Path(t.resume).is_dir():
         raise ConfigError(f"{s}: train.resume directory {t.resume!r} does not exist")
     _choice(t.precision, PRECISIONS, "train.precision", s)

@@ -147,6 +147,12 @@ class TrelmOptimizer:
             for g in self.dense.param_groups:
                 g["lr"] = self._lr
 
+    def trained_tensors(self) -> list[Tensor]:
+        """What this optimizer updates from ``.grad``: the dense parameters, then the slice leaves of
+        the current paths (new leaves after every path change)."""
+        dense = [] if self.dense is None else [p for g in self.dense.param_groups for p in g["params"]]
+        return dense + [t for f in self.ffns if f.slices is not None for t in f.slices if t is not None]
+
     def _targets(self, f: TrelmFFN):
         """(name, parameter, slice leaf, dim, weight decay) of one layer's sliced tensors."""
         s = f.slices

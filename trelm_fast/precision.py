@@ -15,7 +15,7 @@ bf16, in fp32 otherwise (fp16 would need its own loss scaling: dP/dv of a probab
 underflow).
 
 fp16 loss scaling: backward of S * loss; then `step(optimizer)` unscales the dense gradients and
-the knowledge-path slice gradients together (`TrelmOptimizer` is no torch optimizer, so the scaler
+the knowledge-path slice gradients together (and clips them when `train.max_grad_norm` > 0) (`TrelmOptimizer` is no torch optimizer, so the scaler
 sees both through `_ScalerView`), runs the optimizer only if all of them are finite, and updates
 S (halved after an overflow, doubled after 2000 clean steps: the GradScaler defaults).
 
@@ -64,9 +64,7 @@ class _ScalerView:
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
-        dense = [] if optimizer.dense is None else [p for g in optimizer.dense.param_groups for p in g["params"]]
-        slices = [t for f in optimizer.ffns if f.slices is not None for t in f.slices if t is not None]
-        self.param_groups = [{"params": dense + slices}]
+        self.param_groups = [{"params": optimizer.trained_tensors()}]
         self.stepped = False
 
     def has_grads(self) -> bool:
@@ -75,6 +73,16 @@ class _ScalerView:
     def step(self) -> None:
         self.optimizer.step()
         self.stepped = True
+
+
+def clip_grad_norm(optimizer, max_norm: float) -> Tensor | None:
+    """Clip the global L2 norm of ``optimizer.trained_tensors()``' gradients (dense and slices together)
+    to ``max_norm`` (torch.nn.utils.clip_grad_norm_); returns the norm before clipping (a tensor, no
+    host sync), or None when ``max_norm`` is 0 (no clipping)."""
+    if max_norm <= 0:
+        return None
+    grads = [t for t in optimizer.trained_tensors() if t.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm) if grads else None
 
 
 class MixedPrecision:
@@ -101,22 +109,27 @@ class MixedPrecision:
         """loss.backward(), of the scaled loss under fp16."""
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def step(self, optimizer) -> bool:
-        """Apply the gradients with ``optimizer`` (a TrelmOptimizer); False if the scaler skipped it.
+    def step(self, optimizer, max_grad_norm: float = 0.0) -> tuple[bool, Tensor | None]:
+        """Apply the gradients with ``optimizer`` (a TrelmOptimizer), clipped to ``max_grad_norm``
+        when > 0 (`clip_grad_norm`); returns (False if the scaler skipped the update, the norm
+        before clipping or None).
 
-        fp16: unscale dense and slice gradients, step unless any is inf/NaN, update the scale.
+        fp16: unscale dense and slice gradients, clip, step unless any is inf/NaN, update the scale.
         """
         if self.scaler is None:
+            norm = clip_grad_norm(optimizer, max_grad_norm)
             optimizer.step()
-            return True
+            return True, norm
         view = _ScalerView(optimizer)
         if not view.has_grads():  # nothing to apply (and the scaler needs a gradient to check)
-            return True
-        self.scaler.step(view)  # unscale_(view), then view.step() unless a gradient is inf/NaN
+            return True, None
+        self.scaler.unscale_(view)
+        norm = clip_grad_norm(optimizer, max_grad_norm)
+        self.scaler.step(view)  # view.step() unless a gradient is inf/NaN (already unscaled)
         self.scaler.update()
         if not view.stepped:
             self.skipped_total += 1
-        return view.stepped
+        return view.stepped, norm
 
     def stats(self, stepped: bool) -> dict:
         """``amp/scale``, ``amp/skipped`` (this step), ``amp/skipped_total`` under fp16; else empty."""

@@ -17,11 +17,15 @@ Methods (paper table 6 and DESIGN.md section 3):
 | `hf_dense`    | no        | no   | none          | stock `BertForMaskedLM(labels=...)` MLM     | every parameter (AdamW)     |
 | `dense_opt`   | no        | no   | none          | MLM logits only at labelled positions       | every parameter (AdamW)     |
 
-A step: move the batch to the model's device; refresh knowledge paths when due; forward; loss;
-if the loss is not finite on any rank, skip (no update, gradients dropped) and say so; backward;
-under torch.distributed average dense gradients (explicit all-reduce) and path slices
-(`allreduce_slice_grads`); optimizer step at the scheduled learning rate; memory-bank update from
-the final hidden states (after the forward, no gradient).
+A step (`begin`, `accumulate` per micro-batch, `finish`, `update_bank`; `step` runs them in
+order, and `trelm_fast.hf.TrelmTrainer` runs them inside the transformers Trainer loop): move the
+batch to the model's device; refresh knowledge paths when due; for each micro-batch (one, or
+`train.grad_accum_steps`) forward, loss weighted by the micro-batch's share of the step's labelled
+positions and CKA targets, backward; if the loss is not finite on any rank, skip (no update,
+gradients dropped) and say so; under torch.distributed average dense gradients (explicit
+all-reduce) and path slices (`allreduce_slice_grads`); clip the global norm of both
+(`train.max_grad_norm`); optimizer step at the scheduled learning rate; memory-bank update from
+each micro-batch's final hidden states (after the update, no gradient).
 
 Precision (`train.precision`, trelm_fast/precision.py): the forward and loss run under
 torch.autocast for bf16/fp16, the backward outside it; fp16 scales the loss and its scaler may skip
@@ -93,7 +97,8 @@ class StepResult:
     is 0.0 for the methods without CKA).
 
     stats: ``lr``, ``tokens`` (real tokens), ``cka_targets`` (CKA positions), seconds spent in
-    ``time/{forward,backward,optimizer,bank,step}_s``; on refresh steps ``time/attribution_s`` and
+    ``time/{forward_backward,optimizer,bank,step}_s``; ``grad_norm`` (before clipping) when
+    ``train.max_grad_norm`` > 0; on refresh steps ``time/attribution_s`` and
     the router's ``routing/*`` path statistics; with a bank ``kmb/lambda``; on a skipped step
     ``nonfinite_total``; under fp16 the loss scale ``amp/scale`` and whether the scaler skipped the
     update, ``amp/skipped`` (this step) and ``amp/skipped_total``.
@@ -152,6 +157,29 @@ def _ffn_weights(model: TrelmModel) -> list[tuple[nn.Parameter, Optional[nn.Para
     """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not)."""
     return [(l.intermediate.dense.weight, l.intermediate.dense.bias, l.output.dense.weight)
             for l in model.encoder_model.encoder.layer]
+
+
+def item_counts(batch: dict) -> Tensor:
+    """[2] int64 on the batch's device: labelled MLM positions and CKA targets of ``batch``."""
+    return torch.stack([batch["mlm_labels"].ne(IGNORE_INDEX).sum(), batch["cka_labels"].ne(IGNORE_INDEX).sum()])
+
+
+def share_of_items(counts: list[Tensor]) -> list[Tensor]:
+    """Each micro-batch's share [2] of the step's labelled positions and CKA targets (`item_counts`):
+    count_i / sum_j count_j, 0 where the step has none. Losses that are means over a micro-batch's
+    items, weighted by these, sum to the mean over the step's items."""
+    total = torch.stack(counts).sum(0).clamp(min=1).to(torch.float32)
+    return [c.to(torch.float32) / total for c in counts]
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch's weighted losses (detached) and what the bank update needs of it."""
+    total: Tensor
+    mlm: Tensor
+    cka: Tensor
+    hidden: Optional[Tensor]
+    batch: dict
 
 
 class TrainStep:
@@ -259,7 +287,8 @@ class TrainStep:
 
     # ------------------------------------------------------------------------- the objective
 
-    def _negatives(self, batch: dict) -> Tensor:
+    def negatives(self, batch: dict) -> Tensor:
+        """CKA negatives [T, loss.num_negatives] for the T targets of ``batch`` (from the step's generator)."""
         targets = batch["cka_labels"][batch["cka_labels"].ne(IGNORE_INDEX)]
         k = self.cfg.loss.num_negatives
         if targets.numel() == 0:
@@ -268,7 +297,7 @@ class TrainStep:
 
     def _objective(self, batch: dict, epoch: float, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """(total, mlm, cka, final hidden states or None) for the method's objective."""
-        model, theta, head = self.model, self.cfg.loss.theta, self.head
+        model, theta, head = self.model, self.theta, self.head
         kind = self.spec.objective
         if kind == "trelm":
             hidden = model(batch, epoch)
@@ -293,7 +322,12 @@ class TrainStep:
         mlm = mlm_loss(hidden, batch["mlm_labels"], head)
         return mlm, mlm, zero, None
 
-    # ------------------------------------------------------------------------- the step
+    @property
+    def theta(self) -> float:
+        """The MLM weight of the total loss theta * MLM + (1 - theta) * CKA (1 without CKA)."""
+        return self.cfg.loss.theta if self.spec.objective in ("trelm", "hf_full_cka") else 1.0
+
+    # ------------------------------------------------------------------------- the step's phases
 
     def _reduce_grads(self) -> None:
         if not _distributed():
@@ -309,51 +343,87 @@ class TrainStep:
 
             allreduce_slice_grads(self.model.mlm)
 
-    def step(self, batch: dict, step_index: int, epoch: float = 0.0) -> StepResult:
-        """Run one step on ``batch`` (the loader's batch contract) at ``step_index`` and ``epoch``."""
-        t_start = time.perf_counter()
-        batch = move_batch(batch, self.device)
+    def begin(self, batch: dict, negatives: Tensor, step_index: int, epoch: float) -> dict:
+        """Start optimizer step ``step_index``: train mode, no gradients, the scheduled learning rate,
+        and a path refresh on ``batch`` (on the device, with its ``negatives``) when one is due.
+        Returns the refresh's stats and ``lr``."""
         self.model.train()
         self.optimizer.zero_grad()
-        negatives = self._negatives(batch)
         stats: dict = {}
         if self.router is not None and (self.paths is None or step_index % self.cfg.routing.refresh == 0):
             # a batch without CKA targets on every rank has nothing to attribute: keep the old paths
             if self.paths is None or _any_rank(negatives.shape[0] > 0, self.device):
                 stats.update(self._refresh_paths(batch, step_index, epoch, negatives))
-        lr = lr_at(self.cfg, step_index)
-        self.optimizer.lr = lr
+        stats["lr"] = self.optimizer.lr = lr_at(self.cfg, step_index)
+        return stats
 
-        t0 = time.perf_counter()
+    def accumulate(self, batch: dict, negatives: Tensor, epoch: float, weights: Tensor) -> MicroBatch:
+        """Forward, loss and backward of one micro-batch (on the device), gradients added to those
+        already held. ``weights`` [2] scale its MLM and CKA terms: its share of the labelled
+        positions and CKA targets of the optimizer step (`share_of_items`), so the micro-batches'
+        gradients sum to the gradient of their concatenation."""
         with self.precision.autocast():
-            total, mlm, cka, hidden = self._objective(batch, epoch, negatives)
-        stats["time/forward_s"] = time.perf_counter() - t0
-        if _any_rank(not bool(torch.isfinite(total)), self.device):
-            self.nonfinite_total += 1
-            self.steps_done += 1
-            stats.update({"lr": lr, "nonfinite_total": self.nonfinite_total})
-            return StepResult(float(total.detach()), float(mlm.detach()), float(cka.detach()), True, stats)
-
-        t0 = time.perf_counter()
+            _, mlm, cka, hidden = self._objective(batch, epoch, negatives)
+            mlm, cka = mlm * weights[0], cka * weights[1]
+            total = self.theta * mlm + (1.0 - self.theta) * cka
         self.precision.backward(total)
+        return MicroBatch(total.detach(), mlm.detach(), cka.detach(),
+                          None if hidden is None else hidden.detach(), batch)
+
+    def finish(self) -> tuple[bool, dict]:
+        """End the optimizer step: average gradients across ranks, clip (``train.max_grad_norm``) and
+        apply them; returns (whether the update was applied, stats)."""
         if self.spec.routing == "naive":
             self._mask_to_paths()
         self._reduce_grads()
-        stats["time/backward_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stepped = self.precision.step(self.optimizer)
+        stepped, norm = self.precision.step(self.optimizer, self.cfg.train.max_grad_norm)
         self.optimizer.zero_grad()
-        stats["time/optimizer_s"] = time.perf_counter() - t0
-        stats.update(self.precision.stats(stepped))
-        if hidden is not None and self.model.bank is not None:
-            t0 = time.perf_counter()
-            self.model.update_bank(hidden, batch)
-            stats["time/bank_s"] = time.perf_counter() - t0
-            stats["kmb/lambda"] = self.model.bank.lam(epoch)
+        stats = self.precision.stats(stepped)
+        if norm is not None:
+            stats["grad_norm"] = float(norm)
+        return stepped, stats
+
+    def update_bank(self, micro: list[MicroBatch], epoch: float) -> dict:
+        """Memory-bank update (eq. 8) from each micro-batch's final hidden states, in order."""
+        if self.model.bank is None or micro[0].hidden is None:
+            return {}
+        for m in micro:
+            self.model.update_bank(m.hidden, m.batch)
+        return {"kmb/lambda": self.model.bank.lam(epoch)}
+
+    def step(self, batch: dict | list[dict], step_index: int, epoch: float = 0.0) -> StepResult:
+        """Run optimizer step ``step_index`` at ``epoch`` on ``batch`` (the loader's batch contract), or
+        on a list of micro-batches (gradient accumulation, weighted as one batch of all of them).
+
+        A non-finite loss on any rank skips the step: no update, no bank update, gradients dropped.
+        """
+        t_start = time.perf_counter()
+        batches = [move_batch(b, self.device) for b in (batch if isinstance(batch, list) else [batch])]
+        negatives = [self.negatives(b) for b in batches]
+        stats = self.begin(batches[0], negatives[0], step_index, epoch)
+        t0 = time.perf_counter()
+        weights = share_of_items([item_counts(b) for b in batches])
+        micro = [self.accumulate(b, neg, epoch, w) for b, neg, w in zip(batches, negatives, weights)]
+        total, mlm, cka = (float(sum(getattr(m, k) for m in micro)) for k in ("total", "mlm", "cka"))
+        stats["time/forward_backward_s"] = time.perf_counter() - t0
         self.steps_done += 1
-        stats.update({"lr": lr, "tokens": int(batch["attention_mask"].sum()),
-                      "cka_targets": int(negatives.shape[0]), "time/step_s": time.perf_counter() - t_start})
-        return StepResult(float(total.detach()), float(mlm.detach()), float(cka.detach()), False, stats)
+        if _any_rank(not math.isfinite(total), self.device):
+            self.optimizer.zero_grad()
+            self.nonfinite_total += 1
+            stats["nonfinite_total"] = self.nonfinite_total
+            return StepResult(total, mlm, cka, True, stats)
+        t0 = time.perf_counter()
+        stepped, finish_stats = self.finish()
+        stats.update(finish_stats)
+        stats["time/optimizer_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bank_stats = self.update_bank(micro, epoch)
+        if bank_stats:
+            stats.update(bank_stats, **{"time/bank_s": time.perf_counter() - t0})
+        stats.update({"tokens": int(sum(b["attention_mask"].sum() for b in batches)),
+                      "cka_targets": sum(int(n.shape[0]) for n in negatives),
+                      "time/step_s": time.perf_counter() - t_start})
+        return StepResult(total, mlm, cka, False, stats)
 
     __call__ = step
 

@@ -281,11 +281,14 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
     nonfinite_in_row, tokens, busy = 0, 0, 0.0  # tokens and seconds (data + step) since the last log
     for step_index in range(start_step, cfg.train.steps):
         t0 = time.perf_counter()
-        epoch, batch_in_epoch, batch = next(data)
-        batch_in_epoch += 1  # the position after this batch: where a resumed run goes on
-        result = step.step(batch, step_index, epoch=float(epoch))
+        micro = []  # the step's train.grad_accum_steps micro-batches
+        for _ in range(cfg.train.grad_accum_steps):
+            epoch, batch_in_epoch, batch = next(data)
+            micro.append(batch)
+        batch_in_epoch += 1  # the position after the last micro-batch: where a resumed run goes on
+        result = step.step(micro, step_index, epoch=float(epoch))
         busy += time.perf_counter() - t0
-        tokens += int(batch["attention_mask"].sum()) * d.world_size
+        tokens += sum(int(b["attention_mask"].sum()) for b in micro) * d.world_size
 
         if result.skipped_nonfinite:
             nonfinite_in_row += 1
