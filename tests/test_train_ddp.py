@@ -39,6 +39,18 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+def ranks_agree(directory) -> dict:
+    """Assert that rank{0,1}.safetensors in ``directory`` (what each rank dumped: tensors, ``path/*``,
+    ``losses``) are equal except the losses, which differ (each rank had its own sequences); rank 0's."""
+    r0, r1 = (load_file(directory / f"rank{r}.safetensors") for r in (0, 1))
+    assert r0.keys() == r1.keys() and any(k.startswith("path/") for k in r0)
+    for key in r0:
+        if key != "losses":
+            assert torch.equal(r0[key], r1[key]), key
+    assert not torch.equal(r0["losses"], r1["losses"])
+    return r0
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_ranks_agree(tmp_path, tiny_dir):
@@ -51,12 +63,7 @@ def test_two_ranks_agree(tmp_path, tiny_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    r0, r1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
-    assert r0.keys() == r1.keys() and any(k.startswith("path/") for k in r0)
-    for key in r0:
-        if key != "losses":
-            assert torch.equal(r0[key], r1[key]), key
-    assert not torch.equal(r0["losses"], r1["losses"])  # each rank trained on its own sequences
+    r0 = ranks_agree(tmp_path)
     assert r0["bank/counts"].sum() > 0  # the bank was updated (with both ranks' mentions)
 
     ck = load_checkpoint(out / "checkpoints")  # written by rank 0, same state

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -329,7 +329,8 @@ class TrainStep:
 
     # ------------------------------------------------------------------------- the step's phases
 
-    def _reduce_grads(self) -> None:
+    def reduce_grads(self) -> None:
+        """Under torch.distributed: average dense and slice gradients across ranks (a no-op otherwise)."""
         if not _distributed():
             return
         grads = []
@@ -344,9 +345,8 @@ class TrainStep:
             allreduce_slice_grads(self.model.mlm)
 
     def begin(self, batch: dict, negatives: Tensor, step_index: int, epoch: float) -> dict:
-        """Start optimizer step ``step_index``: train mode, no gradients, the scheduled learning rate,
-        and a path refresh on ``batch`` (on the device, with its ``negatives``) when one is due.
-        Returns the refresh's stats and ``lr``."""
+        """Start optimizer step ``step_index``: train mode, no gradients, and a path refresh on
+        ``batch`` (on the device, with its ``negatives``) when one is due. Returns the refresh's stats."""
         self.model.train()
         self.optimizer.zero_grad()
         stats: dict = {}
@@ -354,19 +354,20 @@ class TrainStep:
             # a batch without CKA targets on every rank has nothing to attribute: keep the old paths
             if self.paths is None or _any_rank(negatives.shape[0] > 0, self.device):
                 stats.update(self._refresh_paths(batch, step_index, epoch, negatives))
-        stats["lr"] = self.optimizer.lr = lr_at(self.cfg, step_index)
         return stats
 
-    def accumulate(self, batch: dict, negatives: Tensor, epoch: float, weights: Tensor) -> MicroBatch:
+    def accumulate(self, batch: dict, negatives: Tensor, epoch: float, weights: Tensor,
+                   backward: Optional[Callable[[Tensor], None]] = None) -> MicroBatch:
         """Forward, loss and backward of one micro-batch (on the device), gradients added to those
         already held. ``weights`` [2] scale its MLM and CKA terms: its share of the labelled
         positions and CKA targets of the optimizer step (`share_of_items`), so the micro-batches'
-        gradients sum to the gradient of their concatenation."""
+        gradients sum to the gradient of their concatenation. ``backward``: the step's precision
+        (fp16 loss scaling) by default; the HF Trainer passes its accelerator's."""
         with self.precision.autocast():
             _, mlm, cka, hidden = self._objective(batch, epoch, negatives)
             mlm, cka = mlm * weights[0], cka * weights[1]
             total = self.theta * mlm + (1.0 - self.theta) * cka
-        self.precision.backward(total)
+        (backward or self.precision.backward)(total)
         return MicroBatch(total.detach(), mlm.detach(), cka.detach(),
                           None if hidden is None else hidden.detach(), batch)
 
@@ -375,7 +376,7 @@ class TrainStep:
         apply them; returns (whether the update was applied, stats)."""
         if self.spec.routing == "naive":
             self._mask_to_paths()
-        self._reduce_grads()
+        self.reduce_grads()
         stepped, norm = self.precision.step(self.optimizer, self.cfg.train.max_grad_norm)
         self.optimizer.zero_grad()
         stats = self.precision.stats(stepped)
@@ -401,6 +402,7 @@ class TrainStep:
         batches = [move_batch(b, self.device) for b in (batch if isinstance(batch, list) else [batch])]
         negatives = [self.negatives(b) for b in batches]
         stats = self.begin(batches[0], negatives[0], step_index, epoch)
+        stats["lr"] = self.optimizer.lr = lr_at(self.cfg, step_index)
         t0 = time.perf_counter()
         weights = share_of_items([item_counts(b) for b in batches])
         micro = [self.accumulate(b, neg, epoch, w) for b, neg, w in zip(batches, negatives, weights)]
