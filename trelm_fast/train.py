@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -163,32 +164,58 @@ def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: in
 # metrics
 
 class Metrics:
-    """Rank-0 metrics: `out_dir/metrics.jsonl` (appended to when resuming) and TensorBoard events in
-    `out_dir/tensorboard` (events at or after the resumed step are purged)."""
+    """Rank-0 metrics: `out_dir/metrics.jsonl` (appended to when resuming), and per `train.report_to`
+    TensorBoard events in `out_dir/tensorboard` (events at or after the resumed step are purged) and a
+    Weights & Biases run (project $WANDB_PROJECT or "trelm-fast", files in `out_dir/wandb`, its id kept
+    in `out_dir/wandb_run_id` so that a resumed run continues it; WANDB_MODE=offline needs no network)."""
 
-    def __init__(self, out_dir: Path, enabled: bool, start_step: int):
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int, report_to=("tensorboard",),
+                 config: dict | None = None):
         self.enabled = enabled
+        self.tb = self.wandb = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out_dir / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
+        if "wandb" in report_to:
+            self.wandb = _wandb_run(out_dir, start_step, config)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for key, value in scalars.items():
                 self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _wandb_run(out_dir: Path, start_step: int, config: dict | None):
+    """A W&B run for `out_dir`: the one recorded in `out_dir/wandb_run_id` when resuming, else a new one."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.report_to: 'wandb' needs the wandb package (pip install wandb)") from None
+    id_file = out_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if start_step and id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "trelm-fast"), name=out_dir.name, id=run_id,
+                      resume="allow", dir=str(out_dir), config=config)
 
 
 def probe_metrics(result: ProbeResult, split: str) -> dict:
@@ -243,7 +270,7 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
         if d.main:
             print(f"resumed from {ck.path} at step {start_step}", flush=True)
 
-    metrics = Metrics(out_dir, d.main, start_step)
+    metrics = Metrics(out_dir, d.main, start_step, cfg.train.report_to, cfg.to_dict())
 
     def run_probes(at_step: int) -> ProbeResult | None:
         """Probe P@1 on rank 0 (the model is the same on every rank); all splits logged, the first returned."""
