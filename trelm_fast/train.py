@@ -157,8 +157,9 @@ def ensure_dataset(cfg: Config, d: Dist) -> Path:
 
 
 def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: int):
-    """Yield (epoch, batch_in_epoch, batch) forever, starting at the given position.
+    """An iterator of (epoch, batch_in_epoch, batch), forever, starting at the given position.
 
+    The dataset is opened (and its checksums verified) here, before the first batch is asked for.
     Each rank reads its own share (ResumableSampler); every batch has `train.batch_size` sequences
     per rank. The order and the MLM masking depend only on (seed, epoch, index), so restarting at a
     position reproduces the batches that follow.
@@ -178,15 +179,19 @@ def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: in
                           f"of {data_dir}")
     if batch_in_epoch >= per_epoch:  # the position of a checkpoint saved at the end of an epoch
         epoch, batch_in_epoch = epoch + 1, 0
-    while True:
-        sampler.set_epoch(epoch, start=batch_in_epoch * bs)
-        # its own generator: creating an iterator must not draw from the global RNG (exact resume)
-        loader = DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate, drop_last=True,
-                            num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-        for batch in loader:
-            yield epoch, batch_in_epoch, batch
-            batch_in_epoch += 1
-        epoch, batch_in_epoch = epoch + 1, 0
+
+    def generate(epoch: int, batch_in_epoch: int):
+        while True:
+            sampler.set_epoch(epoch, start=batch_in_epoch * bs)
+            # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+            loader = DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate, drop_last=True,
+                                num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+            for batch in loader:
+                yield epoch, batch_in_epoch, batch
+                batch_in_epoch += 1
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    return generate(epoch, batch_in_epoch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,13 +374,13 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
                             keep_last=cfg.train.keep_checkpoints)
         d.barrier()
 
+    data = batches(cfg, data_dir, d, epoch, batch_in_epoch)
     before = run_probes(start_step) if start_step == 0 else None
     if before is not None:
         print(f"probe P@1 before training: {before.macro_p_at_1:.4f} (macro over {len(before.p_at_1)} relations, "
               f"{next(iter(probes))} facts)", flush=True)
     t_loop = time.perf_counter()
 
-    data = batches(cfg, data_dir, d, epoch, batch_in_epoch)
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not d.main, dynamic_ncols=True, desc=cfg.method.name)
     nonfinite_in_row, tokens, busy = 0, 0, 0.0  # tokens and seconds (data + step) since the last log
     for step_index in range(start_step, cfg.train.steps):
