@@ -133,20 +133,16 @@ def _flip_half_of_a_tensor(path):
     assert path.stat().st_size == size
 
 
-DAMAGE = {  # what a disk, a copy or an editor can do to a finished checkpoint
-    "weights overwritten": lambda d: _flip_half_of_a_tensor(d / ck.MODEL_FILE),
-    "weights truncated": lambda d: os.truncate(d / ck.MODEL_FILE, (d / ck.MODEL_FILE).stat().st_size // 2),
-    "state tensors missing": lambda d: (d / ck.TENSORS_FILE).unlink(),
-    "state.json truncated": lambda d: os.truncate(d / ck.STATE_FILE, 10),
-    "state.json edited": lambda d: (d / ck.STATE_FILE).write_text((d / ck.STATE_FILE).read_text().replace('"step": 2',
-                                                                                                      '"step": 9')),
-    "config edited": lambda d: (d / ck.CONFIG_FILE).write_text("out_dir: /somewhere/else\n"),
-    "checksums missing": lambda d: (d / ck.CHECKSUMS_FILE).unlink(),
+DAMAGE = {  # what a disk, a copy or an editor can do to a finished checkpoint: (damage, the file it names)
+    "weights overwritten": (lambda d: _flip_half_of_a_tensor(d / "model.safetensors"), "model.safetensors"),
+    "weights truncated": (lambda d: os.truncate(d / "model.safetensors", 1000), "model.safetensors"),
+    "state tensors missing": (lambda d: (d / "state.safetensors").unlink(), "state.safetensors"),
+    "state.json truncated": (lambda d: os.truncate(d / "state.json", 10), "state.json"),
+    "state.json edited": (lambda d: (d / "state.json").write_text((d / "state.json").read_text()
+                                                                  .replace('"step": 2', '"step": 9')), "state.json"),
+    "config edited": (lambda d: (d / "config.yaml").write_text("out_dir: /somewhere/else\n"), "config.yaml"),
+    "checksums missing": (lambda d: (d / "checksums.json").unlink(), "checksums.json"),
 }
-DAMAGED_FILE = {"weights overwritten": ck.MODEL_FILE, "weights truncated": ck.MODEL_FILE,
-                "state tensors missing": ck.TENSORS_FILE, "state.json truncated": ck.STATE_FILE,
-                "state.json edited": ck.STATE_FILE, "config edited": ck.CONFIG_FILE,
-                "checksums missing": ck.CHECKSUMS_FILE}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -154,11 +150,12 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_offered(tmp_path, d
     root = tmp_path / "ckpt"
     for step in (1, 2):
         ck.save_checkpoint(root, step, tiny_tied_mlm(step), {"x": torch.full((3,), step)}, {"run": 1})
-    DAMAGE[damage](root / "step_00000002")
+    harm, named = DAMAGE[damage]
+    harm(root / "step_00000002")
     for path in (root, root / "step_00000002"):  # the latest is never skipped silently
         with pytest.raises(ck.CheckpointError) as err:
             ck.load_checkpoint(path, tiny_tied_mlm(0))
-        assert str(root / "step_00000002" / DAMAGED_FILE[damage]) in str(err.value)
+        assert str(root / "step_00000002" / named) in str(err.value)
         assert (f"the newest complete one is {root / 'step_00000001'}" in str(err.value)) == (path == root)
     model = tiny_tied_mlm(0)  # the offered one loads, when asked for by name
     assert ck.load_checkpoint(root / "step_00000001", model).step == 1

@@ -110,7 +110,7 @@ def test_an_explicit_out_dir_on_resume_must_be_new_or_forced(tmp_path, finished_
 
 def test_damaged_latest_checkpoint_on_resume_is_named_and_previous_offered(tmp_path, finished_run, capsys):
     out = copy_run(finished_run, tmp_path / "run")
-    DAMAGE["weights overwritten"](out / "checkpoints" / "step_00000002")
+    DAMAGE["weights overwritten"][0](out / "checkpoints" / "step_00000002")
     assert resume(out / "checkpoints", "train.steps=3") == 2
     message = capsys.readouterr().err
     assert f"{out / 'checkpoints' / 'step_00000002' / 'model.safetensors'}: checksum mismatch" in message
