@@ -211,3 +211,13 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, tiny_dir, capsys, monkey
     assert expected in err[-1] and "Traceback" not in "\n".join(err)
     assert builds == [] and not (tmp_path / "data_chache").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_another_world_size_is_refused(tmp_path, finished_run):
+    ck = load_checkpoint(finished_run / "checkpoints")
+    now = dict(ck.state["run"], world_size=2)
+    for allow in (set(), {"world_size"}):
+        with pytest.raises(train_mod.ConfigError, match=r"world_size is 2, but .* with 1; it cannot change|"
+                                                        r"--allow-change world_size: only"):
+            train_mod.check_same_run(ck, now, allow, tmp_path)
+    train_mod.check_same_run(ck, dict(ck.state["run"]), set(), tmp_path)  # the same run passes
