@@ -110,3 +110,12 @@ def test_dataset_without_manifest_rejected(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(ConfigError, match="no manifest"):
         load_config(None, [f"data.dir={tmp_path / 'half'}"])
+
+
+def test_a_named_data_dir_is_built_only_when_asked(tmp_path):
+    assert load_config().data.build  # the embedded default builds its own data_cache/synthetic
+    assert not load_config(None, [f"data.dir={tmp_path / 'mine'}"]).data.build
+    assert load_config(None, [f"data.dir={tmp_path / 'mine'}", "data.build=true"]).data.build
+    named = tmp_path / "named.yaml"
+    named.write_text(f"data:\n  dir: {tmp_path / 'mine'}\n")
+    assert not load_config(named).data.build

@@ -7,18 +7,10 @@ import pytest
 import torch
 
 from test_checkpoint import DAMAGE
-from test_train import TINY, metrics, run
+from test_train import TINY, metrics, one_thread, run  # noqa: F401 (one_thread: an autouse fixture)
 from trelm_fast import train as train_mod
 from trelm_fast.checkpoint import checkpoint_dirs, load_checkpoint
 from trelm_fast.data.checksums import file_checksums, sha256_file
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
