@@ -83,6 +83,9 @@ def test_bad_yaml_names_file(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    f.write_bytes(b"seed: 1\nout_dir: r\xffn\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not UTF-8: byte 0xff at byte 19 of the file"):
+        load_config(f)
 
 
 def _dataset_dir(tmp_path, tokenizer):

@@ -180,7 +180,8 @@ def changed_dataset(tiny_dir, out):
     return out
 
 
-@pytest.mark.parametrize("case", ["dataset checksum", "max_position_embeddings", "device cuda", "missing data.dir"])
+@pytest.mark.parametrize("case", ["dataset checksum", "dataset file missing", "max_position_embeddings", "device cuda",
+                                  "missing data.dir"])
 def test_user_errors_are_one_line_with_exit_2(tmp_path, tiny_dir, capsys, monkeypatch, case):
     import trelm_fast.data.build as data_build
 
@@ -190,6 +191,11 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, tiny_dir, capsys, monkey
     if case == "dataset checksum":
         data_dir = changed_dataset(tiny_dir, tmp_path / "changed")
         expected = f"{data_dir / 'train_tokens.npy'}: checksum mismatch"
+    elif case == "dataset file missing":
+        data_dir = tmp_path / "incomplete"
+        shutil.copytree(tiny_dir, data_dir)
+        (data_dir / "kg_embeddings.safetensors").unlink()
+        expected = f"{data_dir / 'kg_embeddings.safetensors'}: listed in {data_dir / 'manifest.json'} but missing"
     elif case == "max_position_embeddings":
         extra, expected = ["model.max_position_embeddings=64"], "model.max_position_embeddings is 64"
     elif case == "device cuda":

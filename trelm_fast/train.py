@@ -127,11 +127,13 @@ def prepare_out_dir(out_dir: Path, d: Dist, fresh: bool, overwrite: bool, keep: 
 # data
 
 def ensure_dataset(cfg: Config, d: Dist) -> Path:
-    """The dataset directory, built from `data.source` with `data.build_args` on first use (rank 0)."""
+    """The dataset directory, built from `data.source` with `data.build_args` on first use (rank 0,
+    only if `data.build`), then checked: every file's checksum, the tokenizer, the positions."""
+    from trelm_fast.data.loader import load_manifest
+
     data_dir = Path(cfg.data.dir)
     if d.main and not (data_dir / "manifest.json").is_file():
         from trelm_fast.data.build import BuildConfig, build_source
-        from trelm_fast.data.loader import load_manifest
 
         if not cfg.data.build:
             try:
@@ -152,6 +154,7 @@ def ensure_dataset(cfg: Config, d: Dist) -> Path:
         except (DataFormatError, ValueError, OSError) as e:
             raise ConfigError(f"data.dir: building {data_dir} failed: {e}") from e
     d.barrier()
+    load_manifest(data_dir)  # every file as built (before the model reads the KG embeddings)
     cfg.validate(f"data.dir {data_dir}")  # now that it exists: built for model.path's tokenizer?
     return data_dir
 
@@ -159,7 +162,7 @@ def ensure_dataset(cfg: Config, d: Dist) -> Path:
 def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: int):
     """An iterator of (epoch, batch_in_epoch, batch), forever, starting at the given position.
 
-    The dataset is opened (and its checksums verified) here, before the first batch is asked for.
+    The dataset is opened here, before the first batch is asked for (`ensure_dataset` has verified it).
     Each rank reads its own share (ResumableSampler); every batch has `train.batch_size` sequences
     per rank. The order and the MLM masking depend only on (seed, epoch, index), so restarting at a
     position reproduces the batches that follow.
@@ -168,7 +171,7 @@ def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: in
 
     from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset
 
-    dataset = TrelmDataset(data_dir, "train")
+    dataset = TrelmDataset(data_dir, "train", verify=False)
     collate = MLMCollator(dataset.manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability)
     bs = cfg.train.batch_size
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
