@@ -132,15 +132,14 @@ def ensure_dataset(cfg: Config, d: Dist) -> Path:
     from trelm_fast.data.loader import load_manifest
 
     data_dir = Path(cfg.data.dir)
+    if not cfg.data.build and not (data_dir / "manifest.json").is_file():  # every rank stops, none waits
+        try:
+            load_manifest(data_dir, verify=False)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.dir: {e}; set data.build: true to build the {cfg.data.source} dataset "
+                              "there") from None
     if d.main and not (data_dir / "manifest.json").is_file():
         from trelm_fast.data.build import BuildConfig, build_source
-
-        if not cfg.data.build:
-            try:
-                load_manifest(data_dir, verify=False)
-            except FileNotFoundError as e:
-                raise ConfigError(f"data.dir: {e}; set data.build: true to build the {cfg.data.source} dataset "
-                                  "there") from None
 
         options = dict(cfg.data.build_args)
         quiet = bool(options.pop("quiet", False))
