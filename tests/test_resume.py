@@ -15,13 +15,18 @@ from trelm_fast.data.checksums import file_checksums, sha256_file
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_dir):
-    """A 2-step run with checkpoints at steps 1 and 2 (copied by each test that changes it)."""
+    """A 2-step run with checkpoints at steps 1 and 2 (copied by each test that changes it). It was
+    moved after the run, so the out_dir its configs name no longer exists: a trainer that followed
+    that out_dir (the old code) could not damage this run for the other tests."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    code, out = run(tmp_path_factory.mktemp("finished"), tiny_dir, "train.steps=2", "train.checkpoint_every=1")
+    code, out = run(tmp_path_factory.mktemp("finished"), tiny_dir, *TWO_STEPS, name="ran_here")
     torch.set_num_threads(threads)
     assert code == 0
-    return out
+    return out.rename(out.with_name("moved_here"))
+
+
+TWO_STEPS = ("train.steps=2", "train.checkpoint_every=1")
 
 
 def copy_run(src, dst):
@@ -51,11 +56,12 @@ def last_error(capsys):
     return err[-1]
 
 
-def test_resume_from_a_copy_writes_only_into_the_copy(tmp_path, finished_run):
-    original = copy_run(finished_run, tmp_path / "original")
+def test_resume_from_a_copy_writes_only_into_the_copy(tmp_path, tiny_dir):
+    assert run(tmp_path, tiny_dir, *TWO_STEPS, name="original")[0] == 0
+    original = tmp_path / "original"
     copied = copy_run(original, tmp_path / "copy")
     # the copy's checkpoints still name the original in their config.yaml
-    assert load_checkpoint(copied / "checkpoints").config["out_dir"] == str(finished_run)
+    assert load_checkpoint(copied / "checkpoints").config["out_dir"] == str(original)
     before = fingerprint(original)
     assert resume(copied / "checkpoints", "train.steps=4", "train.keep_checkpoints=1") == 0
     assert fingerprint(original) == before
@@ -63,22 +69,26 @@ def test_resume_from_a_copy_writes_only_into_the_copy(tmp_path, finished_run):
     assert load_checkpoint(copied / "checkpoints").config["out_dir"] == str(copied)
 
 
-def test_a_checkpoint_config_naming_another_out_dir_cannot_redirect_deletions(tmp_path, finished_run):
-    moved = copy_run(finished_run, tmp_path / "moved")
-    victim = tmp_path / "victim"  # what the checkpoint's config.yaml now names: someone else's run
+def test_a_checkpoint_config_naming_another_out_dir_cannot_redirect_deletions(tmp_path, tiny_dir):
+    assert run(tmp_path, tiny_dir, *TWO_STEPS, name="victim")[0] == 0
+    moved = tmp_path / "moved"
+    (tmp_path / "victim").rename(moved)
+    victim = tmp_path / "victim"  # what the checkpoint's config.yaml names: now someone else's files
     (victim / "checkpoints" / "step_00000001").mkdir(parents=True)
     (victim / "checkpoints" / "step_00000001" / "keep.txt").write_text("x")
     (victim / "model").mkdir()
     (victim / "model" / "keep.txt").write_text("y")
     for ck_dir in checkpoint_dirs(moved / "checkpoints"):
-        assert load_checkpoint(ck_dir).config["out_dir"] != str(victim)
-    other = tmp_path / "other.yaml"  # and a --config that names it
-    other.write_text((moved / "checkpoints" / "step_00000002" / "config.yaml").read_text()
-                     .replace(str(finished_run), str(victim)))
+        assert load_checkpoint(ck_dir).config["out_dir"] == str(victim)
     before = fingerprint(victim)
-    assert resume(moved / "checkpoints", "--config", str(other), "train.steps=3", "train.keep_checkpoints=1") == 0
+    assert resume(moved / "checkpoints", "train.steps=3", "train.keep_checkpoints=1") == 0
     assert fingerprint(victim) == before
-    assert [p.name for p in checkpoint_dirs(moved / "checkpoints")] == ["step_00000003"]
+    other = tmp_path / "other.yaml"  # nor can a --config that names it
+    other.write_text((moved / "checkpoints" / "step_00000003" / "config.yaml").read_text()
+                     .replace(str(moved), str(victim)))
+    assert resume(moved / "checkpoints", "--config", str(other), "train.steps=4", "train.keep_checkpoints=1") == 0
+    assert fingerprint(victim) == before
+    assert [p.name for p in checkpoint_dirs(moved / "checkpoints")] == ["step_00000004"]
 
 
 def test_an_explicit_out_dir_on_resume_must_be_new_or_forced(tmp_path, finished_run, capsys):
