@@ -58,7 +58,7 @@ def dataset_dir() -> Path:
     """Build (first use) and return the benchmark dataset directory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ensure_dataset, Dist = require("trelm_fast.train", "ensure_dataset", "Dist")
-    cfg = config(None, "trelm", DATASET, ["data.build_args={size: tiny, seq_len: 128, quiet: true}"])
+    cfg = config(None, "trelm", DATASET, ["data.build=true", "data.build_args={size: tiny, seq_len: 128, quiet: true}"])
     with contextlib.redirect_stdout(sys.stderr):  # the build prints its summary; results go to DIR
         return ensure_dataset(cfg, Dist(0, 1, torch.device("cpu")))
 

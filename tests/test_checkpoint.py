@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from trelm_fast import checkpoint as ck
+from trelm_fast.data.checksums import file_checksums
 
 
 def tree_equal(a, b):
@@ -108,16 +109,57 @@ def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         ck.load_checkpoint(tmp_path)
     path = ck.save_checkpoint(tmp_path, 1, torch.nn.Linear(3, 2), {}, {})
-    with pytest.raises(RuntimeError, match="do not fit the model"):
+    with pytest.raises(ck.CheckpointError, match="do not fit the model"):
         ck.load_checkpoint(path, torch.nn.Linear(3, 4))
-    (path / ck.STATE_FILE).write_text("{broken")
-    with pytest.raises(ValueError, match="state.json is not valid JSON"):
-        ck.load_checkpoint(path)
-    (path / ck.STATE_FILE).write_text(json.dumps({"format": 999}))
-    with pytest.raises(ValueError, match="format 999"):
+    (path / ck.STATE_FILE).write_text(json.dumps({"format": 999}))  # another version's, checksums consistent
+    (path / ck.CHECKSUMS_FILE).write_text(json.dumps(file_checksums(path, list(json.loads(
+        (path / ck.CHECKSUMS_FILE).read_text())))))
+    with pytest.raises(ck.CheckpointError, match="format 999"):
         ck.load_checkpoint(path)
     with pytest.raises(ValueError, match="keep_last"):
         ck.save_checkpoint(tmp_path, 2, torch.nn.Linear(3, 2), {}, {}, keep_last=0)
+
+
+def _flip_half_of_a_tensor(path):
+    """Random floats over the second half of the largest tensor of a safetensors file, size unchanged."""
+    header = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    start, end = max((v["data_offsets"] for k, v in header.items() if k != "__metadata__"), key=lambda o: o[1] - o[0])
+    base = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    data = bytearray(path.read_bytes())
+    half = (start + end) // 2 // 4 * 4
+    data[base + half:base + end] = np.random.default_rng(0).standard_normal((end - half) // 4, np.float32).tobytes()
+    size = path.stat().st_size
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+
+
+DAMAGE = {  # what a disk, a copy or an editor can do to a finished checkpoint: (damage, the file it names)
+    "weights overwritten": (lambda d: _flip_half_of_a_tensor(d / "model.safetensors"), "model.safetensors"),
+    "weights truncated": (lambda d: os.truncate(d / "model.safetensors", 1000), "model.safetensors"),
+    "state tensors missing": (lambda d: (d / "state.safetensors").unlink(), "state.safetensors"),
+    "state.json truncated": (lambda d: os.truncate(d / "state.json", 10), "state.json"),
+    "state.json edited": (lambda d: (d / "state.json").write_text((d / "state.json").read_text()
+                                                                  .replace('"step": 2', '"step": 9')), "state.json"),
+    "config edited": (lambda d: (d / "config.yaml").write_text("out_dir: /somewhere/else\n"), "config.yaml"),
+    "checksums missing": (lambda d: (d / "checksums.json").unlink(), "checksums.json"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_latest_checkpoint_is_named_and_the_previous_offered(tmp_path, damage):
+    root = tmp_path / "ckpt"
+    for step in (1, 2):
+        ck.save_checkpoint(root, step, tiny_tied_mlm(step), {"x": torch.full((3,), step)}, {"run": 1})
+    harm, named = DAMAGE[damage]
+    harm(root / "step_00000002")
+    for path in (root, root / "step_00000002"):  # the latest is never skipped silently
+        with pytest.raises(ck.CheckpointError) as err:
+            ck.load_checkpoint(path, tiny_tied_mlm(0))
+        assert str(root / "step_00000002" / named) in str(err.value)
+        assert (f"the newest complete one is {root / 'step_00000001'}" in str(err.value)) == (path == root)
+    model = tiny_tied_mlm(0)  # the offered one loads, when asked for by name
+    assert ck.load_checkpoint(root / "step_00000001", model).step == 1
+    assert all(torch.equal(v, tiny_tied_mlm(1).state_dict()[k]) for k, v in model.state_dict().items())
 
 
 KILLED_SAVER = textwrap.dedent("""

@@ -83,6 +83,9 @@ def test_bad_yaml_names_file(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    f.write_bytes(b"seed: 1\nout_dir: r\xffn\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not UTF-8: byte 0xff at byte 19 of the file"):
+        load_config(f)
 
 
 def _dataset_dir(tmp_path, tokenizer):
@@ -110,3 +113,12 @@ def test_dataset_without_manifest_rejected(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(ConfigError, match="no manifest"):
         load_config(None, [f"data.dir={tmp_path / 'half'}"])
+
+
+def test_a_named_data_dir_is_built_only_when_asked(tmp_path):
+    assert load_config().data.build  # the embedded default builds its own data_cache/synthetic
+    assert not load_config(None, [f"data.dir={tmp_path / 'mine'}"]).data.build
+    assert load_config(None, [f"data.dir={tmp_path / 'mine'}", "data.build=true"]).data.build
+    named = tmp_path / "named.yaml"
+    named.write_text(f"data:\n  dir: {tmp_path / 'mine'}\n")
+    assert not load_config(named).data.build

@@ -226,3 +226,64 @@ def test_sigterm_leaves_no_dataset(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_whose_skips_leave_no_entities_or_mentions_fails(tiny_dir, tmp_path, capsys):
+    kg = tmp_path / "kg.tsv"
+    kg.write_text("a\tb\nc\n")  # every line malformed: skipped
+    args = ["build", "--source", "files", "--corpus", str(tiny_dir / "corpus.jsonl"), "--kg", str(kg),
+            "--on-bad-record", "skip", "--out", str(tmp_path / "none"), "--quiet"]
+    assert cli(args) == 2
+    assert f"no entities to build from: {kg} has no triples left (source 'files'; 2 bad records skipped)" in \
+        capsys.readouterr().err
+    raw = _small_raw([("Ann met Bob.", [(0, 3, "e:ann")])])  # the only mention names no KG entity
+    with pytest.raises(ValueError, match="no entity mentions to build from: none of the 1 documents"):
+        build_dataset(raw, tmp_path / "nomentions", BuildConfig(**FAST), BadRecords("skip"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kg.tsv"]
+
+
+def test_lone_surrogate_in_the_corpus_is_a_bad_record_through_the_cli(tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text((tiny_dir / "corpus.jsonl").read_text().splitlines()[0] + "\n"
+                      + '{"text": "\\ud800", "entities": []}\n')
+    assert cli(["build", "--source", "files", "--corpus", str(corpus), "--kg", str(tiny_dir / "kg.tsv"),
+                "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert f"{corpus}:2: field 'text': lone surrogate \\ud800" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_names_are_confined_to_the_dataset_directory(tiny_dir, tmp_path):
+    import shutil
+
+    from trelm_fast.data.checksums import file_checksums
+
+    d = tmp_path / "ds"
+    shutil.copytree(tiny_dir, d)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the dataset")
+    for name in ("../outside.txt", str(outside)):
+        manifest = json.loads((d / "manifest.json").read_text())
+        manifest["files"][name] = file_checksums(tmp_path, ["outside.txt"])["outside.txt"]  # checksum matches
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(DataFormatError, match=rf"manifest.json: field 'files': '{re.escape(name)}' is not a file "
+                                                  "name inside"):
+            load_manifest(d)
+        del manifest["files"][name]
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    load_manifest(d)
+
+
+def test_a_parked_dataset_blocks_a_build_instead_of_being_removed(tiny_dir, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parked = tmp_path / f"ds.old-{dead.pid}"  # a --force rebuild killed between its two renames
+    shutil.copytree(tiny_dir, parked)
+    filled = []
+    with pytest.raises(FileExistsError, match=rf"{parked} holds the dataset .* rename it to ds"):
+        build_mod.write_atomically(tmp_path / "ds", filled.append)
+    assert filled == [] and (parked / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [parked.name]

@@ -110,3 +110,18 @@ def test_bytes_that_are_not_utf8_are_bad_records_with_file_and_line(tmp_path):
     assert [d.line for d in read_corpus(corpus, bad)] == [1, 3]
     assert read_kg(kg, bad) == [("a", "r", "b"), ("c", "r", "d")]
     assert bad.counts == {"corpus: not UTF-8": 1, "kg: not UTF-8": 1}
+
+
+def test_lone_surrogates_are_bad_records_with_file_and_line(tmp_path):
+    corpus, probes = tmp_path / "corpus.jsonl", tmp_path / "p.jsonl"
+    corpus.write_text(json.dumps(GOOD) + "\n" + '{"text": "Pa\\ud800ris is big.", "entities": []}\n'
+                      + '{"text": "Paris.", "entities": [{"start": 0, "end": 5, "id": "e:\\udfff"}]}\n')
+    probes.write_text('{"relation": "r", "template": "[X] in [Y].", "subject": "\\ud83d", "object": "x"}\n')
+    with pytest.raises(DataFormatError, match=r"corpus.jsonl:2: field 'text': lone surrogate \\ud800 at character 2"):
+        list(read_corpus(corpus))
+    with pytest.raises(DataFormatError, match=r"p.jsonl:1: field 'subject': lone surrogate \\ud83d"):
+        read_probes(probes)
+    bad = BadRecords("skip")
+    assert [d.line for d in read_corpus(corpus, bad)] == [1] and read_probes(probes, bad) == []
+    assert bad.counts == {"corpus: lone surrogate": 2, "probes: lone surrogate": 1}
+    assert "corpus.jsonl:3: field 'entities[0].id': lone surrogate \\udfff" in bad.examples[1]

@@ -223,14 +223,15 @@ def test_dataset_is_built_on_first_use(tmp_path, tiny_dir, monkeypatch):
 
     monkeypatch.setattr(data_build, "build_source", fake_build)
     target = tmp_path / "cache" / "synthetic"
-    code, _ = run(tmp_path, target, "train.steps=1", "--data.build_args", "{size: tiny, transe_epochs: 10, quiet: true}")
+    code, _ = run(tmp_path, target, "train.steps=1", "data.build=true",
+                  "--data.build_args", "{size: tiny, transe_epochs: 10, quiet: true}")
     assert code == 0
     assert calls == [(target, data_build.BuildConfig(source="synthetic", size="tiny", transe_epochs=10), False)]
     assert (target / "manifest.json").is_file()
 
 
 def test_unknown_build_arg_is_a_config_error(tmp_path, capsys):
-    code, _ = run(tmp_path, tmp_path / "cache", "--data.build_args", "{sise: tiny}")
+    code, _ = run(tmp_path, tmp_path / "cache", "data.build=true", "--data.build_args", "{sise: tiny}")
     assert code == 2
     assert "data.build_args" in capsys.readouterr().err
 

@@ -67,7 +67,7 @@ def test_two_ranks_agree(tmp_path, tiny_dir):
     assert r0["bank/counts"].sum() > 0  # the bank was updated (with both ranks' mentions)
 
     ck = load_checkpoint(out / "checkpoints")  # written by rank 0, same state
-    assert ck.step == 4 and len(ck.state["rng"]) == 2 and ck.state["world_size"] == 2
+    assert ck.step == 4 and len(ck.state["rng"]) == 2 and ck.state["run"]["world_size"] == 2
     weights = load_file(ck.path / "model.safetensors")
     assert all(torch.equal(weights[k], r0["model/" + k]) for k in weights)
     assert torch.equal(ck.state["bank"]["local"], r0["bank/local"])

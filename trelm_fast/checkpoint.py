@@ -7,12 +7,19 @@ One checkpoint is a directory `ROOT/step_00000100/` holding
   state.json          the state tree with tensor leaves replaced by references (step, schedule,
                       data position, python/numpy RNG, ...)
   config.yaml         the run's configuration (what `--resume` continues with)
+  checksums.json      size and sha256 of the four files above (written last)
 
 Atomicity: a checkpoint is written under `ROOT/.tmp-step_...`, every file fsynced, then renamed to
 its final name and the directory fsynced. A `step_*` directory therefore exists only once complete,
 so a kill at any moment leaves the previous checkpoint loadable; leftover `.tmp-*` directories are
 ignored and removed by the next save. Old checkpoints beyond the last K are renamed to `.del-*`
-before deletion, for the same reason.
+before deletion, for the same reason. Deletions happen only inside ROOT.
+
+Integrity: loading verifies checksums.json first (with the dataset manifest's helpers,
+trelm_fast/data/checksums.py): a file changed, truncated or missing after the save is a
+`CheckpointError` naming it. Resolving a root (`find_checkpoint`) takes the latest checkpoint only
+if it verifies; otherwise the error names it and the newest one that does, for the user to pass
+explicitly.
 
 Loading never unpickles: tensors come from safetensors, everything else from JSON or safe YAML.
 """
@@ -31,14 +38,24 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from trelm_fast.data.checksums import file_checksums, verify_checksums
+from trelm_fast.data.formats import DataFormatError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MODEL_FILE = "model.safetensors"
 TENSORS_FILE = "state.safetensors"
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
-FORMAT_VERSION = 1
+CHECKSUMS_FILE = "checksums.json"
+FORMAT_VERSION = 2  # 2: checksums.json
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (incomplete, corrupt, another format, weights that do not
+    fit); the message names the checkpoint file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,16 +189,55 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """Resolve `--resume PATH`: a checkpoint directory itself, or a root holding `step_*` (latest wins)."""
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless every file of checkpoint `path` matches its checksums.json."""
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    listing = path / CHECKSUMS_FILE
+    if not listing.is_file():
+        raise CheckpointError(f"checkpoint: {listing} is missing: {path} is incomplete or was written by an "
+                              f"earlier version (format < {FORMAT_VERSION})")
+    try:
+        files = json.loads(listing.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint: {listing} is not valid JSON ({err})") from None
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, TENSORS_FILE, STATE_FILE, CONFIG_FILE}:
+        raise CheckpointError(f"checkpoint: {listing} does not list the four checkpoint files")
+    try:
+        verify_checksums(path, files, listing)
+    except DataFormatError as err:
+        raise CheckpointError(f"checkpoint: {err}") from None
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """Resolve `--resume PATH` to a verified checkpoint: `PATH` itself, or the latest `step_*` under it.
+
+    A latest checkpoint that fails verification is never skipped silently: the CheckpointError names
+    it and the newest earlier one that verifies (to be passed explicitly).
+    """
+    path = Path(path)
+    if (path / STATE_FILE).is_file() or (path / CHECKSUMS_FILE).is_file() or _STEP_DIR.match(path.name):
+        verify_checkpoint(path)
         return path
     dirs = checkpoint_dirs(path)
     if not dirs:
         raise FileNotFoundError(f"resume: {path} is neither a checkpoint (no {STATE_FILE}) "
                                 "nor a directory holding step_* checkpoints")
+    try:
+        verify_checkpoint(dirs[-1])
+    except CheckpointError as err:
+        previous = next((p for p in reversed(dirs[:-1]) if _verifies(p)), None)
+        offer = (f"; the newest complete one is {previous}: resume from it with --resume {previous}"
+                 if previous else "; no earlier checkpoint there verifies either")
+        raise CheckpointError(f"{err} (the latest checkpoint under {path}){offer}") from None
     return dirs[-1]
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, state: dict[str, Any],
@@ -209,6 +265,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
         _fsync(tmp / f)
     _write_text(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
     _write_text(tmp / STATE_FILE, json.dumps({"format": FORMAT_VERSION, "step": int(step), "state": skeleton}))
+    _write_text(tmp / CHECKSUMS_FILE, json.dumps(file_checksums(tmp, [MODEL_FILE, TENSORS_FILE, STATE_FILE,
+                                                                      CONFIG_FILE]), indent=1))
     _fsync(tmp)
 
     final = root / name
@@ -226,27 +284,38 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None) -> Checkpoint:
-    """Load a checkpoint (or the latest under a root, see `find_checkpoint`) onto the CPU.
+    """Load a checkpoint (or the latest under a root, see `find_checkpoint`) onto the CPU, after
+    verifying its checksums. If `model` is given its weights are loaded in place (`load_weights`).
 
-    If `model` is given its weights are loaded in place (strict: names and shapes must match).
+    Raises CheckpointError (naming the file) for anything wrong with the checkpoint itself.
     """
     path = find_checkpoint(path)
-    with open(path / STATE_FILE, encoding="utf-8") as f:
-        try:
-            doc = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"checkpoint: {path / STATE_FILE} is not valid JSON ({err})") from err
-    if doc.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint: {path / STATE_FILE} has format {doc.get('format')!r}, "
-                         f"this version reads format {FORMAT_VERSION}")
-    state = unflatten_state(doc["state"], load_file(str(path / TENSORS_FILE), device="cpu"))
-    config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    try:
+        doc = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint: {path / STATE_FILE} is not valid JSON ({err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+        got = doc.get("format") if isinstance(doc, dict) else doc
+        raise CheckpointError(f"checkpoint: {path / STATE_FILE} has format {got!r}, "
+                              f"this version reads format {FORMAT_VERSION}")
+    try:
+        state = unflatten_state(doc["state"], load_file(str(path / TENSORS_FILE), device="cpu"))
+        config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        step = int(doc["step"])
+    except (KeyError, ValueError, TypeError, SafetensorError, yaml.YAMLError) as err:
+        raise CheckpointError(f"checkpoint: {path} cannot be read: {err}") from None
     if model is not None:
-        try:
-            load_model(model, str(path / MODEL_FILE), strict=True)
-        except RuntimeError as err:
-            raise RuntimeError(f"checkpoint: weights in {path / MODEL_FILE} do not fit the model: {err}") from err
-    return Checkpoint(path=path, step=int(doc["step"]), state=state, config=config)
+        load_weights(path, model)
+    return Checkpoint(path=path, step=step, state=state, config=config)
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load checkpoint `path`'s weights into `model` in place (strict: names and shapes must match)."""
+    try:
+        load_model(model, str(Path(path) / MODEL_FILE), strict=True)
+    except (RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint: weights in {Path(path) / MODEL_FILE} do not fit the model: "
+                              f"{' '.join(str(err).split())}") from None
 
 
 # ---------------------------------------------------------------------------------------------

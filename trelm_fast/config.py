@@ -12,6 +12,7 @@ Every error is a ``ConfigError`` naming the dotted field (and the file when one 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,9 +60,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """The dataset: ``dir`` is read (built from ``source`` on first use by the trainer)."""
+    """The dataset: ``dir`` is read; when it holds no dataset yet the trainer builds it from ``source``
+    with ``build_args`` only if ``build`` is true. The default (true) covers the default ``dir``:
+    `load_config` gives a config file or override that names a ``dir`` without ``build`` the value
+    false, so a path meant to exist is never filled with a new dataset."""
     source: str = "synthetic"
     dir: str = "data_cache/synthetic"
+    build: bool = True
     build_args: dict = field(default_factory=lambda: {"size": "small"})
     mlm_probability: float = 0.15
     num_workers: int = 0
@@ -286,24 +291,34 @@ def read_yaml(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8: byte 0x{exc.object[exc.start]:02x} at byte {exc.start + 1} "
+                          "of the file") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data or {}
 
 
 def load_config(path=None, overrides: Optional[list[str]] = None) -> Config:
-    """The embedded default, updated by the file ``path`` (if given), then by ``overrides``."""
-    data = read_yaml(DEFAULT_CONFIG)
+    """The embedded default, updated by the file ``path`` (if given), then by ``overrides``.
+
+    A ``data.dir`` from the file or the overrides comes with ``data.build: false`` unless they set
+    ``data.build`` too (see DataConfig)."""
+    user: dict = {}
     source = str(DEFAULT_CONFIG)
     if path is not None:
-        data = _merge(data, read_yaml(path))
+        user = read_yaml(path)
         source = str(path)
     if overrides:
-        data = _merge(data, parse_overrides(list(overrides)))
+        user = _merge(user, parse_overrides(list(overrides)))
         source += " + command line"
+    data = _merge(read_yaml(DEFAULT_CONFIG), user)
+    named = user.get("data")
+    if isinstance(named, dict) and "dir" in named and "build" not in named:
+        data["data"]["build"] = False
     return config_from_dict(data, source)
 
 
@@ -351,7 +366,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _positive(cfg.data.num_workers, "data.num_workers", s, allow_zero=True)
     data_dir = Path(cfg.data.dir)
     if data_dir.exists():
-        check_dataset(data_dir, model_dir, s)
+        check_dataset(data_dir, model_dir, s, cfg.model.max_position_embeddings)
 
     _choice(cfg.method.name, METHODS, "method.name", s)
     from trelm_fast.optim import GROUPS
@@ -415,9 +430,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _choice(cfg.device.split(":")[0], ("auto", "cpu", "cuda"), "device", s)
 
 
-def check_dataset(data_dir, model_dir, source: str = "<config>") -> None:
-    """Raise ConfigError if ``data_dir`` is not a finished dataset or was built for a tokenizer
-    other than ``model_dir``'s (vocabulary size and hash, as recorded in its manifest)."""
+def check_dataset(data_dir, model_dir, source: str = "<config>", max_positions: Optional[int] = None) -> None:
+    """Raise ConfigError if ``data_dir`` is not a finished dataset, was built for a tokenizer other
+    than ``model_dir``'s (vocabulary size and hash, as recorded in its manifest), or has sequences
+    longer than the model's positions (``max_positions``, else ``model_dir``'s config.json)."""
     from trelm_fast.data.base_model import load_tokenizer
     from trelm_fast.data.loader import check_tokenizer, load_manifest
 
@@ -431,3 +447,11 @@ def check_dataset(data_dir, model_dir, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: data.dir {data_dir} was built for another tokenizer than "
                           f"model.path {model_dir}: {exc}; rebuild the dataset or point model.path "
                           "at the tokenizer it was built with") from None
+    hf = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    limit = max_positions or hf.get("max_position_embeddings", 512)
+    offset = hf.get("pad_token_id", 1) + 1 if hf.get("model_type") == "roberta" else 0  # RoBERTa's first position
+    if manifest["seq_len"] + offset > limit:
+        raise ConfigError(f"{source}: model.max_position_embeddings is {limit}, but data.dir {data_dir} has "
+                          f"sequences of {manifest['seq_len']} tokens (seq_len in its manifest"
+                          f"{f', plus {offset} for RoBERTa positions' if offset else ''}); raise it or rebuild "
+                          "the dataset with a smaller seq_len")

@@ -6,11 +6,18 @@
     python trelm_fast/train.py --resume runs/default/checkpoints  # continue exactly where it stopped
 
 Options: `--config FILE` (YAML, see trelm_fast/configs/default.yaml), `--method NAME` (shortcut for
-`method.name`), `--resume DIR` (a checkpoint, or a directory of them: the latest is used; without
---config the run continues with the checkpoint's config.yaml), `--overwrite` (a fresh run replaces
-an earlier run's outputs in out_dir instead of refusing to start), and any `--section.key VALUE` or
-`section.key=VALUE` override. Under torchrun the process group comes from the environment (gloo on
-CPU, NCCL on CUDA); every rank reads its own share of the data, rank 0 logs and saves.
+`method.name`), `--resume DIR` (a checkpoint, or a directory of them: the latest is used, if its
+checksums verify; without --config the run continues with the checkpoint's config.yaml),
+`--allow-change SETTING` (resume although SETTING differs from the checkpoint's run; only
+train.batch_size and seed), `--overwrite` (a fresh run replaces an earlier run's outputs in out_dir
+instead of refusing to start), and any `--section.key VALUE` or `section.key=VALUE` override.
+Under torchrun the process group comes from the environment (gloo on CPU, NCCL on CUDA); every
+rank reads its own share of the data, rank 0 logs and saves.
+
+A resumed run writes into the run directory its checkpoint lies in (`RUN/checkpoints/step_*` ->
+`RUN`), whatever out_dir its config.yaml names; an explicit `--out_dir` on the command line must be
+new (or forced with --overwrite). Failures a user can cause (bad config, data, checkpoint, settings
+changed on resume) end with a one-line `error: ...` and exit status 2; docs/reliability.md.
 
 Outputs under `out_dir`: metrics.jsonl (one JSON object per logged step), tensorboard/ (event
 files), checkpoints/step_* (see trelm_fast/checkpoint.py), model/ (a plain `transformers`
@@ -37,9 +44,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from trelm_fast.checkpoint import (CONFIG_FILE, export_pretrained, find_checkpoint, load_checkpoint,
-                                   rng_state, save_checkpoint, set_rng_state)
-from trelm_fast.config import Config, ConfigError, load_config, resolve_model_path
+from trelm_fast.checkpoint import (CONFIG_FILE, Checkpoint, CheckpointError, export_pretrained, find_checkpoint,
+                                   load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state)
+from trelm_fast.config import Config, ConfigError, load_config, parse_overrides, resolve_model_path
+from trelm_fast.data.checksums import sha256_file
 from trelm_fast.data.formats import DataFormatError
 from trelm_fast.probe import ProbeResult, evaluate_probes
 from trelm_fast.step import build_step_model, make_step
@@ -69,6 +77,9 @@ class Dist:
 
 def setup_distributed(device: str) -> Dist:
     """Join the torchrun process group if the environment names one (gloo on CPU, NCCL on CUDA)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} asked for, but this PyTorch build sees no CUDA device "
+                          f"(torch {torch.__version__}, CUDA {torch.version.cuda}); use --device cpu or auto")
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist(0, 1, torch.device(("cuda" if device == "auto" else device) if use_cuda else "cpu"))
@@ -84,12 +95,22 @@ def setup_distributed(device: str) -> Dist:
 # ---------------------------------------------------------------------------------------------
 # the output directory
 
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "model", "metrics.jsonl", "summary.json", "paths.png")
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "wandb", "wandb_run_id", "model", "metrics.jsonl", "summary.json",
+               "paths.png")
 
 
-def prepare_out_dir(out_dir: Path, d: Dist, fresh: bool, overwrite: bool) -> None:
-    """A fresh run never mixes with an earlier run's outputs: refuse, or with `--overwrite` remove them."""
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (`RUN/checkpoints/step_*` -> RUN), else None."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def prepare_out_dir(out_dir: Path, d: Dist, fresh: bool, overwrite: bool, keep: Path | None = None) -> None:
+    """A fresh run never mixes with an earlier run's outputs: refuse, or with `--overwrite` remove them
+    (never `keep`, the checkpoint a run resumes from)."""
     existing = [out_dir / name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if fresh and existing and keep is not None and keep.resolve().is_relative_to(out_dir.resolve()):
+        raise ConfigError(f"out_dir {out_dir} holds {keep}, the checkpoint to resume from, but is not its run "
+                          f"directory; resume without --out_dir to continue that run, or choose a new out_dir")
     if fresh and existing:
         if not overwrite:
             raise ConfigError(f"out_dir {out_dir} holds an earlier run ({', '.join(p.name for p in existing)}); "
@@ -108,8 +129,17 @@ def prepare_out_dir(out_dir: Path, d: Dist, fresh: bool, overwrite: bool) -> Non
 # data
 
 def ensure_dataset(cfg: Config, d: Dist) -> Path:
-    """The dataset directory, built from `data.source` with `data.build_args` on first use (rank 0)."""
+    """The dataset directory, built from `data.source` with `data.build_args` on first use (rank 0,
+    only if `data.build`), then checked: every file's checksum, the tokenizer, the positions."""
+    from trelm_fast.data.loader import load_manifest
+
     data_dir = Path(cfg.data.dir)
+    if not cfg.data.build and not (data_dir / "manifest.json").is_file():  # every rank stops, none waits
+        try:
+            load_manifest(data_dir, verify=False)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.dir: {e}; set data.build: true to build the {cfg.data.source} dataset "
+                              "there") from None
     if d.main and not (data_dir / "manifest.json").is_file():
         from trelm_fast.data.build import BuildConfig, build_source
 
@@ -125,13 +155,15 @@ def ensure_dataset(cfg: Config, d: Dist) -> Path:
         except (DataFormatError, ValueError, OSError) as e:
             raise ConfigError(f"data.dir: building {data_dir} failed: {e}") from e
     d.barrier()
+    load_manifest(data_dir)  # every file as built (before the model reads the KG embeddings)
     cfg.validate(f"data.dir {data_dir}")  # now that it exists: built for model.path's tokenizer?
     return data_dir
 
 
 def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: int):
-    """Yield (epoch, batch_in_epoch, batch) forever, starting at the given position.
+    """An iterator of (epoch, batch_in_epoch, batch), forever, starting at the given position.
 
+    The dataset is opened here, before the first batch is asked for (`ensure_dataset` has verified it).
     Each rank reads its own share (ResumableSampler); every batch has `train.batch_size` sequences
     per rank. The order and the MLM masking depend only on (seed, epoch, index), so restarting at a
     position reproduces the batches that follow.
@@ -140,7 +172,7 @@ def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: in
 
     from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset
 
-    dataset = TrelmDataset(data_dir, "train")
+    dataset = TrelmDataset(data_dir, "train", verify=False)
     collate = MLMCollator(dataset.manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability)
     bs = cfg.train.batch_size
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
@@ -149,40 +181,70 @@ def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: in
     if per_epoch == 0:
         raise ConfigError(f"train.batch_size {bs} exceeds the {sampler.per_rank} training sequences per rank "
                           f"of {data_dir}")
-    while True:
-        sampler.set_epoch(epoch, start=batch_in_epoch * bs)
-        # its own generator: creating an iterator must not draw from the global RNG (exact resume)
-        loader = DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate, drop_last=True,
-                            num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-        for batch in loader:
-            yield epoch, batch_in_epoch, batch
-            batch_in_epoch += 1
+    if batch_in_epoch >= per_epoch:  # the position of a checkpoint saved at the end of an epoch
         epoch, batch_in_epoch = epoch + 1, 0
+
+    def generate(epoch: int, batch_in_epoch: int):
+        while True:
+            sampler.set_epoch(epoch, start=batch_in_epoch * bs)
+            # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+            loader = DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate, drop_last=True,
+                                num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+            for batch in loader:
+                yield epoch, batch_in_epoch, batch
+                batch_in_epoch += 1
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    return generate(epoch, batch_in_epoch)
 
 
 # ---------------------------------------------------------------------------------------------
 # metrics
 
 class Metrics:
-    """Rank-0 metrics: `out_dir/metrics.jsonl` (appended to when resuming), and per `train.report_to`
-    TensorBoard events in `out_dir/tensorboard` (events at or after the resumed step are purged) and a
-    Weights & Biases run (project $WANDB_PROJECT or "trelm-fast", files in `out_dir/wandb`, its id kept
-    in `out_dir/wandb_run_id` so that a resumed run continues it; WANDB_MODE=offline needs no network)."""
+    """Rank-0 metrics: `out_dir/metrics.jsonl`, and per `train.report_to` TensorBoard events in
+    `out_dir/tensorboard` and a Weights & Biases run (project $WANDB_PROJECT or "trelm-fast", files in
+    `out_dir/wandb`, its id kept in `out_dir/wandb_run_id` so that a resumed run continues it;
+    WANDB_MODE=offline needs no network).
 
-    def __init__(self, out_dir: Path, enabled: bool, start_step: int, report_to=("tensorboard",),
-                 config: dict | None = None):
+    A run resumed at step s starts metrics.jsonl with the records of steps <= s from `earlier` (the
+    resumed run's metrics.jsonl; records of steps after the checkpoint, logged before the run
+    stopped, are dropped, so each step appears once) and purges TensorBoard events from step s on.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int, earlier: Path | None = None,
+                 report_to=("tensorboard",), config: dict | None = None):
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out_dir / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+        path = out_dir / "metrics.jsonl"
+        kept = self.records_up_to(earlier, start_step) if start_step and earlier is not None else []
+        tmp = out_dir / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self.jsonl = open(path, "a", encoding="utf-8")
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
         if "wandb" in report_to:
             self.wandb = _wandb_run(out_dir, start_step, config)
+
+    @staticmethod
+    def records_up_to(path: Path, step: int) -> list[str]:
+        """The lines of metrics file `path` logged at steps <= `step` (a line cut by a kill is dropped)."""
+        if not path.is_file():
+            return []
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        return kept
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -227,11 +289,56 @@ def probe_metrics(result: ProbeResult, split: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the run
 
-def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = False) -> dict:
-    """Train `cfg` on this process's rank; returns a summary (probe P@1 before/after, wall-clock)."""
+SAFE_TO_CHANGE = ("train.batch_size", "seed")
+"""Run settings a resume may change with `--allow-change`: the data position is kept (converted to the
+new batch size, rounded down); with a new seed the rest of the epoch follows the new seed's order."""
+
+
+def run_identity(cfg: Config, d: Dist, data_dir: Path, model: torch.nn.Module) -> dict:
+    """What makes a run the same run, by setting name (stored in checkpoints, compared on resume)."""
+    hf = model.mlm.config
+    return {"dataset": sha256_file(data_dir / "manifest.json"), "train.batch_size": cfg.train.batch_size,
+            "seed": cfg.seed, "world_size": d.world_size, "method.name": cfg.method.name,
+            "model.model_type": hf.model_type, "model.hidden_size": hf.hidden_size,
+            "model.num_layers": hf.num_hidden_layers, "model.num_heads": hf.num_attention_heads,
+            "model.intermediate_size": hf.intermediate_size, "model.vocab_size": hf.vocab_size,
+            "model.max_position_embeddings": hf.max_position_embeddings}
+
+
+def check_same_run(ck: Checkpoint, now: dict, allow: set[str], data_dir: Path) -> None:
+    """Raise ConfigError naming the first setting in which this run differs from `ck`'s run, unless
+    it is in `allow` (which may name only SAFE_TO_CHANGE settings)."""
+    for name in sorted(allow - set(SAFE_TO_CHANGE)):
+        raise ConfigError(f"--allow-change {name}: only {', '.join(SAFE_TO_CHANGE)} may change on resume")
+    then = ck.state.get("run")
+    if not isinstance(then, dict):
+        raise CheckpointError(f"checkpoint: {ck.path / 'state.json'} records no run settings to compare")
+    for name, value in now.items():
+        if then.get(name) == value or name in allow:
+            continue
+        if name == "dataset":
+            raise ConfigError(f"data.dir {data_dir} is not the dataset {ck.path} was trained on (manifest sha256 "
+                              f"{value[:12]}, the run's {str(then.get(name))[:12]}): its entity rows would point "
+                              "at other entities; resume with the run's dataset or start a new run")
+        hint = (f"pass --allow-change {name} to continue with {value!r}" if name in SAFE_TO_CHANGE else
+                "it cannot change within a run: resume with the run's value or start a new run")
+        raise ConfigError(f"{name} is {value!r}, but {ck.path} was written by a run with {then.get(name)!r}; {hint}")
+
+
+def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = False,
+          allow_change: tuple[str, ...] = ()) -> dict:
+    """Train `cfg` on this process's rank; returns a summary (probe P@1 before/after, wall-clock).
+
+    `resume`: a checkpoint directory. The run writes into `cfg.out_dir`; a resumed run whose out_dir
+    is not its checkpoint's run directory starts a new one there (refused if it holds a run, unless
+    `overwrite`). `allow_change`: SAFE_TO_CHANGE settings that may differ from the checkpoint's run.
+    """
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir)
-    prepare_out_dir(out_dir, d, fresh=resume is None, overwrite=overwrite)
+    source_run = run_dir_of(Path(resume)) if resume is not None else None
+    continuing = source_run is not None and source_run.resolve() == out_dir.resolve()
+    prepare_out_dir(out_dir, d, fresh=not continuing, overwrite=overwrite,
+                    keep=Path(resume) if resume is not None else None)
     data_dir = ensure_dataset(cfg, d)
     from trelm_fast.data.base_model import load_tokenizer
     from trelm_fast.data.loader import load_probes
@@ -254,23 +361,25 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     step = make_step(cfg.method.name, model, cfg)
+    identity = run_identity(cfg, d, data_dir, model)
 
     start_step, epoch, batch_in_epoch = 0, 0, 0
     if resume is not None:
-        ck = load_checkpoint(resume, model)
-        if ck.state["world_size"] != d.world_size:
-            raise ConfigError(f"resume: {ck.path} was written by {ck.state['world_size']} processes, this run has "
-                              f"{d.world_size}; the data position is per rank, so resume with the same count")
+        ck = load_checkpoint(resume)
+        check_same_run(ck, identity, set(allow_change), data_dir)
+        load_weights(ck.path, model)
         step.load_state_dict(ck.state["step"])
         if model.bank is not None:
             model.bank.load_state_dict(ck.state["bank"])
         start_step, epoch, batch_in_epoch = ck.step, ck.state["data"]["epoch"], ck.state["data"]["batch_in_epoch"]
+        batch_in_epoch = batch_in_epoch * ck.state["run"]["train.batch_size"] // cfg.train.batch_size
         rngs = ck.state["rng"]
         set_rng_state(rngs[d.rank % len(rngs)])
         if d.main:
-            print(f"resumed from {ck.path} at step {start_step}", flush=True)
+            print(f"resumed from {ck.path} at step {start_step}, writing into {out_dir}", flush=True)
 
-    metrics = Metrics(out_dir, d.main, start_step, cfg.train.report_to, cfg.to_dict())
+    metrics = Metrics(out_dir, d.main, start_step, None if source_run is None else source_run / "metrics.jsonl",
+                      cfg.train.report_to, cfg.to_dict())
 
     def run_probes(at_step: int) -> ProbeResult | None:
         """Probe P@1 on rank 0 (the model is the same on every rank); all splits logged, the first returned."""
@@ -290,20 +399,20 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
             rngs[0] = rng_state()
         if d.main:
             state = {"step": step.state_dict(), "data": {"epoch": epoch, "batch_in_epoch": batch_in_epoch},
-                     "rng": rngs, "world_size": d.world_size}
+                     "rng": rngs, "run": identity}
             if model.bank is not None:
                 state["bank"] = model.bank.state_dict()
             save_checkpoint(out_dir / "checkpoints", at_step, model, state, cfg.to_dict(),
                             keep_last=cfg.train.keep_checkpoints)
         d.barrier()
 
+    data = batches(cfg, data_dir, d, epoch, batch_in_epoch)
     before = run_probes(start_step) if start_step == 0 else None
     if before is not None:
         print(f"probe P@1 before training: {before.macro_p_at_1:.4f} (macro over {len(before.p_at_1)} relations, "
               f"{next(iter(probes))} facts)", flush=True)
     t_loop = time.perf_counter()
 
-    data = batches(cfg, data_dir, d, epoch, batch_in_epoch)
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not d.main, dynamic_ncols=True, desc=cfg.method.name)
     nonfinite_in_row, tokens, busy = 0, 0, 0.0  # tokens and seconds (data + step) since the last log
     for step_index in range(start_step, cfg.train.steps):
@@ -378,21 +487,39 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
 # ---------------------------------------------------------------------------------------------
 # command line
 
-def parse_args(argv: list[str] | None) -> tuple[Config, str | None, bool]:
-    """(config, checkpoint to resume from or None, --overwrite) from the command line; exits with a
-    message on bad input."""
+@dataclass
+class Launch:
+    """What the command line asks for: the config, the checkpoint to resume from (verified), whether
+    to replace an earlier run's outputs, and the settings allowed to change on resume."""
+    cfg: Config
+    resume: str | None
+    overwrite: bool
+    allow_change: tuple[str, ...]
+
+
+def parse_args(argv: list[str] | None) -> Launch:
+    """The launch the command line asks for; exits with a one-line message (status 2) on bad input.
+
+    Resuming, out_dir is the checkpoint's run directory unless `out_dir` is given on the command line:
+    an out_dir from a config file (the checkpoint's own included) never decides where a resumed run
+    writes or deletes.
+    """
     parser = argparse.ArgumentParser(prog="trelm_fast/train.py", allow_abbrev=False,
                                      description="Train a TRELM model (see the module docstring).",
                                      epilog="Any other argument is a config override: --section.key VALUE "
                                             "or section.key=VALUE.")
     parser.add_argument("--config", help="YAML configuration file (default: the embedded default)")
     parser.add_argument("--method", help="training method (shortcut for method.name)")
-    parser.add_argument("--resume", help="checkpoint directory, or a directory of checkpoints (latest is used)")
+    parser.add_argument("--resume", help="checkpoint directory, or a directory of checkpoints (the latest is "
+                                         "used if it verifies)")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="SETTING",
+                        help=f"resume although SETTING differs from the checkpoint's run ({', '.join(SAFE_TO_CHANGE)})")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in out_dir")
     args, overrides = parser.parse_known_args(argv)
     if args.method is not None:
         overrides += ["--method.name", args.method]
     try:
+        explicit_out_dir = "out_dir" in parse_overrides(list(overrides))
         resume = None
         if args.resume is not None:
             resume = find_checkpoint(args.resume)
@@ -401,21 +528,31 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str | None, bool]:
         cfg = load_config(config_file, overrides)
         if resume is None and cfg.train.resume is not None:  # resume given in the config file
             resume = find_checkpoint(cfg.train.resume)
-    except (ConfigError, FileNotFoundError) as err:
+        if resume is not None and not explicit_out_dir:
+            run_dir = run_dir_of(resume)
+            if run_dir is None:
+                raise ConfigError(f"resume: {resume} is not in a run's checkpoints/ directory; name the directory "
+                                  "this run writes into with --out_dir")
+            cfg.out_dir = str(run_dir)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         parser.error(str(err))
-    return cfg, None if resume is None else str(resume), args.overwrite
+    return Launch(cfg, None if resume is None else str(resume), args.overwrite, tuple(args.allow_change))
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume, overwrite = parse_args(argv)
-    d = setup_distributed(cfg.device)
+    launch = parse_args(argv)
+    d = None
     try:
-        train(cfg, d, resume, overwrite)
-    except (ConfigError, TrainingStopped) as err:
+        d = setup_distributed(launch.cfg.device)
+        train(launch.cfg, d, launch.resume, launch.overwrite, launch.allow_change)
+    except (ConfigError, CheckpointError, DataFormatError) as err:  # caused by the user's input
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
+        return 1
     finally:
-        if d.world_size > 1 and dist.is_initialized():
+        if d is not None and d.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

@@ -8,7 +8,6 @@ Everything is written to ``OUT.tmp-<pid>`` and renamed to ``OUT`` only when comp
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 
 from .align import Sequence, align_documents, pack_document
 from .base_model import load_encoder, load_tokenizer, tokenizer_identity
+from .checksums import file_checksums
 from .formats import (BadRecords, DataFormatError, Document, Probe, write_corpus, write_id_list,
                       write_kg, write_kg_embeddings, write_probes)
 from .importance import score_sequences, sentence_contexts
@@ -71,14 +71,6 @@ class BuildConfig:
             raise ValueError(f"seq_len must be at least 8, got {self.seq_len}")
         if self.targets_per_sequence < 0:
             raise ValueError(f"targets_per_sequence must be >= 0, got {self.targets_per_sequence}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_entity_ids(docs: list[Document], known: set[str], bad: BadRecords, kg_name: str) -> list[Document]:
@@ -226,6 +218,10 @@ def write_atomically(out: str | Path, fill: Callable[[Path], dict], force: bool 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace it")
+    parked = [d for d in sorted(out.parent.glob(f"{out.name}.old-*")) if not (out / "manifest.json").is_file()]
+    if parked:
+        raise FileExistsError(f"{parked[-1]} holds the dataset that a killed --force rebuild of {out} was "
+                              f"replacing: rename it to {out.name} to use it, or remove it to build anew")
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     for d in remove_stale_build_dirs(out):
@@ -257,6 +253,9 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
     ent_row = {e: i for i, e in enumerate(entity_ids)}
     rel_row = {r: i for i, r in enumerate(relation_ids)}
     kg_name = cfg.inputs.get("kg", "the KG")
+    if not entity_ids:
+        raise ValueError(f"no entities to build from: {kg_name} has no triples left (source {cfg.source!r}; "
+                         f"{bad.total} bad records skipped)")
     docs = _check_entity_ids(raw.documents, set(ent_row), bad, kg_name)
     if not docs:
         raise ValueError(f"no documents to build from (source {cfg.source!r}; {bad.total} bad records skipped)")
@@ -278,6 +277,9 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
         seqs += s
     span_arr = [np.array([(s.start, s.end, ent_row[docs[q.doc].entities[s.mention].id]) for s in q.spans],
                          dtype=np.int64).reshape(-1, 3) for q in seqs]
+    if not any(len(a) for a in span_arr):
+        raise ValueError(f"no entity mentions to build from: none of the {len(docs)} documents has a mention of "
+                         f"an entity of {kg_name} left (source {cfg.source!r}; {bad.total} bad records skipped)")
 
     # --- frequencies, long tail ----------------------------------------------------------------
     freq = np.bincount(np.concatenate([a[:, 2] for a in span_arr]) if span_arr else np.zeros(0, np.int64),
@@ -374,7 +376,7 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
 def write_manifest(d: Path, source: str, config: dict, seq_len: int, tok, summary: dict) -> None:
     """Write ``manifest.json`` (last): format, build config, tokenizer identity and special ids, counts
     (from ``summary``), the summary, and the size and sha256 of every file in ``d``."""
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(d.iterdir()) if p.is_file()}
+    files = file_checksums(d)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": source,

@@ -156,7 +156,32 @@ def _json_lines(path: Path, bad: BadRecords, kind: str) -> Iterator[tuple[_Curso
             bad.report(DataFormatError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}"),
                        f"{kind}: not an object")
             continue
+        surrogate = _lone_surrogate(obj, "")
+        if surrogate is not None:
+            fld, at, char = surrogate
+            bad.report(DataFormatError(path, lineno, fld or None, f"lone surrogate \\u{ord(char):04x} at character "
+                                       f"{at} (valid JSON, but not Unicode text)"), f"{kind}: lone surrogate")
+            continue
         yield cur, obj
+
+
+def _lone_surrogate(obj: object, path: str) -> tuple[str, int, str] | None:
+    """(field path, character offset, the character) of the first lone surrogate (U+D800-U+DFFF,
+    which JSON's ``\\ud800`` escapes can produce but UTF-8 cannot encode) in a parsed JSON value."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, e.start, obj[e.start]
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and (found := _lone_surrogate(key, path)) is not None:
+            return found
+        sub = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+        if (found := _lone_surrogate(value, sub.lstrip("."))) is not None:
+            return found
+    return None
 
 
 def parse_document(cur: _Cursor, obj: dict) -> Document | None:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .build import FORMAT_VERSION, SPAN_COLUMNS, sha256_file
+from .build import FORMAT_VERSION, SPAN_COLUMNS
+from .checksums import verify_checksums
 from .formats import DataFormatError, Probe, read_id_list, read_kg_embeddings, read_probes
 
 _ARRAYS = ("tokens", "lengths", "spans", "span_offsets", "si")
@@ -44,12 +45,7 @@ def load_manifest(directory: str | Path, verify: bool = True) -> dict:
         raise DataFormatError(path, None, "format_version",
                               f"dataset format {manifest['format_version']}, this reader expects {FORMAT_VERSION}")
     if verify:
-        for name, meta in manifest["files"].items():
-            f = d / name
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: listed in {path} but missing")
-            if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
-                raise DataFormatError(f, None, None, f"checksum mismatch with {path}: the file changed after the build")
+        verify_checksums(d, manifest["files"], path)
     return manifest
 
 
