@@ -137,3 +137,4 @@ def test_trainer_accumulation_reads_the_same_sequences_as_one_big_batch(tmp_path
         assert train_mod.main(argv) == 0
         losses.append([metrics(out)[s]["loss"] for s in (1, 2, 3)])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+

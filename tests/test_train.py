@@ -242,3 +242,17 @@ def test_script_entry_point_help():
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--resume" in proc.stdout and "--section.key VALUE" in proc.stdout
+
+
+def test_zero_steps_probes_and_exports_the_starting_point(tmp_path, tiny_dir):
+    """train.steps=0: the untrained model is probed on every split and exported (a baseline to compare)."""
+    from transformers import AutoModelForMaskedLM
+
+    code, out = run(tmp_path, tiny_dir, "train.steps=0")
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 0 and set(summary["probes_after"]) == {"stated", "heldout"}
+    assert summary["probes_after"] == summary["probes_before"]
+    assert summary["probe_after"] == summary["probes_after"]["stated"]
+    AutoModelForMaskedLM.from_pretrained(out / "model")
+    assert not (out / "checkpoints").exists()

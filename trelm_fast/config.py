@@ -422,9 +422,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{s}: schedule.min_lr_ratio must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
 
     t = cfg.train
-    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+    for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                  "eval_every", "max_nonfinite", "grad_accum_steps"):
         _positive(getattr(t, name), f"train.{name}", s)
+    _positive(t.steps, "train.steps", s, allow_zero=True)  # 0: probe and export the starting point
     _positive(t.max_grad_norm, "train.max_grad_norm", s, allow_zero=True)
     for sink in t.report_to:
         _choice(sink, REPORT_TO, "train.report_to", s)

@@ -381,15 +381,15 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
     metrics = Metrics(out_dir, d.main, start_step, None if source_run is None else source_run / "metrics.jsonl",
                       cfg.train.report_to, cfg.to_dict())
 
-    def run_probes(at_step: int) -> ProbeResult | None:
-        """Probe P@1 on rank 0 (the model is the same on every rank); all splits logged, the first returned."""
+    def run_probes(at_step: int) -> dict[str, ProbeResult]:
+        """Probe P@1 of every split on rank 0 (the model is the same on every rank), logged; {} elsewhere."""
         results = {}
         if d.main:
             results = {split: evaluate_probes(model.mlm, tokenizer, facts, device=d.device)
                        for split, facts in probes.items()}
             metrics.log(at_step, {k: v for split, r in results.items() for k, v in probe_metrics(r, split).items()})
         d.barrier()
-        return next(iter(results.values()), None)
+        return results
 
     def save(at_step: int) -> None:
         rngs = [None] * d.world_size
@@ -407,7 +407,8 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
         d.barrier()
 
     data = batches(cfg, data_dir, d, epoch, batch_in_epoch)
-    before = run_probes(start_step) if start_step == 0 else None
+    before_all = run_probes(start_step) if start_step == 0 else {}
+    before = next(iter(before_all.values()), None)
     if before is not None:
         print(f"probe P@1 before training: {before.macro_p_at_1:.4f} (macro over {len(before.p_at_1)} relations, "
               f"{next(iter(probes))} facts)", flush=True)
@@ -458,7 +459,8 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
     bar.close()
 
     loop_s = time.perf_counter() - t_loop
-    after = run_probes(cfg.train.steps)
+    after_all = before_all if cfg.train.steps == 0 else run_probes(cfg.train.steps)
+    after = next(iter(after_all.values()), None)
     summary = {"method": cfg.method.name, "steps": cfg.train.steps, "start_step": start_step,
                "nonfinite_total": step.nonfinite_total, "loop_s": loop_s}
     if d.main:
@@ -468,10 +470,13 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
                 step.router.history.plot(out_dir / "paths.png")
             except ImportError:
                 print("matplotlib is not installed: no paths.png (pip install -e '.[plots]')", flush=True)
+        # macro P@1 of the first split (stated facts when the dataset has them), and of every split
         if before is not None:
             summary["probe_before"] = before.macro_p_at_1
+            summary["probes_before"] = {split: r.macro_p_at_1 for split, r in before_all.items()}
         if after is not None:
             summary["probe_after"] = after.macro_p_at_1
+            summary["probes_after"] = {split: r.macro_p_at_1 for split, r in after_all.items()}
             print(after.format(), flush=True)
             print(f"probe P@1 (macro, {next(iter(probes))} facts): "
                   f"{'' if before is None else f'before {before.macro_p_at_1:.4f} -> '}after {after.macro_p_at_1:.4f}",
