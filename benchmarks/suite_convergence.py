@@ -104,7 +104,7 @@ class Run:
         self.clock += time.perf_counter() - t0
         self.steps += 1
         self.curve["loss_wall_s"].append(self.clock)
-        self.curve["loss"].append(result.mlm_loss)
+        self.curve["loss"].append(float(result.mlm_loss))
         if self.steps % self.plan["eval_every"] == 0 or self.done:
             self._evaluate()
 
