@@ -249,3 +249,15 @@ def test_steps_on_cuda(method, dataset):
         assert not r.skipped_nonfinite and math.isfinite(r.loss)
     if model.bank is not None:
         assert model.bank.local.is_cuda and (model.bank.counts > 0).any()
+
+
+def test_frozen_dense_trains_what_trelm_trains_plus_whole_ffns(dataset):
+    from trelm_fast.optim import parameter_group
+
+    _, model, step = setup_step("frozen_dense", dataset)
+    _, trelm_model, _ = setup_step("trelm", dataset)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    trelm_trained = {n for n, p in trelm_model.named_parameters() if p.requires_grad}
+    ffn = {n for n, _ in model.named_parameters() if parameter_group(n.removeprefix("mlm.")) == "ffn"}
+    assert ffn and trelm_trained and trained == trelm_trained | ffn
+    assert step.router is None and not hasattr(model.mlm.bert.encoder.layer[0], "trelm_ffn")

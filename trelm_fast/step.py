@@ -12,10 +12,15 @@ Methods (paper table 6 and DESIGN.md section 3):
 | `no_injection`| no        | yes  | fused         | as `trelm`                                  | as `trelm`                  |
 | `no_kmb`      | yes       | no   | fused         | as `trelm`                                  | as `trelm`                  |
 | `no_routing`  | yes       | yes  | none          | as `trelm`                                  | every parameter (AdamW)     |
+| `frozen_dense`| yes       | yes  | none          | as `trelm`                                  | `method.trainable` groups + every FFN whole (W1, b1, W2; AdamW): `trelm` without routing and sparse gradients |
 | `dense`       | yes       | yes  | none          | stock HF full-vocabulary MLM at all positions + CKA | every parameter (AdamW) |
 | `trelm_naive` | yes       | yes  | per-layer KN loop | as `trelm`, dense FFN gradients then masked to the paths | as `trelm` (AdamW on masked gradients) |
 | `hf_dense`    | no        | no   | none          | stock `BertForMaskedLM(labels=...)` MLM     | every parameter (AdamW)     |
 | `dense_opt`   | no        | no   | none          | MLM logits only at labelled positions       | every parameter (AdamW)     |
+
+Every method gets the same generic engineering (precision, fused AdamW, no host sync in a plain
+step), so the step benchmark's ratios measure the method: to `dense_opt` TRELM as a whole, to
+`frozen_dense` routing plus sparse FFN gradients alone.
 
 A step: on the host, the batch's index fields (`trelm_fast.data.prepare`, normally done by the
 loader's collate) and the CKA negatives (`cka_negatives`, sampled from Q with the step's generator
@@ -64,20 +69,17 @@ class MethodSpec:
     bank: bool
     routing: Optional[str]  # None, "fused" or "naive"
     objective: str  # "trelm", "hf_full_cka", "hf_stock", "labelled_mlm"
-
-    @property
-    def uses_paths(self) -> bool:
-        return self.routing is not None
-
+    trains: str = "all"  # "all" groups, or "method" (`method.trainable`), or "method+ffn" (plus whole FFNs)
 
 METHOD_SPECS = {
-    "trelm": MethodSpec(True, True, "fused", "trelm"),
-    "trelm_fast": MethodSpec(True, True, "fused", "trelm"),
-    "no_injection": MethodSpec(False, True, "fused", "trelm"),
-    "no_kmb": MethodSpec(True, False, "fused", "trelm"),
+    "trelm": MethodSpec(True, True, "fused", "trelm", "method"),
+    "trelm_fast": MethodSpec(True, True, "fused", "trelm", "method"),
+    "no_injection": MethodSpec(False, True, "fused", "trelm", "method"),
+    "no_kmb": MethodSpec(True, False, "fused", "trelm", "method"),
     "no_routing": MethodSpec(True, True, None, "trelm"),
+    "frozen_dense": MethodSpec(True, True, None, "trelm", "method+ffn"),
     "dense": MethodSpec(True, True, None, "hf_full_cka"),
-    "trelm_naive": MethodSpec(True, True, "naive", "trelm"),
+    "trelm_naive": MethodSpec(True, True, "naive", "trelm", "method+ffn"),
     "hf_dense": MethodSpec(False, False, None, "hf_stock"),
     "dense_opt": MethodSpec(False, False, None, "labelled_mlm"),
 }
@@ -223,15 +225,16 @@ class TrainStep:
     def _setup_parameters(self) -> None:
         """requires_grad flags and the optimizer of the method.
 
-        Path methods train the `method.trainable` groups (trelm_fast.optim) plus the path slices;
-        `trelm_naive` adds the dense FFN weights (masked after backward); the others train every
-        group. The knowledge projection counts as group "other".
+        `MethodSpec.trains`: "method", the `method.trainable` groups (trelm_fast.optim), plus the path
+        slices of fused routing; "method+ffn" adds the whole FFN weights (`trelm_naive` masks their
+        gradients to the paths, `frozen_dense` does not); "all", every group. The knowledge
+        projection counts as group "other".
         """
         from trelm_fast.optim import DENSE_TRAINABLE, TrelmOptimizer, configure_trainable
 
         model, spec, o = self.model, self.spec, self.cfg.optim
-        trainable = set(self.cfg.method.trainable) if spec.uses_paths else set(DENSE_TRAINABLE)
-        if spec.routing == "naive":
+        trainable = set(DENSE_TRAINABLE) if spec.trains == "all" else set(self.cfg.method.trainable)
+        if spec.trains == "method+ffn":
             trainable.add("ffn")
         configure_trainable(model.mlm, trainable)
         model.injection.requires_grad_(spec.inject and "other" in trainable)
