@@ -7,7 +7,9 @@
   load alike. CUDA: `triton.testing.do_bench` with
   `return_mode="median"` (it synchronizes and flushes the L2 cache between calls).
 - `count_flops(fn)`: FLOPs of one call from `torch.utils.flop_counter.FlopCounterMode` (matmuls,
-  convolutions and attention only; elementwise work is not counted, as in that counter).
+  convolutions and attention only; elementwise work is not counted, as in that counter), plus the
+  FLOPs the Triton launchers record analytically (`trelm_fast.kernels._launch.kernel_flops`: the
+  counter does not see inside a kernel, so on CUDA they would be missing).
 - `peak_mem_mb(fn)`: the high-water mark of bytes allocated during one call, above what was
   allocated when the call started (activations, gradients, temporaries; parameters and optimizer
   state that already exist are not counted). CUDA: `torch.cuda.max_memory_allocated()` after
@@ -199,13 +201,18 @@ def time_ms(fn: Callable[[], object], settings: Settings, warmup: int | None = N
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of `fn`, counted by `torch.utils.flop_counter.FlopCounterMode`."""
+    """FLOPs of one call of `fn`: `torch.utils.flop_counter.FlopCounterMode` plus Triton kernels' own."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    try:
+        from trelm_fast.kernels._launch import kernel_flops
+    except ImportError:  # the harness's own tests run without trelm_fast's kernels
+        kernel_flops = lambda: 0  # noqa: E731
     counter = FlopCounterMode(display=False)
+    before = kernel_flops()
     with counter:
         fn()
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) + kernel_flops() - before
 
 
 @contextlib.contextmanager

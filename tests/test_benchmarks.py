@@ -143,3 +143,16 @@ def test_a_failing_suite_is_reported_and_fails_the_run(tmp_path, monkeypatch, ca
     assert "FAILED" in capsys.readouterr().err
     with pytest.raises(MissingComponent, match="no_such_module"):
         require("trelm_fast.no_such_module")
+
+
+def test_flops_inside_triton_kernels_are_counted_like_their_references():
+    from trelm_fast.kernels.attribution import attribution_scores_reference, attribution_scores_triton
+    from trelm_fast.kernels.sparse_ffn import gathered_tn_matmul_reference, gathered_tn_matmul_triton
+
+    a, b, idx = torch.randn(19, 40), torch.randn(19, 24), torch.tensor([1, 4, 7, 30])
+    for fn in (gathered_tn_matmul_reference, gathered_tn_matmul_triton):  # the kernel runs interpreted
+        assert count_flops(lambda: fn(a, b, a_idx=idx, colsum=True)) == 2 * 4 * 24 * 19, fn.__name__
+    grads, weights, w2, v = torch.randn(3, 5, 16), torch.full((3,), 1 / 3), torch.randn(16, 32), torch.randn(5, 32)
+    ref = count_flops(lambda: attribution_scores_reference(grads, weights, w2, v))
+    assert ref == 2 * 3 * 5 * 16 + 2 * 5 * 16 * 32
+    assert count_flops(lambda: attribution_scores_triton(grads, weights, w2, v)) == ref
