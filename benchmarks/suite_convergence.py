@@ -56,7 +56,8 @@ class Evaluator:
         self.tokenizer = load_tokenizer(str(resolve_model_path(cfg.model.path)))
         valid = TrelmDataset(data_dir, "valid")
         collate = MLMCollator(valid.manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability)
-        self.valid = {k: v.to(device) for k, v in collate([valid[i] for i in range(len(valid))]).items()}
+        batch = collate([valid[i] for i in range(len(valid))])
+        self.valid = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "mlm_labels")}
         self.device = device
 
     @torch.no_grad()

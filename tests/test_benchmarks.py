@@ -15,7 +15,7 @@ from harness import (  # noqa: E402
 )
 
 RECORD_KEYS = {"suite", "case", "variant", "metric", "value", "unit"}
-STEP_TAGS = {"device", "precision"}  # step records say what they ran on
+STEP_TAGS = {"device", "precision", "p20_ms", "p50_ms", "p80_ms"}  # what they ran on, the wall-clock spread
 
 
 def test_flops_peak_memory_and_timing_measure_what_they_say(tmp_path):
@@ -102,12 +102,13 @@ def test_quick_all_suites_on_the_tiny_shape(tmp_path):
     check_schema(data)
     assert data["meta"]["quick"] and not data["meta"]["errors"]
     step = values(data, suite="step", case="tiny")
-    for variant in ("hf_dense", "dense_opt", "trelm_naive", "trelm_fast"):
+    for variant in ("hf_dense", "dense_opt", "frozen_dense", "trelm_naive", "trelm_fast"):
         for metric in ("wall_ms", "tokens_per_s", "flops", "peak_mem_mb"):
             assert step[(variant, metric)] > 0
         assert 0 < values(data, suite="limit", case="tiny")[(variant, "efficiency")]
     assert 0 < step[("trelm_fast", "attribution_share")] < 1
     assert step[("dense_opt", "flops")] < step[("hf_dense", "flops")]  # logits only at labelled positions
+    assert step[("trelm_fast", "flops")] < step[("frozen_dense", "flops")]  # sparse FFN weight gradients
     final = values(data, suite="convergence", case="final")
     assert {v for v, _ in final} == {"dense", "trelm", "kmb_only", "routing_only"}
     for name in ("summary.md", "step_throughput.png", "convergence.png", "curves.json"):
@@ -124,6 +125,10 @@ def test_step_suite_precision_batch_size_seq_len_and_variants(tmp_path):
     got = values(data, suite="step", case="tiny-bf16")
     assert {v for v, _ in got} == {"hf_dense", "trelm_fast"}
     assert all(r["precision"] == "bf16" and r["device"] == data["meta"]["device"] for r in data["records"])
+    for r in data["records"]:  # the spread of the variant's (amortized) step, p50 = wall_ms
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        if r["metric"] == "wall_ms":
+            assert r["p50_ms"] == pytest.approx(r["value"])
     assert got[("hf_dense", "tokens_per_s")] == pytest.approx(3 * 40 / (got[("hf_dense", "wall_ms")] / 1e3))
     assert data["meta"]["step_precision"] == "bf16"
     assert "batch 3 x 40 full-length sequences, bf16" in (tmp_path / "summary.md").read_text()
