@@ -6,8 +6,8 @@ show on the CPU: syncs as the aten ops that read a tensor's values on the host o
 from its values, plus the Python-level reads (`tolist`, `numpy`, `item`, `bool`, `float`, `int`,
 `cpu`); launches as the ops a `TorchDispatchMode` sees. The step runs on a batch prepared the way
 the loader's collate prepares it (`TrainStep.prepare`: index fields and negatives, host work that
-does not count), without padding (transformers asks the device whether a 2-D attention mask is all
-ones, which the step avoids by passing no mask when the batch has no padding).
+does not count), with padding (transformers would ask the device whether a 2-D attention mask is
+all ones; the step passes it a 4-D one, or none when the batch has no padding).
 
 Two ways to run the kernels: `reference`, their PyTorch references (what a CPU step runs; many
 aten ops each); `launches`, the CUDA path (`kernel_backend("triton")`: the launchers' own ops as
@@ -97,11 +97,12 @@ def _kernels(mode: str, monkeypatch, counter_of):
         yield
 
 
-def _plain_step_counts(method, dataset, monkeypatch, kernels="reference", index=3):
+def _plain_step_counts(method, dataset, monkeypatch, kernels="reference", index=3, padded=True):
     """(op counter, host reads) of step `index` (not a refresh step) of `method` after 3 warm-up steps."""
     cfg, model, step = setup_step(method, dataset, "routing.refresh=50")
-    batch = make_batch(seed=0)
-    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # no padding (see the docstring)
+    batch = make_batch(seed=0)  # its last row is padded
+    if not padded:
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
     batch = step.prepare(batch)
     for i in range(index):
         step(batch, i)
@@ -111,10 +112,11 @@ def _plain_step_counts(method, dataset, monkeypatch, kernels="reference", index=
     return counter, reads
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("kernels", ["reference", "launches"])
 @pytest.mark.parametrize("method", ["trelm_fast", "dense_opt", "frozen_dense"])
-def test_a_plain_step_makes_no_host_sync(method, kernels, dataset, monkeypatch):
-    counter, reads = _plain_step_counts(method, dataset, monkeypatch, kernels)
+def test_a_plain_step_makes_no_host_sync(method, kernels, padded, dataset, monkeypatch):
+    counter, reads = _plain_step_counts(method, dataset, monkeypatch, kernels, padded=padded)
     assert counter.syncs() == {}, f"{method}: host syncs in a plain step"
     assert dict(reads.reads) == {}, f"{method}: host reads of tensor values in a plain step"
     if kernels == "launches" and method == "trelm_fast":  # the stubs really stood in for the kernels

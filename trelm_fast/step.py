@@ -304,6 +304,17 @@ class TrainStep:
             batch = {**batch, "cka_negatives": negatives}
         return batch
 
+    def _encoder_mask(self, batch: dict) -> Optional[Tensor]:
+        """The attention mask the encoder gets: None for a batch without padding; with padding under
+        SDPA attention a 4-D boolean [B, 1, 1, n] (transformers takes a 4-D mask as it is, where from
+        a 2-D one it would ask the device whether it is all ones: a host sync); else the 2-D mask."""
+        if batch["tokens"] == batch["input_ids"].numel():
+            return None
+        mask = batch["attention_mask"]
+        if self.model.mlm.config._attn_implementation == "sdpa":
+            return mask.bool()[:, None, None, :]
+        return mask
+
     def _objective(self, batch: dict, epoch: float) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """(total, mlm, cka, final hidden states or None) for the method's objective on a prepared batch."""
         model, theta, head = self.model, self.cfg.loss.theta, self.head
@@ -365,8 +376,7 @@ class TrainStep:
         self.optimizer.lr = lr
         stats["lr"] = lr
 
-        if batch["tokens"] == batch["input_ids"].numel():  # no padding: no mask (transformers would ask
-            batch = {**batch, "attention_mask": None}      # the device whether it is all ones)
+        batch = {**batch, "attention_mask": self._encoder_mask(batch)}
         t0 = time.perf_counter()
         with self.precision.autocast():
             total, mlm, cka, hidden = self._objective(batch, epoch)
