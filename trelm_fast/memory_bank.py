@@ -328,14 +328,15 @@ class KnowledgeMemoryBank:
         spans [E, 4] valid for ``lengths`` [B]; first [E] bool and rounds (1 + the largest rank) from
         `first_in_context_and_rank`; skip: a bool scalar tensor, true to leave the bank unchanged.
         """
-        if spans.shape[0] == 0:
+        distributed = self._world_size() > 1
+        if spans.shape[0] == 0 and not distributed:  # under DDP every rank joins the gather
             return
         hidden = final_hidden.detach().to(self.device).contiguous()
         spans, first = spans.to(self.device), first.to(self.device)
         row, start, end, ent = spans.unbind(1)
         lo = (start - self.window).clamp(min=0)
         hi = torch.minimum(end + self.window, lengths.to(self.device)[row])
-        if self._world_size() > 1:
+        if distributed:
             self._update_distributed(hidden, row, lo, hi, ent, first, skip)
             return
         cls_index = torch.where(first, row, -1)
