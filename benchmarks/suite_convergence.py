@@ -102,10 +102,11 @@ class Run:
         epoch, _, batch = next(self.data)
         t0 = time.perf_counter()
         result = self.step.step(batch, self.steps, epoch=float(epoch))
+        loss = float(result.mlm_loss)  # waits for the device: the step's work belongs to its time
         self.clock += time.perf_counter() - t0
         self.steps += 1
         self.curve["loss_wall_s"].append(self.clock)
-        self.curve["loss"].append(float(result.mlm_loss))
+        self.curve["loss"].append(loss)
         if self.steps % self.plan["eval_every"] == 0 or self.done:
             self._evaluate()
 

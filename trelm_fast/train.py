@@ -291,7 +291,10 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
         bar.update(1)
 
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            for index, skipped, loss in step.nonfinite_events():  # the host reads the step flags only here
+            t0 = time.perf_counter()  # waiting for the device here is step time (steps do not wait)
+            events, losses = step.nonfinite_events(), result.scalars()
+            busy += time.perf_counter() - t0
+            for index, skipped, loss in events:  # the host reads the step flags only here
                 if not skipped:
                     nonfinite_in_row = 0
                     continue
@@ -306,7 +309,6 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
                     raise TrainingStopped(f"stopping at step {index}: {nonfinite_in_row} non-finite losses in a row "
                                           f"(train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr or "
                                           f"resume from an earlier checkpoint in {out_dir / 'checkpoints'}")
-            losses = result.scalars()
             values = {"loss": losses["loss"], "mlm_loss": losses["mlm_loss"], "cka_loss": losses["cka_loss"],
                       "tokens_per_s": tokens / max(busy, 1e-9), "epoch": epoch,
                       "nonfinite_total": step.nonfinite_total,
