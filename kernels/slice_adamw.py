@@ -98,17 +98,13 @@ def slice_adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_
     t = steps.index_select(0, idx).double()
     bc1 = (1 - beta1 ** t).float().view(shape)
     bc2_sqrt = (1 - beta2 ** t).sqrt().float().view(shape)
-    p = param.index_select(dim, idx).float()
-    m = exp_avg.index_select(dim, idx).float()
-    v = exp_avg_sq.index_select(dim, idx).float()
+    old = [t.index_select(dim, idx).float() for t in (param, exp_avg, exp_avg_sq)]  # p, m, v (kept for skip)
     g = grad.float()
-    p.mul_(1 - lr * weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    p.sub_((lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps))
-    for dst, src in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
-        src = src.to(dst.dtype)
-        dst.index_copy_(dim, idx, src if skip is None else torch.where(skip, dst.index_select(dim, idx), src))
+    m = torch.lerp(old[1], g, 1 - beta1)
+    v = torch.addcmul(old[2] * beta2, g, g, value=1 - beta2)
+    p = old[0] * (1 - lr * weight_decay) - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+    for dst, new, before in zip((param, exp_avg, exp_avg_sq), (p, m, v), old):
+        dst.index_copy_(dim, idx, (new if skip is None else torch.where(skip, before, new)).to(dst.dtype))
 
 
 def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
