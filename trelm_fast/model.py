@@ -216,7 +216,7 @@ class TrelmModel(nn.Module):
         spans = batch["target_spans"]
         if spans.numel() == 0 or (not self.inject and self.bank is None):
             return emb
-        which, rows, cols = span_positions(spans)
+        which, rows, cols = batch["target_positions"] if "target_positions" in batch else span_positions(spans)
         if self.inject:
             h = self.injection_embeddings(batch["target_triples"])[which]  # [P, d]
         else:

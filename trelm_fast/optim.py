@@ -19,13 +19,17 @@ head and the trainer's own modules train. `DENSE_TRAINABLE` is every group.
 `configure_trainable` sets requires_grad, so frozen parameters get no gradient and autograd's
 backward stops below the lowest layer that has a path or a trainable parameter.
 
-`TrelmOptimizer` drives two updates: torch.optim.AdamW (fused where supported; apex FusedAdam when
-importable and the parameters are on CUDA) over the parameters that require grad, with weight decay
+`TrelmOptimizer` drives two updates: torch.optim.AdamW (fused on CPU and CUDA: one multi-tensor
+kernel, and it can skip itself on a device-side flag) over the parameters that require grad, with weight decay
 on matrices only; and lazy slice AdamW over each TrelmFFN's path: rows S of W1 and b1 and columns S
 of W2 with their own Adam moments. A neuron's step counter counts the steps in which it was on the
 path; bias correction uses that count, so a neuron's update is exactly AdamW run over the steps in
 which it was selected, and unselected neurons see no momentum drift and no weight decay. W1 rows and
 W2 columns are decayed, b1 is not. Paths may change between steps: state is kept for all I neurons.
+
+`step(skip)`: with a bool scalar tensor, the whole update (dense and slices, step counters included)
+is dropped on the device when it is true (the fused AdamW's `found_inf`), so a step with a
+non-finite loss needs no host sync.
 """
 from __future__ import annotations
 
@@ -97,13 +101,6 @@ def _dense_adamw(params: list[Tensor], lr, betas, eps, weight_decay) -> torch.op
     no_decay = [p for p in params if p.dim() < 2]
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if all(p.is_cuda for p in params):
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            pass
-        else:
-            return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
@@ -167,19 +164,29 @@ class TrelmOptimizer:
         return self.slice_state[i]
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, skip: Tensor | None = None) -> None:
+        """Apply the gradients; ``skip``: a bool scalar tensor, true to change nothing (module docstring)."""
         if self.dense is not None:
-            self.dense.step()
+            if skip is not None and not self.dense.defaults.get("fused"):
+                if bool(skip):  # only the fused AdamW reads the flag on the device
+                    return
+                skip = None
+            self.dense.found_inf = None if skip is None else skip.float()
+            try:
+                self.dense.step()
+            finally:
+                self.dense.found_inf = None
         b1, b2 = self.betas
         for i, f in enumerate(self.ffns):
             if f.slices is None or all(t is None or t.grad is None for t in f.slices):
                 continue
             st, idx = self._state_for(i), f.path
-            st["step"][idx] += 1
+            ones = torch.ones_like(idx) if skip is None else (~skip).long().expand(idx.numel())
+            st["step"].index_add_(0, idx, ones)
             for name, p, leaf, dim, wd in self._targets(f):
                 g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 slice_adamw(p, g, st[f"exp_avg_{name}"], st[f"exp_avg_sq_{name}"], st["step"], idx, dim,
-                            self._lr, b1, b2, self.eps, wd)
+                            self._lr, b1, b2, self.eps, wd, skip)
 
     def zero_grad(self) -> None:
         """Drop dense and slice gradients (set to None)."""

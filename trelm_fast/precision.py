@@ -101,13 +101,14 @@ class MixedPrecision:
         """loss.backward(), of the scaled loss under fp16."""
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def step(self, optimizer) -> bool:
+    def step(self, optimizer, skip: Tensor | None = None) -> bool:
         """Apply the gradients with ``optimizer`` (a TrelmOptimizer); False if the scaler skipped it.
 
+        fp32/bf16: ``optimizer.step(skip)`` (``skip``: a bool scalar tensor, read on the device).
         fp16: unscale dense and slice gradients, step unless any is inf/NaN, update the scale.
         """
         if self.scaler is None:
-            optimizer.step()
+            optimizer.step(skip)
             return True
         view = _ScalerView(optimizer)
         if not view.has_grads():  # nothing to apply (and the scaler needs a gradient to check)

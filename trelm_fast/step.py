@@ -12,16 +12,30 @@ Methods (paper table 6 and DESIGN.md section 3):
 | `no_injection`| no        | yes  | fused         | as `trelm`                                  | as `trelm`                  |
 | `no_kmb`      | yes       | no   | fused         | as `trelm`                                  | as `trelm`                  |
 | `no_routing`  | yes       | yes  | none          | as `trelm`                                  | every parameter (AdamW)     |
+| `frozen_dense`| yes       | yes  | none          | as `trelm`                                  | `method.trainable` groups + every FFN whole (W1, b1, W2; AdamW): `trelm` without routing and sparse gradients |
 | `dense`       | yes       | yes  | none          | stock HF full-vocabulary MLM at all positions + CKA | every parameter (AdamW) |
 | `trelm_naive` | yes       | yes  | per-layer KN loop | as `trelm`, dense FFN gradients then masked to the paths | as `trelm` (AdamW on masked gradients) |
 | `hf_dense`    | no        | no   | none          | stock `BertForMaskedLM(labels=...)` MLM     | every parameter (AdamW)     |
 | `dense_opt`   | no        | no   | none          | MLM logits only at labelled positions       | every parameter (AdamW)     |
 
-A step: move the batch to the model's device; refresh knowledge paths when due; forward; loss;
-if the loss is not finite on any rank, skip (no update, gradients dropped) and say so; backward;
-under torch.distributed average dense gradients (explicit all-reduce) and path slices
-(`allreduce_slice_grads`); optimizer step at the scheduled learning rate; memory-bank update from
-the final hidden states (after the forward, no gradient).
+Every method gets the same generic engineering (precision, fused AdamW, no host sync in a plain
+step), so the step benchmark's ratios measure the method: to `dense_opt` TRELM as a whole, to
+`frozen_dense` routing plus sparse FFN gradients alone.
+
+A step: on the host, the batch's index fields (`trelm_fast.data.prepare`, normally done by the
+loader's collate) and the CKA negatives (`cka_negatives`, sampled from Q with the step's generator
+unless the batch has them); move the batch to the model's device; refresh knowledge paths when due;
+forward; loss; backward; under torch.distributed average dense gradients (explicit all-reduce) and
+path slices (`allreduce_slice_grads`); optimizer step at the scheduled learning rate; memory-bank
+update from the final hidden states (after the forward, no gradient).
+
+No host synchronization in a step without refresh (fp32/bf16; tests/test_step_sync.py counts):
+counts come from index shapes, bank rows are entity ids, and a non-finite loss (on any rank) is
+handled on the device: the optimizer and the bank update read a `skip` flag and change nothing
+(gradients are dropped as usual). `StepResult` holds device tensors; the host learns about skipped
+steps when it asks: `step.nonfinite_events()` (what `train.py` calls at logging steps) or
+`step.nonfinite_total`. Under fp16 the loss scaler reads its overflow flag on the host anyway, so a
+non-finite loss is checked there on the host and the step returns before the backward.
 
 Precision (`train.precision`, trelm_fast/precision.py): the forward and loss run under
 torch.autocast for bf16/fp16, the backward outside it; fp16 scales the loss and its scaler may skip
@@ -42,7 +56,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trelm_fast.config import Config
-from trelm_fast.losses import IGNORE_INDEX, cka_loss, mlm_loss, sample_negatives, trelm_loss
+from trelm_fast.data.prepare import is_prepared, prepare_batch
+from trelm_fast.losses import cka_loss, mlm_loss_at, sample_negatives, trelm_loss_at
 from trelm_fast.model import TrelmModel, build_model
 from trelm_fast.precision import MixedPrecision, autocast, set_tf32
 
@@ -54,20 +69,17 @@ class MethodSpec:
     bank: bool
     routing: Optional[str]  # None, "fused" or "naive"
     objective: str  # "trelm", "hf_full_cka", "hf_stock", "labelled_mlm"
-
-    @property
-    def uses_paths(self) -> bool:
-        return self.routing is not None
-
+    trains: str = "all"  # "all" groups, or "method" (`method.trainable`), or "method+ffn" (plus whole FFNs)
 
 METHOD_SPECS = {
-    "trelm": MethodSpec(True, True, "fused", "trelm"),
-    "trelm_fast": MethodSpec(True, True, "fused", "trelm"),
-    "no_injection": MethodSpec(False, True, "fused", "trelm"),
-    "no_kmb": MethodSpec(True, False, "fused", "trelm"),
+    "trelm": MethodSpec(True, True, "fused", "trelm", "method"),
+    "trelm_fast": MethodSpec(True, True, "fused", "trelm", "method"),
+    "no_injection": MethodSpec(False, True, "fused", "trelm", "method"),
+    "no_kmb": MethodSpec(True, False, "fused", "trelm", "method"),
     "no_routing": MethodSpec(True, True, None, "trelm"),
+    "frozen_dense": MethodSpec(True, True, None, "trelm", "method+ffn"),
     "dense": MethodSpec(True, True, None, "hf_full_cka"),
-    "trelm_naive": MethodSpec(True, True, "naive", "trelm"),
+    "trelm_naive": MethodSpec(True, True, "naive", "trelm", "method+ffn"),
     "hf_dense": MethodSpec(False, False, None, "hf_stock"),
     "dense_opt": MethodSpec(False, False, None, "labelled_mlm"),
 }
@@ -89,20 +101,28 @@ def build_step_model(method: str, cfg: Config, dataset_dir, device="cpu") -> Tre
 
 @dataclass
 class StepResult:
-    """Losses as Python floats (total = theta * MLM + (1 - theta) * CKA, or the method's own; cka_loss
-    is 0.0 for the methods without CKA).
+    """Losses as detached 0-dim tensors on the step's device (total = theta * MLM + (1 - theta) * CKA,
+    or the method's own; cka_loss is 0 for the methods without CKA) and ``skipped_nonfinite``, a
+    0-dim bool tensor. Reading any of them is a host sync: do it at logging steps (`scalars`).
 
-    stats: ``lr``, ``tokens`` (real tokens), ``cka_targets`` (CKA positions), seconds spent in
-    ``time/{forward,backward,optimizer,bank,step}_s``; on refresh steps ``time/attribution_s`` and
-    the router's ``routing/*`` path statistics; with a bank ``kmb/lambda``; on a skipped step
-    ``nonfinite_total``; under fp16 the loss scale ``amp/scale`` and whether the scaler skipped the
-    update, ``amp/skipped`` (this step) and ``amp/skipped_total``.
+    stats (host values only): ``lr``, ``tokens`` (real tokens), ``cka_targets`` (CKA positions),
+    seconds spent in ``time/{forward,backward,optimizer,bank,step}_s`` (host time: on CUDA the
+    launches, not the kernels); on refresh steps ``time/attribution_s`` and the router's
+    ``routing/*`` path statistics; with a bank ``kmb/lambda``; under fp16 the loss scale
+    ``amp/scale`` and whether the scaler skipped the update, ``amp/skipped`` (this step) and
+    ``amp/skipped_total``.
     """
-    loss: float
-    mlm_loss: float
-    cka_loss: float
-    skipped_nonfinite: bool
+    loss: Tensor
+    mlm_loss: Tensor
+    cka_loss: Tensor
+    skipped_nonfinite: Tensor
     stats: dict = field(default_factory=dict)
+
+    def scalars(self) -> dict:
+        """{"loss", "mlm_loss", "cka_loss": float, "skipped_nonfinite": bool}, read in one host sync."""
+        values = torch.stack([self.loss.float(), self.mlm_loss.float(), self.cka_loss.float(),
+                              self.skipped_nonfinite.float()]).tolist()
+        return {"loss": values[0], "mlm_loss": values[1], "cka_loss": values[2], "skipped_nonfinite": values[3] > 0}
 
 
 def lr_at(cfg: Config, step_index: int) -> float:
@@ -144,8 +164,19 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
+def _any_rank_on_device(flag: Tensor) -> Tensor:
+    """A bool scalar tensor: ``flag`` on any rank (an all-reduce, no host sync)."""
+    if not _distributed():
+        return flag
+    t = flag.float()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t > 0
+
+
 def move_batch(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    """Tensors of ``batch`` on ``device`` (asynchronous copies; tensors already there untouched)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) and v.device != device else v)
+            for k, v in batch.items()}
 
 
 def _ffn_weights(model: TrelmModel) -> list[tuple[nn.Parameter, Optional[nn.Parameter], nn.Parameter]]:
@@ -176,8 +207,10 @@ class TrainStep:
         set_tf32(self.device, cfg.train.tf32)
         rank = dist.get_rank() if _distributed() else 0
         self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + rank)
+        self.negative_q = model.negative_q.detach().double().cpu()  # Q on the host, where negatives are drawn
         self.steps_done = 0
-        self.nonfinite_total = 0
+        self._nonfinite_read = 0  # skipped steps the host has counted
+        self._pending: list[tuple[int, Tensor, Tensor]] = []  # (step index, skipped flag, loss) not read yet
         self.paths: Optional[list[Tensor]] = None  # one sorted index tensor per routed layer
         self.router = None
         if self.spec.routing is not None:
@@ -192,15 +225,16 @@ class TrainStep:
     def _setup_parameters(self) -> None:
         """requires_grad flags and the optimizer of the method.
 
-        Path methods train the `method.trainable` groups (trelm_fast.optim) plus the path slices;
-        `trelm_naive` adds the dense FFN weights (masked after backward); the others train every
-        group. The knowledge projection counts as group "other".
+        `MethodSpec.trains`: "method", the `method.trainable` groups (trelm_fast.optim), plus the path
+        slices of fused routing; "method+ffn" adds the whole FFN weights (`trelm_naive` masks their
+        gradients to the paths, `frozen_dense` does not); "all", every group. The knowledge
+        projection counts as group "other".
         """
         from trelm_fast.optim import DENSE_TRAINABLE, TrelmOptimizer, configure_trainable
 
         model, spec, o = self.model, self.spec, self.cfg.optim
-        trainable = set(self.cfg.method.trainable) if spec.uses_paths else set(DENSE_TRAINABLE)
-        if spec.routing == "naive":
+        trainable = set(DENSE_TRAINABLE) if spec.trains == "all" else set(self.cfg.method.trainable)
+        if spec.trains == "method+ffn":
             trainable.add("ffn")
         configure_trainable(model.mlm, trainable)
         model.injection.requires_grad_(spec.inject and "other" in trainable)
@@ -259,24 +293,40 @@ class TrainStep:
 
     # ------------------------------------------------------------------------- the objective
 
-    def _negatives(self, batch: dict) -> Tensor:
-        targets = batch["cka_labels"][batch["cka_labels"].ne(IGNORE_INDEX)]
-        k = self.cfg.loss.num_negatives
-        if targets.numel() == 0:
-            return torch.zeros(0, k, dtype=torch.long, device=self.device)
-        return sample_negatives(targets, self.model.negative_q, k, generator=self.generator)
+    def prepare(self, batch: dict) -> dict:
+        """The host batch with the index fields (`prepare_batch`, unless the loader added them) and
+        ``cka_negatives`` [N_cka, K] (drawn from Q with the step's generator, unless present)."""
+        if not is_prepared(batch):
+            batch = prepare_batch(batch)
+        if "cka_negatives" not in batch:
+            negatives = sample_negatives(batch["cka_targets"], self.negative_q, self.cfg.loss.num_negatives,
+                                         generator=self.generator)
+            batch = {**batch, "cka_negatives": negatives}
+        return batch
 
-    def _objective(self, batch: dict, epoch: float, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """(total, mlm, cka, final hidden states or None) for the method's objective."""
+    def _encoder_mask(self, batch: dict) -> Optional[Tensor]:
+        """The attention mask the encoder gets: None for a batch without padding; with padding under
+        SDPA attention a 4-D boolean [B, 1, 1, n] (transformers takes a 4-D mask as it is, where from
+        a 2-D one it would ask the device whether it is all ones: a host sync); else the 2-D mask."""
+        if batch["tokens"] == batch["input_ids"].numel():
+            return None
+        mask = batch["attention_mask"]
+        if self.model.mlm.config._attn_implementation == "sdpa":
+            return mask.bool()[:, None, None, :]
+        return mask
+
+    def _objective(self, batch: dict, epoch: float) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """(total, mlm, cka, final hidden states or None) for the method's objective on a prepared batch."""
         model, theta, head = self.model, self.cfg.loss.theta, self.head
-        kind = self.spec.objective
+        kind, negatives = self.spec.objective, batch["cka_negatives"]
         if kind == "trelm":
             hidden = model(batch, epoch)
-            out = trelm_loss(hidden, batch["mlm_labels"], batch["cka_labels"], negatives, head, theta)
+            out = trelm_loss_at(hidden, batch["mlm_positions"], batch["mlm_targets"], batch["cka_positions"],
+                                batch["cka_targets"], negatives, head, theta)
             return out.total, out.mlm, out.cka, hidden
         zero = torch.zeros((), device=self.device)
         if kind == "hf_full_cka":
-            labelled = bool(batch["mlm_labels"].ne(IGNORE_INDEX).any())
+            labelled = batch["mlm_targets"].numel() > 0
             out = model.mlm(inputs_embeds=model.input_embeddings(batch, epoch),
                             attention_mask=batch["attention_mask"],
                             labels=batch["mlm_labels"] if labelled else None, output_hidden_states=True)
@@ -290,7 +340,7 @@ class TrainStep:
             return out.loss, out.loss, zero, None
         hidden = model.encoder_model(input_ids=batch["input_ids"],
                                      attention_mask=batch["attention_mask"]).last_hidden_state
-        mlm = mlm_loss(hidden, batch["mlm_labels"], head)
+        mlm = mlm_loss_at(hidden, batch["mlm_positions"], batch["mlm_targets"], head)
         return mlm, mlm, zero, None
 
     # ------------------------------------------------------------------------- the step
@@ -312,27 +362,33 @@ class TrainStep:
     def step(self, batch: dict, step_index: int, epoch: float = 0.0) -> StepResult:
         """Run one step on ``batch`` (the loader's batch contract) at ``step_index`` and ``epoch``."""
         t_start = time.perf_counter()
+        batch = self.prepare(batch)
+        stats: dict = {"tokens": batch["tokens"], "cka_targets": batch["cka_targets"].numel()}
         batch = move_batch(batch, self.device)
         self.model.train()
         self.optimizer.zero_grad()
-        negatives = self._negatives(batch)
-        stats: dict = {}
+        negatives = batch["cka_negatives"]
         if self.router is not None and (self.paths is None or step_index % self.cfg.routing.refresh == 0):
             # a batch without CKA targets on every rank has nothing to attribute: keep the old paths
             if self.paths is None or _any_rank(negatives.shape[0] > 0, self.device):
                 stats.update(self._refresh_paths(batch, step_index, epoch, negatives))
         lr = lr_at(self.cfg, step_index)
         self.optimizer.lr = lr
+        stats["lr"] = lr
 
+        batch = {**batch, "attention_mask": self._encoder_mask(batch)}
         t0 = time.perf_counter()
         with self.precision.autocast():
-            total, mlm, cka, hidden = self._objective(batch, epoch, negatives)
+            total, mlm, cka, hidden = self._objective(batch, epoch)
         stats["time/forward_s"] = time.perf_counter() - t0
-        if _any_rank(not bool(torch.isfinite(total)), self.device):
-            self.nonfinite_total += 1
-            self.steps_done += 1
-            stats.update({"lr": lr, "nonfinite_total": self.nonfinite_total})
-            return StepResult(float(total.detach()), float(mlm.detach()), float(cka.detach()), True, stats)
+        skip = _any_rank_on_device(~torch.isfinite(total.detach()))
+        self.steps_done += 1
+        self._record(step_index, skip, total)
+        result = StepResult(total.detach(), mlm.detach(), cka.detach(), skip, stats)
+        if self.precision.scaler is not None:  # fp16: the scaler syncs on its own flag anyway
+            if bool(skip):
+                return result
+            skip = None
 
         t0 = time.perf_counter()
         self.precision.backward(total)
@@ -341,19 +397,47 @@ class TrainStep:
         self._reduce_grads()
         stats["time/backward_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stepped = self.precision.step(self.optimizer)
+        stepped = self.precision.step(self.optimizer, skip)
         self.optimizer.zero_grad()
         stats["time/optimizer_s"] = time.perf_counter() - t0
         stats.update(self.precision.stats(stepped))
-        if hidden is not None and self.model.bank is not None:
+        bank = self.model.bank
+        if hidden is not None and bank is not None:
             t0 = time.perf_counter()
-            self.model.update_bank(hidden, batch)
+            bank.apply(hidden, batch["entity_spans"], batch["lengths"], batch["entity_first"],
+                       batch["entity_rounds"], skip)
             stats["time/bank_s"] = time.perf_counter() - t0
-            stats["kmb/lambda"] = self.model.bank.lam(epoch)
-        self.steps_done += 1
-        stats.update({"lr": lr, "tokens": int(batch["attention_mask"].sum()),
-                      "cka_targets": int(negatives.shape[0]), "time/step_s": time.perf_counter() - t_start})
-        return StepResult(float(total.detach()), float(mlm.detach()), float(cka.detach()), False, stats)
+            stats["kmb/lambda"] = bank.lam(epoch)
+        stats["time/step_s"] = time.perf_counter() - t_start
+        return result
+
+    # ------------------------------------------------------------------------- skipped steps
+
+    _PENDING_MAX = 256
+    """Unread step flags kept for `nonfinite_events`; older ones are folded into the count."""
+
+    def _record(self, step_index: int, skipped: Tensor, loss: Tensor) -> None:
+        self._pending.append((step_index, skipped, loss.detach()))
+        if len(self._pending) > self._PENDING_MAX:  # nobody reads the events: keep only the count
+            self._nonfinite_read += int(torch.stack([f for _, f, _ in self._pending]).sum())
+            self._pending.clear()
+
+    def nonfinite_events(self) -> list[tuple[int, bool, float]]:
+        """(step index, skipped for a non-finite loss, loss) of every step since the last call, read
+        in one host sync; the skipped ones are added to `nonfinite_total`."""
+        if not self._pending:
+            return []
+        flat = torch.stack([torch.stack([f.float(), l.float()]) for _, f, l in self._pending]).tolist()
+        events = [(i, skipped > 0, loss) for (i, _, _), (skipped, loss) in zip(self._pending, flat)]
+        self._pending.clear()
+        self._nonfinite_read += sum(skipped for _, skipped, _ in events)
+        return events
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Steps skipped for a non-finite loss so far (a host sync while unread flags are pending)."""
+        pending = int(torch.stack([f for _, f, _ in self._pending]).sum()) if self._pending else 0
+        return self._nonfinite_read + pending
 
     __call__ = step
 
@@ -376,7 +460,7 @@ class TrainStep:
             raise ValueError(f"step state is for method {state.get('method')!r}, this step runs {self.method!r}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_done = int(state["steps_done"])
-        self.nonfinite_total = int(state["nonfinite_total"])
+        self._nonfinite_read, self._pending = int(state["nonfinite_total"]), []
         self.generator.set_state(state["generator"])
         if state.get("precision") is not None:  # absent in checkpoints written before it was kept
             self.precision.load_state_dict(state["precision"])
