@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trelm_fast.config import Config
+from trelm_fast.distributed import is_distributed
 from trelm_fast.losses import IGNORE_INDEX, cka_loss, mlm_loss, sample_negatives, trelm_loss
 from trelm_fast.model import TrelmModel, build_model
 from trelm_fast.precision import MixedPrecision, autocast, set_tf32
@@ -118,13 +119,9 @@ def lr_at(cfg: Config, step_index: int) -> float:
     return base * (s.min_lr_ratio + (1.0 - s.min_lr_ratio) * decay)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _allreduce_mean(tensors: list[Tensor]) -> None:
     """Average ``tensors`` in place across ranks (one flat all-reduce per dtype)."""
-    if not tensors or not _distributed():
+    if not tensors or not is_distributed():
         return
     world = dist.get_world_size()
     for dtype in dict.fromkeys(t.dtype for t in tensors):
@@ -137,7 +134,7 @@ def _allreduce_mean(tensors: list[Tensor]) -> None:
 
 
 def _any_rank(flag: bool, device) -> bool:
-    if not _distributed():
+    if not is_distributed():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -174,7 +171,7 @@ class TrainStep:
         self.device = next(model.parameters()).device
         self.precision = MixedPrecision(cfg.train.precision, self.device)
         set_tf32(self.device, cfg.train.tf32)
-        rank = dist.get_rank() if _distributed() else 0
+        rank = dist.get_rank() if is_distributed() else 0
         self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + rank)
         self.steps_done = 0
         self.nonfinite_total = 0
@@ -296,7 +293,7 @@ class TrainStep:
     # ------------------------------------------------------------------------- the step
 
     def _reduce_grads(self) -> None:
-        if not _distributed():
+        if not is_distributed():
             return
         grads = []
         for p in self.dense_params:
