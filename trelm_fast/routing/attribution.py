@@ -3,8 +3,10 @@
 Notation: B sequences of n tokens, hidden size d, FFN size I, N target positions (the
 CKA-labelled positions, `cka_labels != -100`), K negatives.
 
-The neurons of FFN layer l are v = act(W1 a + b1) [.., I] (a: the layer's attention output); the
-layer output is LayerNorm(v W2^T + b2 + a). P (eq. 9) = sum over the target positions of the
+The neurons of FFN layer l are v = act(W1 a + b1) [.., I] (a: the state the FFN reads, for
+BERT-style layers the attention block's output); the layer output is the family's combination of
+v W2^T + b2 with a (LayerNorm(v W2^T + b2 + a) for BERT-style layers). The model is reached through
+its family adapter (`trelm_fast.models`). P (eq. 9) = sum over the target positions of the
 probability of the true token under the CKA sampled softmax (`losses.cka_correct_prob_at`).
 Both engines run with dropout off and the parameters frozen (`frozen_eval`).
 """
@@ -15,18 +17,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_bidirectional_mask
 
 from trelm_fast.ffn import suspended_paths
 from trelm_fast.losses import IGNORE_INDEX, MLMHead, cka_correct_prob_at
+from trelm_fast.models import FamilyAdapter, adapter_for
 
 
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "base_model", model)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if layers is None:
-        raise TypeError(f"routing: {type(model).__name__} has no `encoder.layer` (expected a BERT/RoBERTa MLM model)")
-    return layers
+def model_layers(model: nn.Module) -> tuple[FamilyAdapter, nn.ModuleList]:
+    """The family adapter of `model` (docs/models.md) and its Transformer layers."""
+    adapter = adapter_for(model, "routing")
+    return adapter, adapter.layers(model)
+
+
+def ffn_width(adapter: FamilyAdapter, layers: nn.ModuleList) -> int:
+    """I, the FFN intermediate size (neurons per layer)."""
+    return adapter.ffn_site(layers[0]).up.linear.out_features
 
 
 def resolve_layers(layers, num_layers: int) -> tuple[int, ...]:
@@ -56,27 +61,6 @@ def frozen_eval(model: nn.Module):
             mod.training = training
         for p, flag in grads:
             p.requires_grad_(flag)
-
-
-def layer_mask(model: nn.Module, mask2d: Tensor, like: Tensor):
-    """The layer attention mask HF builds for a [B, n] padding mask (None, 4D tensor or block mask)."""
-    return create_bidirectional_mask(config=model.config, inputs_embeds=like, attention_mask=mask2d)
-
-
-def attention(layer: nn.Module, h: Tensor, mask) -> Tensor:
-    return layer.attention(h, mask)[0]
-
-
-
-def neurons(layer: nn.Module, a: Tensor) -> Tensor:
-    """v = act(W1 a + b1): post-activation FFN intermediate values [.., I]."""
-    return layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a))
-
-
-def ffn_out(layer: nn.Module, v: Tensor, a: Tensor) -> Tensor:
-    """LayerNorm(v W2^T + b2 + a): the layer output given neurons v and attention output a."""
-    return layer.output.LayerNorm(layer.output.dense(v) + a)
-
 
 
 @dataclass
@@ -129,23 +113,23 @@ class Attribution:
     num_sequences: int
 
 
-def empty_attribution(layers: tuple[int, ...], model: nn.Module, device) -> Attribution:
-    width = encoder_layers(model)[0].output.dense.weight.shape[1]
+def empty_attribution(layers: tuple[int, ...], width: int, device) -> Attribution:
+    """The result for a batch without targets: zero scores [len(layers), width], prob NaN."""
     return Attribution(layers, torch.zeros(len(layers), width, device=device), float("nan"), 0, 0)
 
 
 
-def prefix_pass(model, enc, t: Targets, head: MLMHead, keep) -> tuple[dict, float]:
-    """One pass without gradients: {layer: (attention out a at targets, layer output h, v at targets)}
-    for the layers in `keep`, and the mean P_x at the model's own values."""
+def prefix_pass(model, adapter: FamilyAdapter, enc, t: Targets, head: MLMHead, keep) -> tuple[dict, float]:
+    """One pass without gradients: {layer: (attention state a at targets, layer output h, v at
+    targets)} for the layers in `keep`, and the mean P_x at the model's own values."""
     saved = {}
     with frozen_eval(model), torch.no_grad():
-        mask = layer_mask(model, t.mask, t.hidden)
+        ctx = adapter.layer_context(model, t.mask, t.hidden)
         h = t.hidden
         for j, layer in enumerate(enc):
-            a = attention(layer, h, mask)
-            v = neurons(layer, a)
-            h = layer.output.LayerNorm(layer.output.dense(v) + a)
+            a = adapter.attention(layer, h, ctx)
+            v = adapter.neurons(layer, a)
+            h = adapter.ffn_out(layer, v, a)
             if j in keep:
                 saved[j] = (a[t.rows, t.cols], h, v[t.rows, t.cols])
         prob = cka_correct_prob_at(h[t.rows, t.cols], t.labels, t.negatives, head).mean().item()

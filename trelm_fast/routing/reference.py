@@ -8,13 +8,10 @@ from torch import Tensor, nn
 from trelm_fast.losses import MLMHead, cka_correct_prob_at
 from trelm_fast.routing.attribution import (
     Attribution,
-    attention,
     empty_attribution,
-    encoder_layers,
-    ffn_out,
+    ffn_width,
     frozen_eval,
-    layer_mask,
-    neurons,
+    model_layers,
     prefix_pass,
     resolve_layers,
     select_targets,
@@ -40,17 +37,18 @@ def attribute_reference(
     embeddings, v at the target positions is replaced by a leaf alpha_k v [m, T, I], and autograd
     gives dP/dv directly; Attr = v * sum_k w_k dP/dv, summed over positions.
     """
-    enc = encoder_layers(model)
+    adapter, enc = model_layers(model)
     layer_ids = resolve_layers(layers, len(enc))
     alphas, weights = quadrature(m, quadrature_rule)
     t = select_targets(hidden, attention_mask, cka_labels, negatives, sequences)
+    width = ffn_width(adapter, enc)
     if t.labels.numel() == 0:
-        return empty_attribution(layer_ids, model, hidden.device)
-    head = head or MLMHead.from_model(model)
+        return empty_attribution(layer_ids, width, hidden.device)
+    head = head or adapter.mlm_head(model)
     alphas = alphas.to(t.hidden)
     weights = weights.to(t.hidden)
-    scores = torch.zeros(len(layer_ids), enc[0].output.dense.weight.shape[1], dtype=torch.float32, device=hidden.device)
-    _, prob = prefix_pass(model, enc, t, head, ())
+    scores = torch.zeros(len(layer_ids), width, dtype=torch.float32, device=hidden.device)
+    _, prob = prefix_pass(model, adapter, enc, t, head, ())
     with frozen_eval(model):
         for li, l in enumerate(layer_ids):
             for b in range(t.hidden.shape[0]):
@@ -58,16 +56,16 @@ def attribute_reference(
                 cols = t.cols[sel]
                 h = t.hidden[b : b + 1].expand(m, -1, -1)
                 mask2d = t.mask[b : b + 1].expand(m, -1)
-                mask = layer_mask(model, mask2d, h)
+                ctx = adapter.layer_context(model, mask2d, h)
                 for j, layer in enumerate(enc):
-                    a = attention(layer, h, mask)
-                    v = neurons(layer, a)
+                    a = adapter.attention(layer, h, ctx)
+                    v = adapter.neurons(layer, a)
                     if j == l:
                         v_t = v[:, cols].detach()  # [m, T, I], identical copies
                         scaled = (alphas[:, None, None] * v_t).requires_grad_(True)
                         v = v.clone()
                         v[:, cols] = scaled.to(v.dtype)  # v is bf16 under autocast; the leaf stays fp32
-                    h = ffn_out(layer, v, a)
+                    h = adapter.ffn_out(layer, v, a)
                 p = cka_correct_prob_at(h[:, cols], t.labels[sel], t.negatives[sel], head)  # [m, T]
                 (g,) = torch.autograd.grad(p.sum(), scaled)
                 scores[li] += (v_t[0] * (weights[:, None, None] * g).sum(0)).sum(0).float()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trelm_fast.routing.attribution import encoder_layers, resolve_layers
+from trelm_fast.routing.attribution import ffn_width, model_layers, resolve_layers
 from trelm_fast.routing.fused import attribute
 from trelm_fast.routing.history import PathHistory, path_stats
 from trelm_fast.routing.quadrature import QUADRATURES
@@ -39,10 +39,10 @@ class KnowledgeRouter:
             raise ValueError(f"routing.quadrature must be one of {QUADRATURES}, got {quadrature!r}")
         if rule not in RULES:
             raise ValueError(f"routing.rule must be one of {RULES}, got {rule!r}")
-        enc = encoder_layers(model)
+        adapter, enc = model_layers(model)
         self.model = model
         self.layers = resolve_layers(layers, len(enc))
-        self.intermediate_size = enc[0].output.dense.weight.shape[1]
+        self.intermediate_size = ffn_width(adapter, enc)
         self.m, self.quadrature, self.refresh_every = m, quadrature, refresh
         self.rule, self.fraction, self.threshold = rule, fraction, threshold
         self.sequences, self.max_copies, self.autocast = sequences, max_copies, autocast

@@ -1,0 +1,218 @@
+"""Model families through their adapters (trelm_fast.models), on tiny random configs built from each
+family's *Config class: the layer split reproduces the HF forward, swap/unswap is bit-identical with
+no path, slice gradients equal the dense gradients restricted to the path, fused attribution equals
+the reference loop, and a short CPU training run lowers the loss."""
+import copy
+
+import pytest
+import torch
+import transformers
+
+import trelm_fast
+import trelm_fast.models.base
+from trelm_fast.ffn import TrelmFFN, ffn_modules, swap_ffn, unswap_ffn
+from trelm_fast.losses import mlm_loss, sample_negatives
+from trelm_fast.models import adapter_for, supported_model_types
+from trelm_fast.optim import TRELM_TRAINABLE, TrelmOptimizer, configure_trainable
+from trelm_fast.routing import KnowledgeRouter, attribute, attribute_reference
+
+V, D, I, L = 53, 32, 37, 3
+
+
+def _bert_like(cfg_cls, **extra):
+    def make(dropout):
+        return cfg_cls(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=I,
+                       max_position_embeddings=24, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                       **extra)
+    return make
+
+
+# model_type -> (config maker(dropout), masked-LM class)
+FAMILIES = {
+    "bert": (_bert_like(transformers.BertConfig), transformers.BertForMaskedLM),
+    "roberta": (_bert_like(transformers.RobertaConfig, pad_token_id=1), transformers.RobertaForMaskedLM),
+    "xlm-roberta": (_bert_like(transformers.XLMRobertaConfig, pad_token_id=1), transformers.XLMRobertaForMaskedLM),
+    "electra": (_bert_like(transformers.ElectraConfig, embedding_size=16), transformers.ElectraForMaskedLM),
+}
+
+
+def _model(family, seed=0, dropout=0.1):
+    make_cfg, cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    return cls(make_cfg(dropout))
+
+
+def _inputs(b=3, n=9, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+def _labels(ids):
+    labels = torch.full_like(ids, -100)
+    labels[0, 2:4] = ids[0, 2:4]
+    labels[0, 7] = ids[0, 7]
+    labels[1, 4] = ids[1, 4]
+    labels[2, 1] = ids[2, 1]
+    return labels
+
+
+def _loss(model, ids, mask, seed=1):
+    torch.manual_seed(seed)  # the same dropout masks in both models
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return logits.float().pow(2).mean() + logits[..., 3].sum()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_every_family_is_tested():
+    assert set(supported_model_types()) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_split_reproduces_hf_forward(family):
+    """The adapter's layer_context / attention / neurons / ffn_out chain is the HF encoder."""
+    model = _model(family).eval()
+    adapter = adapter_for(model)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        h = adapter.embedding_output(model, model.get_input_embeddings()(ids))
+        ctx = adapter.layer_context(model, mask, h)
+        for layer in adapter.layers(model):
+            a = adapter.attention(layer, h, ctx)
+            h = adapter.ffn_out(layer, adapter.neurons(layer, a), a)
+    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("train", [False, True])
+def test_swap_without_path_is_bit_identical(family, train):
+    ref = _model(family)
+    swapped = trelm_fast.apply_trelm(copy.deepcopy(ref))
+    assert len(ffn_modules(swapped)) == L
+    assert list(ref.state_dict()) == list(swapped.state_dict())
+    ref.train(train), swapped.train(train)
+    ids, mask = _inputs()
+    lr, ls = _loss(ref, ids, mask), _loss(swapped, ids, mask)
+    assert torch.equal(lr, ls)
+    lr.backward(), ls.backward()
+    for (n, p), (n2, p2) in zip(ref.named_parameters(), swapped.named_parameters(), strict=True):
+        assert n == n2 and (p.grad is None) == (p2.grad is None), n
+        assert p.grad is None or torch.equal(p.grad, p2.grad), n
+    unswap_ffn(swapped)
+    assert not any(isinstance(m, TrelmFFN) for m in swapped.modules())
+    assert type(adapter_for(swapped).ffn_site(adapter_for(swapped).layers(swapped)[0]).up.linear) is torch.nn.Linear
+    assert torch.equal(_loss(ref.eval(), ids, mask), _loss(swapped.eval(), ids, mask))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slice_gradients_are_the_dense_gradients_on_the_path(family):
+    ref = _model(family, dropout=0.0)
+    swapped = swap_ffn(copy.deepcopy(ref))
+    paths = [torch.tensor([0, 5, 36]), torch.arange(I), torch.tensor([17])]
+    for f, p in zip(ffn_modules(swapped), paths):
+        f.set_path(p)
+    ids, mask = _inputs()
+    _loss(ref, ids, mask).backward()
+    _loss(swapped, ids, mask).backward()
+    adapter = adapter_for(ref)
+    for f, layer, p in zip(ffn_modules(swapped), adapter.layers(ref), paths):
+        site = adapter.ffn_site(layer)
+        w1, w2 = site.up.linear, site.down.linear
+        assert _rel(f.slices.w1.grad, w1.weight.grad[p]) <= 1e-5
+        assert _rel(f.slices.b1.grad, w1.bias.grad[p]) <= 1e-5
+        assert _rel(f.slices.w2.grad, w2.weight.grad[:, p]) <= 1e-5
+        assert f.up.weight.grad is None and f.down.weight.grad is None  # no full-size FFN weight gradient
+        assert _rel(f.down.bias.grad, w2.bias.grad) <= 1e-5
+    emb_ref, emb = ref.get_input_embeddings().weight.grad, swapped.get_input_embeddings().weight.grad
+    assert _rel(emb, emb_ref) <= 1e-5  # the exact input gradient flows through every layer
+
+
+def _attribution_batch(model, seed=1, K=6):
+    ids, mask = _inputs()
+    labels = _labels(ids)
+    with torch.no_grad():
+        hidden = adapter_for(model).embedding_output(model, model.get_input_embeddings()(ids))
+    targets = labels[labels != -100]
+    neg = sample_negatives(targets, torch.ones(V) / V, K, torch.Generator().manual_seed(seed))
+    return ids, hidden, mask, labels, neg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fused_attribution_matches_reference(family, attn):
+    model = swap_ffn(_model(family))
+    model.set_attn_implementation(attn)
+    _, hidden, mask, labels, neg = _attribution_batch(model)
+    fused = attribute(model, hidden, mask, labels, neg, m=4, max_copies=5)
+    ref = attribute_reference(model, hidden, mask, labels, neg, m=4)
+    assert fused.scores.shape == (L, I) and fused.num_targets == 5 and fused.num_sequences == 3
+    assert fused.scores.abs().max() > 0
+    assert _rel(fused.scores, ref.scores) <= 1e-4
+    assert fused.prob == pytest.approx(ref.prob)
+    assert model.training and all(p.requires_grad for p in model.parameters())  # restored
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_short_training_run_lowers_the_loss(family):
+    """Random init, TRELM mode: only the head and the knowledge-path slices learn; 16 steps on one batch."""
+    model = swap_ffn(_model(family, dropout=0.0))
+    configure_trainable(model, TRELM_TRAINABLE)
+    adapter = adapter_for(model)
+    before = [adapter.ffn_site(layer).up.linear.weight.detach().clone() for layer in adapter.layers(model)]
+    opt = TrelmOptimizer(model, lr=1e-2)
+    router = KnowledgeRouter(model, m=2, refresh=4, fraction=0.25)
+    ids, hidden, mask, labels, neg = _attribution_batch(model)
+    inputs = ids.masked_fill(labels != -100, 3)
+    head = adapter.mlm_head(model)
+    losses, selected = [], [set() for _ in range(L)]
+    for step in range(16):
+        if router.due(step):
+            with torch.no_grad():
+                hidden = adapter.embedding_output(model, model.get_input_embeddings()(inputs))
+            for f, p, seen in zip(ffn_modules(model), router.refresh(step, hidden, mask, labels, neg), selected):
+                f.set_path(p)
+                seen.update(p.tolist())
+        h = model.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
+        loss = mlm_loss(h, labels, head)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    for layer, w0, seen in zip(adapter.layers(model), before, selected):
+        changed = (adapter.ffn_site(layer).up.linear.weight != w0).any(1)
+        assert changed.any() and set(changed.nonzero().squeeze(1).tolist()) <= seen  # only path rows moved
+
+
+def test_unsupported_family_raises_listing_the_supported_ones():
+    cfg = transformers.AlbertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=I, embedding_size=16)
+    model = transformers.AlbertForMaskedLM(cfg)
+    with pytest.raises(ValueError, match=r"swap_ffn: model_type 'albert' is not supported \(supported: bert, "):
+        trelm_fast.apply_trelm(model)
+    with pytest.raises(ValueError, match="routing: model_type 'albert'"):
+        KnowledgeRouter(model)
+    assert not any(isinstance(m, TrelmFFN) for m in model.modules())
+
+
+def test_transformers_outside_the_supported_range_is_named(monkeypatch):
+    model = _model("bert")
+    monkeypatch.setattr(trelm_fast.models.base.transformers, "__version__", "4.40.0")
+    with pytest.raises(RuntimeError, match=r"transformers 4.40.0 is installed; the bert adapter supports "
+                                           r"transformers >= 5.0, < 6.0"):
+        swap_ffn(model)
+
+
+def test_electra_discriminator_swaps_but_has_no_mlm_head():
+    make_cfg, _ = FAMILIES["electra"]
+    disc = transformers.ElectraForPreTraining(make_cfg(0.0))
+    swap_ffn(disc)
+    assert len(ffn_modules(disc)) == L
+    with pytest.raises(TypeError, match="ElectraForPreTraining has no MLM head"):
+        adapter_for(disc).mlm_head(disc)

@@ -1,0 +1,20 @@
+"""Model families through one adapter each (docs/models.md).
+
+`adapter_for(model)` finds a model's adapter from `model.config.model_type`; `supported_model_types()`
+lists them. Adding a family is adding one module here (a `FamilyAdapter` subclass decorated with
+`@register`, imported below) and its entry in tests/test_models.py.
+"""
+from trelm_fast.models import bert, electra, roberta, xlm_roberta  # noqa: F401  (registers the families)
+from trelm_fast.models.base import (
+    TRANSFORMERS_RANGE,
+    FamilyAdapter,
+    FFNSite,
+    Site,
+    adapter_for,
+    adapter_for_type,
+    check_transformers_version,
+    supported_model_types,
+)
+
+__all__ = ["TRANSFORMERS_RANGE", "FamilyAdapter", "FFNSite", "Site", "adapter_for", "adapter_for_type",
+           "check_transformers_version", "supported_model_types"]
