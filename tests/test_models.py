@@ -13,7 +13,7 @@ import trelm_fast.models.base
 from trelm_fast.ffn import TrelmFFN, ffn_modules, swap_ffn, unswap_ffn
 from trelm_fast.losses import mlm_loss, sample_negatives
 from trelm_fast.models import adapter_for, supported_model_types
-from trelm_fast.optim import TRELM_TRAINABLE, TrelmOptimizer, configure_trainable
+from trelm_fast.optim import TRELM_TRAINABLE, TrelmOptimizer, configure_trainable, parameter_group
 from trelm_fast.routing import KnowledgeRouter, attribute, attribute_reference
 
 V, D, I, L = 53, 32, 37, 3
@@ -27,17 +27,32 @@ def _bert_like(cfg_cls, **extra):
     return make
 
 
-# model_type -> (config maker(dropout), masked-LM class)
+def _distilbert(dropout):
+    return transformers.DistilBertConfig(vocab_size=V, dim=D, n_layers=L, n_heads=4, hidden_dim=I,
+                                         max_position_embeddings=24, dropout=dropout, attention_dropout=dropout)
+
+
+# model_type -> (config maker(dropout), masked-LM class, attention implementations the family has)
 FAMILIES = {
-    "bert": (_bert_like(transformers.BertConfig), transformers.BertForMaskedLM),
-    "roberta": (_bert_like(transformers.RobertaConfig, pad_token_id=1), transformers.RobertaForMaskedLM),
-    "xlm-roberta": (_bert_like(transformers.XLMRobertaConfig, pad_token_id=1), transformers.XLMRobertaForMaskedLM),
-    "electra": (_bert_like(transformers.ElectraConfig, embedding_size=16), transformers.ElectraForMaskedLM),
+    "bert": (_bert_like(transformers.BertConfig), transformers.BertForMaskedLM, ("sdpa", "eager")),
+    "roberta": (_bert_like(transformers.RobertaConfig, pad_token_id=1), transformers.RobertaForMaskedLM,
+                ("sdpa", "eager")),
+    "xlm-roberta": (_bert_like(transformers.XLMRobertaConfig, pad_token_id=1), transformers.XLMRobertaForMaskedLM,
+                    ("sdpa", "eager")),
+    "electra": (_bert_like(transformers.ElectraConfig, embedding_size=16), transformers.ElectraForMaskedLM,
+                ("sdpa", "eager")),
+    "distilbert": (_distilbert, transformers.DistilBertForMaskedLM, ("sdpa", "eager")),
+    # DeBERTa-v3 style: relative attention with log buckets, no first-layer convolution
+    "deberta-v2": (_bert_like(transformers.DebertaV2Config, relative_attention=True, position_buckets=8,
+                              max_relative_positions=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                              position_biased_input=False),
+                   transformers.DebertaV2ForMaskedLM, ("eager",)),
 }
+ATTENTION = [(family, attn) for family, (_, _, attns) in FAMILIES.items() for attn in attns]
 
 
 def _model(family, seed=0, dropout=0.1):
-    make_cfg, cls = FAMILIES[family]
+    make_cfg, cls, _ = FAMILIES[family]
     torch.manual_seed(seed)
     return cls(make_cfg(dropout))
 
@@ -81,7 +96,7 @@ def test_layer_split_reproduces_hf_forward(family):
     ids, mask = _inputs()
     with torch.no_grad():
         want = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        h = adapter.embedding_output(model, model.get_input_embeddings()(ids))
+        h = adapter.embedding_output(model, model.get_input_embeddings()(ids), mask)
         ctx = adapter.layer_context(model, mask, h)
         for layer in adapter.layers(model):
             a = adapter.attention(layer, h, ctx)
@@ -137,14 +152,13 @@ def _attribution_batch(model, seed=1, K=6):
     ids, mask = _inputs()
     labels = _labels(ids)
     with torch.no_grad():
-        hidden = adapter_for(model).embedding_output(model, model.get_input_embeddings()(ids))
+        hidden = adapter_for(model).embedding_output(model, model.get_input_embeddings()(ids), mask)
     targets = labels[labels != -100]
     neg = sample_negatives(targets, torch.ones(V) / V, K, torch.Generator().manual_seed(seed))
     return ids, hidden, mask, labels, neg
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family,attn", ATTENTION)
 def test_fused_attribution_matches_reference(family, attn):
     model = swap_ffn(_model(family))
     model.set_attn_implementation(attn)
@@ -174,7 +188,7 @@ def test_short_training_run_lowers_the_loss(family):
     for step in range(16):
         if router.due(step):
             with torch.no_grad():
-                hidden = adapter.embedding_output(model, model.get_input_embeddings()(inputs))
+                hidden = adapter.embedding_output(model, model.get_input_embeddings()(inputs), mask)
             for f, p, seen in zip(ffn_modules(model), router.refresh(step, hidden, mask, labels, neg), selected):
                 f.set_path(p)
                 seen.update(p.tolist())
@@ -188,6 +202,26 @@ def test_short_training_run_lowers_the_loss(family):
     for layer, w0, seen in zip(adapter.layers(model), before, selected):
         changed = (adapter.ffn_site(layer).up.linear.weight != w0).any(1)
         assert changed.any() and set(changed.nonzero().squeeze(1).tolist()) <= seen  # only path rows moved
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_groups_of_the_family(family):
+    """What TRELM mode freezes is decided right for every family's parameter names."""
+    model = _model(family)
+    adapter = adapter_for(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer in adapter.layers(model):
+        site = adapter.ffn_site(layer)
+        up, down = site.up.linear, site.down.linear
+        assert {parameter_group(names[id(p)]) for p in (up.weight, up.bias, down.weight)} == {"ffn"}
+        assert parameter_group(names[id(down.bias)]) == "ffn_out_bias"
+        assert all(parameter_group(names[id(p)]) in ("attention", "layernorm", "ffn", "ffn_out_bias")
+                   for p in layer.parameters())
+    assert parameter_group(names[id(model.get_input_embeddings().weight)]) == "embeddings"
+    head = adapter.mlm_head(model)
+    assert {parameter_group(names[id(p)]) for p in head.transform.parameters()} == {"head"}
+    outside = {n for n, p in model.named_parameters() if parameter_group(n) == "other"}
+    assert not outside, outside  # nothing of the model trains by accident in TRELM mode
 
 
 def test_unsupported_family_raises_listing_the_supported_ones():
@@ -210,7 +244,7 @@ def test_transformers_outside_the_supported_range_is_named(monkeypatch):
 
 
 def test_electra_discriminator_swaps_but_has_no_mlm_head():
-    make_cfg, _ = FAMILIES["electra"]
+    make_cfg, _, _ = FAMILIES["electra"]
     disc = transformers.ElectraForPreTraining(make_cfg(0.0))
     swap_ffn(disc)
     assert len(ffn_modules(disc)) == L

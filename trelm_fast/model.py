@@ -229,7 +229,7 @@ class TrelmModel(nn.Module):
 
     def embedding_output(self, batch: dict, epoch: float = 0.0) -> Tensor:
         """Output of the embeddings layer [B, n, d] (what the first Transformer layer reads)."""
-        return self.adapter.embedding_output(self.mlm, self.input_embeddings(batch, epoch))
+        return self.adapter.embedding_output(self.mlm, self.input_embeddings(batch, epoch), batch["attention_mask"])
 
     def forward(self, batch: dict, epoch: float = 0.0) -> Tensor:
         """Final-layer hidden states [B, n, d]."""

@@ -1,6 +1,7 @@
 """What trains in TRELM mode, and the optimizer that trains it (paper section 3.3).
 
-Parameter groups (`parameter_group(name)`), for BERT/RoBERTa models from `transformers`:
+Parameter groups (`parameter_group(name)`; each family adapter in `trelm_fast.models` says how its
+parameter names map to them):
 
     embeddings    word/position/type embeddings and their LayerNorm (the tied MLM decoder weight
                   is the word-embedding matrix, so it belongs here)
@@ -38,31 +39,11 @@ from torch import Tensor, nn
 
 from trelm_fast.ffn import TrelmFFN, ffn_modules
 from trelm_fast.kernels.slice_adamw import slice_adamw
+from trelm_fast.models import parameter_group  # the groups of each family's parameter names
 
 GROUPS = ("embeddings", "attention", "layernorm", "ffn", "ffn_out_bias", "head", "pooler", "other")
 TRELM_TRAINABLE = frozenset({"head", "other"})
 DENSE_TRAINABLE = frozenset(GROUPS)
-
-
-def parameter_group(name: str) -> str:
-    """The group (see module docstring) of a parameter name of a BERT/RoBERTa model."""
-    parts = name.split(".")
-    if parts[0] in ("cls", "lm_head"):
-        return "head"
-    if "embeddings" in parts:
-        return "embeddings"
-    if "pooler" in parts:
-        return "pooler"
-    if "encoder" in parts and "layer" in parts:
-        if "LayerNorm" in parts:
-            return "layernorm"
-        if "attention" in parts:
-            return "attention"
-        if "intermediate" in parts or parts[-3:] == ["output", "dense", "weight"]:
-            return "ffn"
-        if parts[-3:] == ["output", "dense", "bias"]:
-            return "ffn_out_bias"
-    return "other"
 
 
 def configure_trainable(model: nn.Module, trainable: Iterable[str] = TRELM_TRAINABLE) -> list[str]:

@@ -4,7 +4,9 @@
 lists them. Adding a family is adding one module here (a `FamilyAdapter` subclass decorated with
 `@register`, imported below) and its entry in tests/test_models.py.
 """
-from trelm_fast.models import bert, electra, roberta, xlm_roberta  # noqa: F401  (registers the families)
+from trelm_fast.models import (  # noqa: F401  (registers the families; bert first: its naming rules)
+    bert, deberta_v2, distilbert, electra, roberta, xlm_roberta,
+)
 from trelm_fast.models.base import (
     TRANSFORMERS_RANGE,
     FamilyAdapter,
@@ -13,8 +15,9 @@ from trelm_fast.models.base import (
     adapter_for,
     adapter_for_type,
     check_transformers_version,
+    parameter_group,
     supported_model_types,
 )
 
 __all__ = ["TRANSFORMERS_RANGE", "FamilyAdapter", "FFNSite", "Site", "adapter_for", "adapter_for_type",
-           "check_transformers_version", "supported_model_types"]
+           "check_transformers_version", "parameter_group", "supported_model_types"]

@@ -15,7 +15,9 @@ family module of this package; the rest of trelm-fast talks to a model through i
   `layer_output(layer, f, a)` -> the layer output given f = v W2^T + b2. All per position except
   `attention`.
 - `mlm_head(model)` (a `losses.MLMHead` over the model's own modules), `embedding_output(model,
-  inputs_embeds)` (what the first layer reads), `mlm_class` (the masked-LM class `build_mlm` makes).
+  inputs_embeds, attention_mask)` (what the first layer reads), `mlm_class` (the masked-LM class
+  `build_mlm` makes), `parameter_group(parts)` (the `trelm_fast.optim` group of the family's
+  parameter names).
 
 Optional fast paths for the fused attribution (`attention_at`, `prefix_state`,
 `attention_patched`) default to running the whole layer and indexing.
@@ -131,13 +133,19 @@ class FamilyAdapter:
     def mlm_head(self, model: nn.Module) -> MLMHead:
         raise NotImplementedError
 
-    def embedding_output(self, model: nn.Module, inputs_embeds: Tensor) -> Tensor:
-        """What the first layer reads, from word embeddings [B, n, d_emb]."""
+    def embedding_output(self, model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """What the first layer reads, from word embeddings [B, n, d_emb] (and the [B, n] padding
+        mask, for families whose embeddings use it)."""
         return self.base(model).embeddings(inputs_embeds=inputs_embeds)
 
     def set_dropout(self, config, p: float) -> None:
         """Set every dropout probability of a config of this family to p."""
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = p
+
+    def parameter_group(self, parts: list[str]) -> str | None:
+        """The `trelm_fast.optim` group of a parameter name split at '.', or None when this
+        family's naming does not decide it."""
+        return None
 
 
 _REGISTRY: dict[str, FamilyAdapter] = {}
@@ -149,6 +157,17 @@ def register(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     for t in cls.model_types:
         _REGISTRY[t] = adapter
     return cls
+
+
+def parameter_group(name: str) -> str:
+    """The `trelm_fast.optim` group of a parameter name: the first family whose naming decides it
+    (in registration order), else "other" (e.g. the trainer's own modules)."""
+    parts = name.split(".")
+    for adapter in dict.fromkeys(_REGISTRY.values()):
+        group = adapter.parameter_group(parts)
+        if group is not None:
+            return group
+    return "other"
 
 
 def supported_model_types() -> tuple[str, ...]:

@@ -49,6 +49,28 @@ class BertAdapter(FamilyAdapter):
     def layer_output(self, layer: nn.Module, f: Tensor, a: Tensor) -> Tensor:
         return layer.output.LayerNorm(f + a)
 
+    def parameter_group(self, parts: list[str]) -> str | None:
+        """BERT-style names: `cls.*` / `lm_head.*` (head; the decoder weight, the word-embedding
+        matrix when tied, is embeddings: XLM-RoBERTa names the tied matrix `lm_head.decoder.weight`),
+        `*.embeddings.*`, `*.pooler.*`, and in `encoder.layer.{i}`: LayerNorms, `attention.*`,
+        `intermediate.*` + `output.dense.weight` (ffn), `output.dense.bias` (ffn_out_bias)."""
+        if parts[0] in ("cls", "lm_head"):
+            return "embeddings" if parts[-2:] == ["decoder", "weight"] else "head"
+        if "embeddings" in parts:
+            return "embeddings"
+        if "pooler" in parts:
+            return "pooler"
+        if "encoder" in parts and "layer" in parts:
+            if "LayerNorm" in parts:
+                return "layernorm"
+            if "attention" in parts:
+                return "attention"
+            if "intermediate" in parts or parts[-3:] == ["output", "dense", "weight"]:
+                return "ffn"
+            if parts[-3:] == ["output", "dense", "bias"]:
+                return "ffn_out_bias"
+        return None
+
     def mlm_head(self, model: nn.Module) -> MLMHead:
         predictions = getattr(getattr(model, "cls", None), "predictions", None)
         if predictions is None:

@@ -32,7 +32,12 @@ class ElectraAdapter(BertAdapter):
                             "(`generator_predictions` + `generator_lm_head`); use ElectraForMaskedLM (the generator)")
         return MLMHead(predictions, lm_head, lm_head.bias)
 
-    def embedding_output(self, model: nn.Module, inputs_embeds: Tensor) -> Tensor:
+    def parameter_group(self, parts: list[str]) -> str | None:
+        if parts[0] in ("generator_predictions", "generator_lm_head"):
+            return "head"
+        return "embeddings" if "embeddings_project" in parts else None
+
+    def embedding_output(self, model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         base = self.base(model)
         h = base.embeddings(inputs_embeds=inputs_embeds)
         return base.embeddings_project(h) if hasattr(base, "embeddings_project") else h
