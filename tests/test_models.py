@@ -32,7 +32,13 @@ def _distilbert(dropout):
                                          max_position_embeddings=24, dropout=dropout, attention_dropout=dropout)
 
 
-# model_type -> (config maker(dropout), masked-LM class, attention implementations the family has)
+def _llama(dropout):
+    return transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
+                                    attention_dropout=dropout)
+
+
+# model_type -> (config maker(dropout), masked-LM / causal-LM class, attention implementations the family has)
 FAMILIES = {
     "bert": (_bert_like(transformers.BertConfig), transformers.BertForMaskedLM, ("sdpa", "eager")),
     "roberta": (_bert_like(transformers.RobertaConfig, pad_token_id=1), transformers.RobertaForMaskedLM,
@@ -47,6 +53,7 @@ FAMILIES = {
                               max_relative_positions=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
                               position_biased_input=False),
                    transformers.DebertaV2ForMaskedLM, ("eager",)),
+    "llama": (_llama, transformers.LlamaForCausalLM, ("sdpa", "eager")),  # decoder, gated MLP, pre-RMSNorm
 }
 ATTENTION = [(family, attn) for family, (_, _, attns) in FAMILIES.items() for attn in attns]
 
@@ -101,6 +108,7 @@ def test_layer_split_reproduces_hf_forward(family):
         for layer in adapter.layers(model):
             a = adapter.attention(layer, h, ctx)
             h = adapter.ffn_out(layer, adapter.neurons(layer, a), a)
+        h = adapter.final_norm(model, h)
     torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-6)
 
 
@@ -140,10 +148,15 @@ def test_slice_gradients_are_the_dense_gradients_on_the_path(family):
         site = adapter.ffn_site(layer)
         w1, w2 = site.up.linear, site.down.linear
         assert _rel(f.slices.w1.grad, w1.weight.grad[p]) <= 1e-5
-        assert _rel(f.slices.b1.grad, w1.bias.grad[p]) <= 1e-5
         assert _rel(f.slices.w2.grad, w2.weight.grad[:, p]) <= 1e-5
-        assert f.up.weight.grad is None and f.down.weight.grad is None  # no full-size FFN weight gradient
-        assert _rel(f.down.bias.grad, w2.bias.grad) <= 1e-5
+        assert (f.slices.b1 is None) == (w1.bias is None) and (f.gate_slices is None) == (site.gate is None)
+        if w1.bias is not None:
+            assert _rel(f.slices.b1.grad, w1.bias.grad[p]) <= 1e-5
+        if w2.bias is not None:
+            assert _rel(f.down.bias.grad, w2.bias.grad) <= 1e-5
+        if site.gate is not None:  # gated MLP: rows S of the gate too
+            assert _rel(f.gate_slices.wg.grad, site.gate.linear.weight.grad[p]) <= 1e-5
+        assert all(lin.weight.grad is None for lin in f.linears)  # no full-size FFN weight gradient
     emb_ref, emb = ref.get_input_embeddings().weight.grad, swapped.get_input_embeddings().weight.grad
     assert _rel(emb, emb_ref) <= 1e-5  # the exact input gradient flows through every layer
 
@@ -174,15 +187,20 @@ def test_fused_attribution_matches_reference(family, attn):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_short_training_run_lowers_the_loss(family):
-    """Random init, TRELM mode: only the head and the knowledge-path slices learn; 16 steps on one batch."""
+    """Random init, TRELM mode: only the head and the knowledge-path slices learn; 16 steps on one batch.
+    Encoders: MLM loss at the targets; decoders: causal LM loss at the targets (read at t - 1)."""
     model = swap_ffn(_model(family, dropout=0.0))
     configure_trainable(model, TRELM_TRAINABLE)
     adapter = adapter_for(model)
-    before = [adapter.ffn_site(layer).up.linear.weight.detach().clone() for layer in adapter.layers(model)]
+    def rows_sliced(layer):  # the weights whose rows are neurons: up, and the gate of a gated MLP
+        site = adapter.ffn_site(layer)
+        return [site.up.linear.weight] + ([] if site.gate is None else [site.gate.linear.weight])
+
+    before = [[w.detach().clone() for w in rows_sliced(layer)] for layer in adapter.layers(model)]
     opt = TrelmOptimizer(model, lr=1e-2)
     router = KnowledgeRouter(model, m=2, refresh=4, fraction=0.25)
     ids, hidden, mask, labels, neg = _attribution_batch(model)
-    inputs = ids.masked_fill(labels != -100, 3)
+    inputs = ids if adapter.causal else ids.masked_fill(labels != -100, 3)
     head = adapter.mlm_head(model)
     losses, selected = [], [set() for _ in range(L)]
     for step in range(16):
@@ -193,15 +211,17 @@ def test_short_training_run_lowers_the_loss(family):
                 f.set_path(p)
                 seen.update(p.tolist())
         h = model.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
-        loss = mlm_loss(h, labels, head)
+        # decoders: causal LM at the targets, the state at t - 1 predicts the token at t
+        loss = mlm_loss(h[:, :-1], labels[:, 1:], head) if adapter.causal else mlm_loss(h, labels, head)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
-    for layer, w0, seen in zip(adapter.layers(model), before, selected):
-        changed = (adapter.ffn_site(layer).up.linear.weight != w0).any(1)
-        assert changed.any() and set(changed.nonzero().squeeze(1).tolist()) <= seen  # only path rows moved
+    for layer, w0s, seen in zip(adapter.layers(model), before, selected):
+        for w, w0 in zip(rows_sliced(layer), w0s):
+            changed = (w != w0).any(1)
+            assert changed.any() and set(changed.nonzero().squeeze(1).tolist()) <= seen  # only path rows moved
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -212,14 +232,16 @@ def test_parameter_groups_of_the_family(family):
     names = {id(p): n for n, p in model.named_parameters()}
     for layer in adapter.layers(model):
         site = adapter.ffn_site(layer)
-        up, down = site.up.linear, site.down.linear
-        assert {parameter_group(names[id(p)]) for p in (up.weight, up.bias, down.weight)} == {"ffn"}
-        assert parameter_group(names[id(down.bias)]) == "ffn_out_bias"
+        ffn = [site.up.linear.weight, site.up.linear.bias, site.down.linear.weight]
+        ffn += [] if site.gate is None else [site.gate.linear.weight, site.gate.linear.bias]
+        assert {parameter_group(names[id(p)]) for p in ffn if p is not None} == {"ffn"}
+        if site.down.linear.bias is not None:
+            assert parameter_group(names[id(site.down.linear.bias)]) == "ffn_out_bias"
         assert all(parameter_group(names[id(p)]) in ("attention", "layernorm", "ffn", "ffn_out_bias")
                    for p in layer.parameters())
     assert parameter_group(names[id(model.get_input_embeddings().weight)]) == "embeddings"
     head = adapter.mlm_head(model)
-    assert {parameter_group(names[id(p)]) for p in head.transform.parameters()} == {"head"}
+    assert {parameter_group(names[id(p)]) for p in head.transform.parameters()} <= {"head"}  # Llama: none
     outside = {n for n, p in model.named_parameters() if parameter_group(n) == "other"}
     assert not outside, outside  # nothing of the model trains by accident in TRELM mode
 
@@ -241,6 +263,13 @@ def test_transformers_outside_the_supported_range_is_named(monkeypatch):
     with pytest.raises(RuntimeError, match=r"transformers 4.40.0 is installed; the bert adapter supports "
                                            r"transformers >= 5.0, < 6.0"):
         swap_ffn(model)
+
+
+def test_the_trainer_refuses_decoders():
+    from trelm_fast.model import TrelmModel
+
+    with pytest.raises(ValueError, match="TrelmModel: llama is a decoder family; the trainer supports masked LMs"):
+        TrelmModel(_model("llama"), torch.zeros(3, 4), torch.zeros(2, 4))
 
 
 def test_electra_discriminator_swaps_but_has_no_mlm_head():

@@ -13,7 +13,9 @@ never exist: W1, b1, W2 enter the autograd Functions detached, and small zero-va
 gradients in their `.grad` (summed over micro-batches like any leaf). The leaves are not module
 parameters, so DDP never sees them; `trelm_fast.optim.allreduce_slice_grads` reduces them.
 
-`swap_ffn(model)` replaces the up and down nn.Linear of every layer with `SliceLinear` (an
+Gated MLPs, Y = (act(X G^T) * (X W1^T + b1)) W2^T + b2, take rows S of the gate G too (`TrelmFFN.gate_slices`).
+
+`swap_ffn(model)` replaces the up, down (and gate) nn.Linear of every layer with `SliceLinear` (an
 nn.Linear subclass holding the same Parameter objects, so parameter names and state dicts are
 unchanged) and adds a parameter-free `TrelmFFN` child `layer.trelm_ffn` that owns the path.
 Everything else of the layer (activation, LayerNorm, dropout, hooks) stays the Hugging Face
@@ -177,21 +179,30 @@ class FFNSlices(NamedTuple):
     w2: Tensor
 
 
+class GateSlices(NamedTuple):
+    """Slice leaves of a gated MLP's gate rows on the path S: wg [|S|, d], bg [|S|] (None without bias)."""
+
+    wg: Tensor
+    bg: Tensor | None
+
+
 class TrelmFFN(nn.Module):
     """Path controller of one layer's FFN (registered as `layer.trelm_ffn`).
 
-    Holds no parameters: `up` (W1 [I, d], b1) and `down` (W2 [d, I], b2) are the layer's own
-    SliceLinears, referenced but not registered here (no parameter has two names); `sites` says
-    which module owns each under which attribute name (what `unswap_ffn` restores).
+    Holds no parameters: `up` (W1 [I, d], b1), `down` (W2 [d, I], b2) and, in gated MLPs, `gate`
+    (G [I, d], rows sliced like W1) are the layer's own SliceLinears, referenced but not registered
+    here (no parameter has two names); `sites` says which module owns each under which attribute
+    name (what `unswap_ffn` restores).
     """
 
-    def __init__(self, up: Site, down: Site, layer_idx: int):
+    def __init__(self, up: Site, down: Site, layer_idx: int, gate: Site | None = None):
         super().__init__()
-        for name, site in (("up", up), ("down", down)):
+        sites = (up, down) if gate is None else (up, down, gate)
+        for name, site in zip(("up", "down", "gate"), sites):
             if not isinstance(site.linear, SliceLinear):
                 raise TypeError(f"TrelmFFN: the {name} projection must be a SliceLinear, got "
                                 f"{type(site.linear).__name__}")
-        object.__setattr__(self, "sites", (up, down))
+        object.__setattr__(self, "sites", sites)
         self.layer_idx = layer_idx
 
     @property
@@ -203,6 +214,16 @@ class TrelmFFN(nn.Module):
     def down(self) -> SliceLinear:
         """W2 [d, I], b2 [d]: the down projection."""
         return self.sites[1].linear
+
+    @property
+    def gate(self) -> SliceLinear | None:
+        """G [I, d]: the gate projection of a gated MLP, else None."""
+        return self.sites[2].linear if len(self.sites) > 2 else None
+
+    @property
+    def linears(self) -> tuple[SliceLinear, ...]:
+        """Every SliceLinear of the layer's FFN (up, down[, gate])."""
+        return tuple(site.linear for site in self.sites)
 
     @property
     def intermediate_size(self) -> int:
@@ -220,6 +241,19 @@ class TrelmFFN(nn.Module):
             return None
         return FFNSlices(self.up.weight_slice, self.up.bias_slice, self.down.weight_slice)
 
+    @property
+    def gate_slices(self) -> GateSlices | None:
+        """The gate's slice leaves of the current path (gated MLPs only)."""
+        gate = self.gate
+        if self.path is None or gate is None:
+            return None
+        return GateSlices(gate.weight_slice, gate.bias_slice)
+
+    @property
+    def leaves(self) -> list[Tensor]:
+        """Every slice leaf of the current path, of all projections (empty without a path)."""
+        return [t for lin in self.linears for t in (lin.weight_slice, lin.bias_slice) if t is not None]
+
     def set_path(self, indices: Tensor | None) -> None:
         """Set the knowledge path S (sorted unique ids in [0, I)) or clear it with None.
 
@@ -227,8 +261,7 @@ class TrelmFFN(nn.Module):
         optimizer's step()/zero_grad() first, otherwise those gradients would be lost).
         """
         where = f"TrelmFFN.set_path (layer {self.layer_idx})"
-        current = self.slices
-        if current is not None and any(t is not None and t.grad is not None for t in current):
+        if any(t.grad is not None for t in self.leaves):
             raise RuntimeError(f"{where}: the current path still holds slice gradients; "
                                "call optimizer.step() or zero_grad() before changing paths")
         if indices is None:
@@ -246,8 +279,8 @@ class TrelmFFN(nn.Module):
                                  f"[{int(idx.min())}, {int(idx.max())}]")
             if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise ValueError(f"{where}: indices must be sorted and unique")
-        self.up._set_path(idx)
-        self.down._set_path(idx)
+        for lin in self.linears:
+            lin._set_path(idx)
 
     def extra_repr(self) -> str:
         k = "None" if self.path is None else str(self.path.numel())
@@ -268,12 +301,14 @@ def swap_ffn(model: nn.Module) -> nn.Module:
         if isinstance(getattr(layer, "trelm_ffn", None), TrelmFFN):
             continue
         site = adapter.ffn_site(layer)
-        for proj, axis in ((site.up, 0), (site.down, 1)):
+        projections = ((site.up, 0), (site.down, 1)) + (() if site.gate is None else ((site.gate, 0),))
+        for proj, _ in projections:
             if type(proj.linear) is not nn.Linear:
                 raise TypeError(f"swap_ffn: layer {i} {type(proj.owner).__name__}.{proj.name} is "
                                 f"{type(proj.linear).__name__}, expected torch.nn.Linear")
+        for proj, axis in projections:
             setattr(proj.owner, proj.name, SliceLinear.from_linear(proj.linear, axis))
-        layer.trelm_ffn = TrelmFFN(site.up, site.down, i)
+        layer.trelm_ffn = TrelmFFN(site.up, site.down, i, site.gate)
     return model
 
 
@@ -298,7 +333,7 @@ def suspended_paths(model: nn.Module) -> Iterator[None]:
     Inside, every SliceLinear is a plain linear, so autograd computes no slice gradients; the
     paths, slice leaves and any gradients they hold are restored on exit.
     """
-    linears = [lin for f in ffn_modules(model) for lin in (f.up, f.down)]
+    linears = [lin for f in ffn_modules(model) for lin in f.linears]
     saved = [lin.path for lin in linears]
     for lin in linears:
         lin.path = None

@@ -58,6 +58,14 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
+def _require_masked_lm(adapter, where: str) -> None:
+    """The trainer's batches and losses are masked-LM ones: refuse decoder families clearly."""
+    if adapter.causal:
+        raise ValueError(f"{where}: {adapter.family} is a decoder family; the trainer supports masked LMs "
+                         "(decoders work with apply_trelm/swap_ffn, the routing and the slice optimizer: "
+                         "docs/models.md)")
+
+
 def build_mlm(mcfg: ModelConfig) -> nn.Module:
     """The masked LM of the directory's model family (decoder tied to the word embeddings).
 
@@ -72,6 +80,7 @@ def build_mlm(mcfg: ModelConfig) -> nn.Module:
     path = resolve_model_path(mcfg.path)
     hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
     adapter = adapter_for_type(hf_cfg.model_type, f"model.path {path}")
+    _require_masked_lm(adapter, f"model.path {path}")
     cls = adapter.mlm_class
     if mcfg.dropout is not None:
         adapter.set_dropout(hf_cfg, mcfg.dropout)
@@ -185,6 +194,7 @@ class TrelmModel(nn.Module):
         self.register_buffer("negative_q", negative_q.float(), persistent=False)
         self.mlm = mlm
         self.adapter = adapter_for(mlm, "TrelmModel")
+        _require_masked_lm(self.adapter, "TrelmModel")
         self.bank = bank
         self.inject = inject
         self.register_buffer("kg_entity", kg_entity.float(), persistent=False)

@@ -26,7 +26,8 @@ on matrices only; and lazy slice AdamW over each TrelmFFN's path: rows S of W1 a
 of W2 with their own Adam moments. A neuron's step counter counts the steps in which it was on the
 path; bias correction uses that count, so a neuron's update is exactly AdamW run over the steps in
 which it was selected, and unselected neurons see no momentum drift and no weight decay. W1 rows and
-W2 columns are decayed, b1 is not. Paths may change between steps: state is kept for all I neurons.
+W2 columns are decayed, b1 is not. In gated MLPs rows S of the gate (and its bias) are updated like
+W1's (and b1's). Paths may change between steps: state is kept for all I neurons.
 """
 from __future__ import annotations
 
@@ -134,13 +135,20 @@ class TrelmOptimizer:
         out = [("w1", f.up.weight, s.w1, 0, self.weight_decay), ("w2", f.down.weight, s.w2, 1, self.weight_decay)]
         if s.b1 is not None:
             out.append(("b1", f.up.bias, s.b1, 0, 0.0))
+        g = f.gate_slices
+        if g is not None:
+            out.append(("wg", f.gate.weight, g.wg, 0, self.weight_decay))
+            if g.bg is not None:
+                out.append(("bg", f.gate.bias, g.bg, 0, 0.0))
         return out
 
     def _state_for(self, i: int) -> dict[str, Tensor]:
         if self.slice_state[i] is None:
             f = self.ffns[i]
             st = {"step": torch.zeros(f.intermediate_size, dtype=torch.int64, device=f.up.weight.device)}
-            for name, p in (("w1", f.up.weight), ("w2", f.down.weight), ("b1", f.up.bias)):
+            gate = f.gate
+            for name, p in (("w1", f.up.weight), ("w2", f.down.weight), ("b1", f.up.bias),
+                            ("wg", None if gate is None else gate.weight), ("bg", None if gate is None else gate.bias)):
                 if p is not None:
                     st[f"exp_avg_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st[f"exp_avg_sq_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -153,7 +161,7 @@ class TrelmOptimizer:
             self.dense.step()
         b1, b2 = self.betas
         for i, f in enumerate(self.ffns):
-            if f.slices is None or all(t is None or t.grad is None for t in f.slices):
+            if all(t.grad is None for t in f.leaves):
                 continue
             st, idx = self._state_for(i), f.path
             st["step"][idx] += 1
@@ -167,9 +175,8 @@ class TrelmOptimizer:
         if self.dense is not None:
             self.dense.zero_grad(set_to_none=True)
         for f in self.ffns:
-            for t in f.slices or ():
-                if t is not None:
-                    t.grad = None
+            for t in f.leaves:
+                t.grad = None
 
     def state_dict(self) -> dict:
         """Tensors and Python scalars only (readable with torch.load(weights_only=True))."""
@@ -205,7 +212,7 @@ def allreduce_slice_grads(model: nn.Module | Iterable[nn.Module], group=None) ->
     gradient counts as zeros. One all_reduce over a flat buffer of all layers.
     """
     ffns = dict.fromkeys(f for m in _modules(model) for f in ffn_modules(m))
-    leaves = [t for f in ffns if f.slices is not None for t in f.slices if t is not None]
+    leaves = [t for f in ffns for t in f.leaves]
     if not leaves:
         return
     for t in leaves:

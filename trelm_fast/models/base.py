@@ -6,14 +6,15 @@ family module of this package; the rest of trelm-fast talks to a model through i
 - `layers(model)`: the Transformer layers, in order.
 - `ffn_site(layer)`: where the FFN is. Up projection W1 [I, d] (rows are neurons), activation,
   down projection W2 [d, I] (columns are neurons), each projection as the module that owns the
-  nn.Linear and the attribute name, so `swap_ffn` can replace it in place. (Gated MLPs, whose
-  paths would also take rows of a gate projection, have no adapter yet: docs/models.md.)
+  nn.Linear and the attribute name, so `swap_ffn` can replace it in place; gated MLPs add a gate
+  projection G [I, d] whose rows are sliced like W1's.
 - One layer split at its FFN, what the attribution needs, for hidden states h [B, n, d]:
   `layer_context(model, mask2d, like)` (whatever one layer needs besides h: the attention mask the
   family builds from a [B, n] padding mask), `attention(layer, h, ctx)` -> a (the state the FFN
-  reads, [B, n, d]), `neurons(layer, a)` -> v = act(W1 a + b1) [B, n, I] (post-activation values),
-  `layer_output(layer, f, a)` -> the layer output given f = v W2^T + b2. All per position except
-  `attention`.
+  reads, [B, n, d]), `neurons(layer, a)` -> v = act(W1 x + b1) [B, n, I] (post-activation values;
+  x = `ffn_input(layer, a)`), `layer_output(layer, f, a)` -> the layer output given
+  f = v W2^T + b2, and `final_norm(model, h)` after the last layer. All per position except
+  `attention`. `causal` marks decoders (the state at t - 1 predicts the token at t).
 - `mlm_head(model)` (a `losses.MLMHead` over the model's own modules), `embedding_output(model,
   inputs_embeds, attention_mask)` (what the first layer reads), `mlm_class` (the masked-LM class
   `build_mlm` makes), `parameter_group(parts)` (the `trelm_fast.optim` group of the family's
@@ -56,11 +57,13 @@ class Site(NamedTuple):
 
 
 class FFNSite(NamedTuple):
-    """Where one layer's FFN is: up W1 [I, d], down W2 [d, I] and the activation between them."""
+    """Where one layer's FFN is: up W1 [I, d], down W2 [d, I], the activation, and for gated MLPs
+    the gate G [I, d] (v = act(G x) * (W1 x + b1)), else None."""
 
     up: Site
     down: Site
     act: Callable[[Tensor], Tensor]
+    gate: Site | None = None
 
 
 class FamilyAdapter:
@@ -69,6 +72,7 @@ class FamilyAdapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     layer_classes: tuple[type, ...] = ()
+    causal: bool = False  # decoders: the hidden state at t - 1 predicts the token at t
 
     # ------------------------------------------------------------------ structure
 
@@ -100,10 +104,20 @@ class FamilyAdapter:
     def attention(self, layer: nn.Module, h: Tensor, ctx: Any) -> Tensor:
         raise NotImplementedError
 
+    def ffn_input(self, layer: nn.Module, a: Tensor) -> Tensor:
+        """x, what the FFN reads from the attention state a (pre-LayerNorm layers normalize a)."""
+        return a
+
     def neurons(self, layer: nn.Module, a: Tensor) -> Tensor:
-        """v = act(W1 a + b1) [.., I]."""
+        """v = act(W1 x + b1), gated act(G x) * (W1 x + b1), with x = ffn_input(a): [.., I]."""
         site = self.ffn_site(layer)
-        return site.act(site.up.linear(a))
+        x = self.ffn_input(layer, a)
+        up = site.up.linear(x)
+        return site.act(up) if site.gate is None else site.act(site.gate.linear(x)) * up
+
+    def final_norm(self, model: nn.Module, h: Tensor) -> Tensor:
+        """What follows the last layer before the head (pre-LayerNorm models: a final norm)."""
+        return h
 
     def layer_output(self, layer: nn.Module, f: Tensor, a: Tensor) -> Tensor:
         raise NotImplementedError

@@ -54,7 +54,8 @@ class BertAdapter(FamilyAdapter):
         matrix when tied, is embeddings: XLM-RoBERTa names the tied matrix `lm_head.decoder.weight`),
         `*.embeddings.*`, `*.pooler.*`, and in `encoder.layer.{i}`: LayerNorms, `attention.*`,
         `intermediate.*` + `output.dense.weight` (ffn), `output.dense.bias` (ffn_out_bias)."""
-        if parts[0] in ("cls", "lm_head"):
+        if parts[0] == "cls" or parts[:2] in (["lm_head", "dense"], ["lm_head", "layer_norm"], ["lm_head", "decoder"],
+                                               ["lm_head", "bias"]):
             return "embeddings" if parts[-2:] == ["decoder", "weight"] else "head"
         if "embeddings" in parts:
             return "embeddings"

@@ -58,7 +58,8 @@ class DebertaV2Adapter(FamilyAdapter):
 
     def layer_context(self, model: nn.Module, mask2d: Tensor, like: Tensor) -> DebertaContext:
         encoder = self.base(model).encoder
-        return DebertaContext(encoder.get_attention_mask(mask2d), encoder.get_rel_pos(like), encoder.get_rel_embedding())
+        return DebertaContext(encoder.get_attention_mask(mask2d), encoder.get_rel_pos(like),
+                              encoder.get_rel_embedding())
 
     def attention(self, layer: nn.Module, h: Tensor, ctx: DebertaContext) -> Tensor:
         return layer.attention(h, ctx.mask, relative_pos=ctx.relative_pos, rel_embeddings=ctx.rel_embeddings)[0]

@@ -73,8 +73,13 @@ class Targets:
     negatives: Tensor  # [N, K]
 
 
-def select_targets(hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, negatives: Tensor, sequences: int) -> Targets:
-    """Keep the sequences with targets (the first `sequences` of them when > 0) and their positions."""
+def select_targets(hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, negatives: Tensor, sequences: int,
+                   causal: bool = False) -> Targets:
+    """Keep the sequences with targets (the first `sequences` of them when > 0) and their positions.
+
+    `causal` (decoders): the hidden state at t - 1 predicts the token at t, so the positions read
+    (and scaled) are those before the targets; a target in column 0 has none and is dropped.
+    """
     if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2] or cka_labels.shape != hidden.shape[:2]:
         raise ValueError(
             f"routing: hidden must be [B, n, d] with attention_mask and cka_labels [B, n]; got {tuple(hidden.shape)}, "
@@ -88,6 +93,10 @@ def select_targets(hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, n
         )
     if sequences < 0:
         raise ValueError(f"routing.sequences must be >= 0 (0 = all), got {sequences}")
+    if causal:
+        negatives = negatives[labelled.nonzero()[:, 1] > 0]
+        cka_labels = torch.cat([cka_labels[:, 1:], cka_labels.new_full((cka_labels.shape[0], 1), IGNORE_INDEX)], 1)
+        labelled = cka_labels.ne(IGNORE_INDEX)
     keep = labelled.any(1).nonzero().squeeze(1)
     if sequences > 0:
         keep = keep[:sequences]
@@ -132,5 +141,6 @@ def prefix_pass(model, adapter: FamilyAdapter, enc, t: Targets, head: MLMHead, k
             h = adapter.ffn_out(layer, v, a)
             if j in keep:
                 saved[j] = (a[t.rows, t.cols], h, v[t.rows, t.cols])
-        prob = cka_correct_prob_at(h[t.rows, t.cols], t.labels, t.negatives, head).mean().item()
+        final = adapter.final_norm(model, h[t.rows, t.cols])
+        prob = cka_correct_prob_at(final, t.labels, t.negatives, head).mean().item()
     return saved, prob

@@ -1,16 +1,17 @@
 """The fused batched attribution (`attribute`, paper eqs. 9-11); the design is in docs/routing.md.
 
 The layers run once without gradients (the shared prefix), which gives every layer's attention
-output a_l, output h_l and target-position neurons v_l. Since FFN_out = v W2^T + b2 is linear in
+state a_l, output h_l and target-position neurons v_l. Since FFN_out = v W2^T + b2 is linear in
 v, the m scaled copies differ only in F_k = alpha_k (v_t W2^T) + b2 at the target positions, a
-[m, N, d] leaf; the copies start at layer l's output LayerNorm(F_k + a_l), which differs from the
-prefix's output only at the targets: in layer l+1 the family adapter may reuse the prefix's work
-(`prefix_state` / `attention_patched`: for BERT-style SDPA attention the q/k/v projections run
-only at the targets), and in the last layer compute the attention state only at the targets
-(`attention_at`); the last layer's FFN runs only there (all that P reads). One backward gives G_k = dP/dF_k; dP/dv at step k
-is G_k W2, so Attr = v_t * ((sum_k w_k G_k) W2) summed over t, computed by `kernels.attribution`
-(no [m, N, I] tensor). All sequences run together; the m points run as one batch of m * B copies,
-split into chunks of at most `max_copies` sequence copies to bound memory.
+[m, N, d] leaf; the copies start at layer l's output (LayerNorm(F_k + a_l) for post-LayerNorm
+layers, per position), which differs from the prefix's output only at the targets: in layer l+1
+the family adapter may reuse the prefix's work (`prefix_state` / `attention_patched`: for
+BERT-style SDPA attention the q/k/v projections run only at the targets), and in the last layer
+compute the attention state only at the targets (`attention_at`); the last layer's FFN runs only
+there (all that P reads). One backward gives G_k = dP/dF_k; dP/dv at step k is G_k W2, so
+Attr = v_t * ((sum_k w_k G_k) W2) summed over t, computed by `kernels.attribution` (no [m, N, I]
+tensor). All sequences run together; the m points run as one batch of m * B copies, split into
+chunks of at most `max_copies` sequence copies to bound memory.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def attribute(
     adapter, enc = model_layers(model)
     layer_ids = resolve_layers(layers, len(enc))
     alphas, weights = quadrature(m, quadrature_rule)
-    t = select_targets(hidden, attention_mask, cka_labels, negatives, sequences)
+    t = select_targets(hidden, attention_mask, cka_labels, negatives, sequences, adapter.causal)
     if t.labels.numel() == 0:
         return empty_attribution(layer_ids, ffn_width(adapter, enc), hidden.device)
     head = head or adapter.mlm_head(model)
@@ -110,8 +111,10 @@ def attribute(
                             contexts[c] = adapter.layer_context(model, t.mask.repeat(c, 1), h0)
                         ctx = contexts[c]
                         state = adapter.prefix_state(enc[l + 1], h_l, ctx) if l + 1 < len(enc) - 1 else None
-                        h_t = _run_layers(adapter, enc, h0, ctx, l + 1, rows, cols, h_t.reshape(-1, h_t.shape[-1]), state)
-                    p = cka_correct_prob_at(h_t.view(c, -1, h_t.shape[-1]), t.labels, t.negatives, head)
+                        h_t = h_t.reshape(-1, h_t.shape[-1])
+                        h_t = _run_layers(adapter, enc, h0, ctx, l + 1, rows, cols, h_t, state)
+                    final = adapter.final_norm(model, h_t.view(c, -1, h_t.shape[-1]))
+                    p = cka_correct_prob_at(final, t.labels, t.negatives, head)
                 (g,) = torch.autograd.grad(p.sum(), leaf)
                 grads.append(g)
             g_all = torch.cat(grads)

@@ -40,7 +40,7 @@ def attribute_reference(
     adapter, enc = model_layers(model)
     layer_ids = resolve_layers(layers, len(enc))
     alphas, weights = quadrature(m, quadrature_rule)
-    t = select_targets(hidden, attention_mask, cka_labels, negatives, sequences)
+    t = select_targets(hidden, attention_mask, cka_labels, negatives, sequences, adapter.causal)
     width = ffn_width(adapter, enc)
     if t.labels.numel() == 0:
         return empty_attribution(layer_ids, width, hidden.device)
@@ -66,7 +66,8 @@ def attribute_reference(
                         v = v.clone()
                         v[:, cols] = scaled.to(v.dtype)  # v is bf16 under autocast; the leaf stays fp32
                     h = adapter.ffn_out(layer, v, a)
-                p = cka_correct_prob_at(h[:, cols], t.labels[sel], t.negatives[sel], head)  # [m, T]
+                final = adapter.final_norm(model, h[:, cols])
+                p = cka_correct_prob_at(final, t.labels[sel], t.negatives[sel], head)  # [m, T]
                 (g,) = torch.autograd.grad(p.sum(), scaled)
                 scores[li] += (v_t[0] * (weights[:, None, None] * g).sum(0)).sum(0).float()
     return Attribution(layer_ids, scores, prob, int(t.labels.numel()), t.hidden.shape[0])
