@@ -146,9 +146,9 @@ def move_batch(batch: dict, device) -> dict:
 
 
 def _ffn_weights(model: TrelmModel) -> list[tuple[nn.Parameter, Optional[nn.Parameter], nn.Parameter]]:
-    """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not)."""
-    return [(l.intermediate.dense.weight, l.intermediate.dense.bias, l.output.dense.weight)
-            for l in model.encoder_model.encoder.layer]
+    """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not), from the family adapter."""
+    sites = [model.adapter.ffn_site(layer) for layer in model.adapter.layers(model.mlm)]
+    return [(s.up.linear.weight, s.up.linear.bias, s.down.linear.weight) for s in sites]
 
 
 class TrainStep:
