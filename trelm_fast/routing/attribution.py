@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from trelm_fast.ffn import suspended_paths
 from trelm_fast.losses import IGNORE_INDEX, MLMHead, cka_correct_prob_at
 from trelm_fast.models import FamilyAdapter, adapter_for
+from trelm_fast.routing.quadrature import quadrature
 
 
 def model_layers(model: nn.Module) -> tuple[FamilyAdapter, nn.ModuleList]:
@@ -105,6 +106,34 @@ def select_targets(hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, n
     rows, cols = labelled[keep].nonzero(as_tuple=True)
     labels = cka_labels[keep][rows, cols]
     return Targets(hidden.detach()[keep], attention_mask[keep], rows, cols, labels, negatives)
+
+
+@dataclass
+class Problem:
+    """One attribution call's inputs, resolved for both engines: the family adapter and its layers,
+    the attributed layer ids, the quadrature (alphas, weights [m] float64), the targets, the head
+    (None when there are no targets) and I."""
+
+    adapter: FamilyAdapter
+    layers: nn.ModuleList
+    layer_ids: tuple[int, ...]
+    alphas: Tensor
+    weights: Tensor
+    targets: Targets
+    head: MLMHead | None
+    width: int
+
+
+def resolve_problem(model: nn.Module, hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, negatives: Tensor,
+                    m: int, quadrature_rule: str, layers, sequences: int, head: MLMHead | None) -> Problem:
+    """Validate and resolve the arguments shared by `attribute` and `attribute_reference`."""
+    adapter, enc = model_layers(model)
+    layer_ids = resolve_layers(layers, len(enc))
+    alphas, weights = quadrature(m, quadrature_rule)
+    t = select_targets(hidden, attention_mask, cka_labels, negatives, sequences, adapter.causal)
+    if t.labels.numel():
+        head = head or adapter.mlm_head(model)
+    return Problem(adapter, enc, layer_ids, alphas, weights, t, head, ffn_width(adapter, enc))
 
 
 @dataclass

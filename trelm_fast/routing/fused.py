@@ -21,17 +21,7 @@ from torch import Tensor, nn
 from trelm_fast.kernels.attribution import attribution_scores
 from trelm_fast.losses import MLMHead, cka_correct_prob_at
 from trelm_fast.models import FamilyAdapter
-from trelm_fast.routing.attribution import (
-    Attribution,
-    empty_attribution,
-    ffn_width,
-    frozen_eval,
-    model_layers,
-    prefix_pass,
-    resolve_layers,
-    select_targets,
-)
-from trelm_fast.routing.quadrature import quadrature
+from trelm_fast.routing.attribution import Attribution, empty_attribution, frozen_eval, prefix_pass, resolve_problem
 
 
 def _run_layers(adapter: FamilyAdapter, layers, h: Tensor, ctx, start: int, rows: Tensor, cols: Tensor,
@@ -76,16 +66,14 @@ def attribute(
     torch.bfloat16) runs the scaled copies under torch.autocast; the prefix, the leaf gradients and
     the step reduction stay in the model's precision.
     """
-    adapter, enc = model_layers(model)
-    layer_ids = resolve_layers(layers, len(enc))
-    alphas, weights = quadrature(m, quadrature_rule)
-    t = select_targets(hidden, attention_mask, cka_labels, negatives, sequences, adapter.causal)
-    if t.labels.numel() == 0:
-        return empty_attribution(layer_ids, ffn_width(adapter, enc), hidden.device)
-    head = head or adapter.mlm_head(model)
+    pb = resolve_problem(model, hidden, attention_mask, cka_labels, negatives, m, quadrature_rule, layers, sequences,
+                         head)
+    if pb.targets.labels.numel() == 0:
+        return empty_attribution(pb.layer_ids, pb.width, hidden.device)
+    adapter, enc, layer_ids, t, head, weights = pb.adapter, pb.layers, pb.layer_ids, pb.targets, pb.head, pb.weights
     bsz = t.hidden.shape[0]
     chunk = max(1, max_copies // bsz)
-    alphas = alphas.to(t.hidden.dtype).to(t.hidden.device)
+    alphas = pb.alphas.to(t.hidden.dtype).to(t.hidden.device)
     scores = []
     saved, prob = prefix_pass(model, adapter, enc, t, head, layer_ids)
     contexts = {}  # chunk size -> layer context (attention mask) of the chunk's copies

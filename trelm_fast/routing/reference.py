@@ -6,17 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from trelm_fast.losses import MLMHead, cka_correct_prob_at
-from trelm_fast.routing.attribution import (
-    Attribution,
-    empty_attribution,
-    ffn_width,
-    frozen_eval,
-    model_layers,
-    prefix_pass,
-    resolve_layers,
-    select_targets,
-)
-from trelm_fast.routing.quadrature import quadrature
+from trelm_fast.routing.attribution import Attribution, empty_attribution, frozen_eval, prefix_pass, resolve_problem
 
 
 def attribute_reference(
@@ -37,17 +27,13 @@ def attribute_reference(
     embeddings, v at the target positions is replaced by a leaf alpha_k v [m, T, I], and autograd
     gives dP/dv directly; Attr = v * sum_k w_k dP/dv, summed over positions.
     """
-    adapter, enc = model_layers(model)
-    layer_ids = resolve_layers(layers, len(enc))
-    alphas, weights = quadrature(m, quadrature_rule)
-    t = select_targets(hidden, attention_mask, cka_labels, negatives, sequences, adapter.causal)
-    width = ffn_width(adapter, enc)
-    if t.labels.numel() == 0:
-        return empty_attribution(layer_ids, width, hidden.device)
-    head = head or adapter.mlm_head(model)
-    alphas = alphas.to(t.hidden)
-    weights = weights.to(t.hidden)
-    scores = torch.zeros(len(layer_ids), width, dtype=torch.float32, device=hidden.device)
+    pb = resolve_problem(model, hidden, attention_mask, cka_labels, negatives, m, quadrature_rule, layers, sequences,
+                         head)
+    if pb.targets.labels.numel() == 0:
+        return empty_attribution(pb.layer_ids, pb.width, hidden.device)
+    adapter, enc, layer_ids, t, head = pb.adapter, pb.layers, pb.layer_ids, pb.targets, pb.head
+    alphas, weights = pb.alphas.to(t.hidden), pb.weights.to(t.hidden)
+    scores = torch.zeros(len(layer_ids), pb.width, dtype=torch.float32, device=hidden.device)
     _, prob = prefix_pass(model, adapter, enc, t, head, ())
     with frozen_eval(model):
         for li, l in enumerate(layer_ids):
