@@ -246,15 +246,27 @@ def test_parameter_groups_of_the_family(family):
     assert not outside, outside  # nothing of the model trains by accident in TRELM mode
 
 
-def test_unsupported_family_raises_listing_the_supported_ones():
-    cfg = transformers.AlbertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4,
-                                    intermediate_size=I, embedding_size=16)
-    model = transformers.AlbertForMaskedLM(cfg)
-    with pytest.raises(ValueError, match=r"swap_ffn: model_type 'albert' is not supported \(supported: bert, "):
+UNSUPPORTED = {
+    "albert": lambda: transformers.AlbertForMaskedLM(transformers.AlbertConfig(
+        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I,
+        embedding_size=16)),
+    "modernbert": lambda: transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=4)),
+}
+
+
+@pytest.mark.parametrize("model_type", UNSUPPORTED)
+def test_unsupported_family_raises_listing_the_supported_ones(model_type):
+    model = UNSUPPORTED[model_type]()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"swap_ffn: model_type '{model_type}' is not supported \(supported: bert, "):
         trelm_fast.apply_trelm(model)
-    with pytest.raises(ValueError, match="routing: model_type 'albert'"):
+    with pytest.raises(ValueError, match=f"routing: model_type '{model_type}'"):
         KnowledgeRouter(model)
     assert not any(isinstance(m, TrelmFFN) for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_transformers_outside_the_supported_range_is_named(monkeypatch):
