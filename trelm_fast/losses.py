@@ -2,9 +2,9 @@
 
 Shapes: B sequences of n tokens, hidden size d, vocabulary V, N labelled positions, K negatives.
 
-- `MLMHead` gives one view of the MLM output head of `BertForMaskedLM` and `RobertaForMaskedLM`:
-  `transform(h)` (dense, activation, LayerNorm) then logits = transform(h) W^T + b, with W [V, d]
-  tied to the word embeddings and b [V] the output bias.
+- `MLMHead` gives one view of the MLM output head of a masked LM of any supported family
+  (`trelm_fast.models`): `transform(h)` (e.g. dense, activation, LayerNorm) then
+  logits = transform(h) W^T + b, with W [V, d] tied to the word embeddings and b [V] the output bias.
 - `mlm_loss` gathers the positions whose label is not -100 and computes logits only there
   ([N, V] instead of [B, n, V]).
 - CKA (eq. 2) is a token-level sampled softmax: at each CKA-labelled position, the score of the
@@ -33,18 +33,6 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 
 
-class _RobertaTransform(nn.Module):
-    """RoBERTa's lm_head before the decoder: layer_norm(gelu(dense(h))), sharing the head's modules."""
-
-    def __init__(self, lm_head: nn.Module):
-        super().__init__()
-        self.dense = lm_head.dense
-        self.layer_norm = lm_head.layer_norm
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.layer_norm(F.gelu(self.dense(h)))
-
-
 @dataclass
 class MLMHead:
     """The MLM output head as `transform` [.., d] -> [.., d] plus output `weight` [V, d] and `bias` [V].
@@ -58,17 +46,10 @@ class MLMHead:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "MLMHead":
-        """Find the head of a `BertForMaskedLM` (`cls.predictions`) or `RobertaForMaskedLM` (`lm_head`)."""
-        predictions = getattr(getattr(model, "cls", None), "predictions", None)
-        if predictions is not None:
-            return cls(predictions.transform, predictions.decoder, predictions.bias)
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is not None and hasattr(lm_head, "layer_norm"):
-            return cls(_RobertaTransform(lm_head), lm_head.decoder, lm_head.bias)
-        raise TypeError(
-            f"MLMHead.from_model: {type(model).__name__} has neither `cls.predictions` (BertForMaskedLM) "
-            "nor `lm_head` (RobertaForMaskedLM)"
-        )
+        """The MLM head of a masked-LM model of a supported family (its adapter in `trelm_fast.models` knows where)."""
+        from trelm_fast.models import adapter_for
+
+        return adapter_for(model, "MLMHead.from_model").mlm_head(model)
 
     @property
     def weight(self) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trelm_fast.distributed import is_distributed
 from trelm_fast.entity_table import EntityTable
 from trelm_fast.kernels.kmb_update import kmb_update, window_mean_ref
 
@@ -344,9 +345,7 @@ class KnowledgeMemoryBank:
                    self._counts, self.gamma, rounds, skip)
 
     def _world_size(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
+        return dist.get_world_size(self.process_group) if is_distributed(self.process_group) else 1
 
     def _update_distributed(self, hidden, row, lo, hi, ent, first, skip) -> None:
         """Gather (entity id, first-in-context, window mean, [CLS]) of all ranks, apply in rank order."""

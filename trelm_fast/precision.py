@@ -65,7 +65,7 @@ class _ScalerView:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         dense = [] if optimizer.dense is None else [p for g in optimizer.dense.param_groups for p in g["params"]]
-        slices = [t for f in optimizer.ffns if f.slices is not None for t in f.slices if t is not None]
+        slices = [t for f in optimizer.ffns for t in f.leaves]
         self.param_groups = [{"params": dense + slices}]
         self.stepped = False
 

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from trelm_fast.config import Config
 from trelm_fast.data.prepare import is_prepared, prepare_batch
+from trelm_fast.distributed import is_distributed
 from trelm_fast.losses import cka_loss, mlm_loss_at, sample_negatives, trelm_loss_at
 from trelm_fast.model import TrelmModel, build_model
 from trelm_fast.precision import MixedPrecision, autocast, set_tf32
@@ -138,13 +139,9 @@ def lr_at(cfg: Config, step_index: int) -> float:
     return base * (s.min_lr_ratio + (1.0 - s.min_lr_ratio) * decay)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _allreduce_mean(tensors: list[Tensor]) -> None:
     """Average ``tensors`` in place across ranks (one flat all-reduce per dtype)."""
-    if not tensors or not _distributed():
+    if not tensors or not is_distributed():
         return
     world = dist.get_world_size()
     for dtype in dict.fromkeys(t.dtype for t in tensors):
@@ -157,7 +154,7 @@ def _allreduce_mean(tensors: list[Tensor]) -> None:
 
 
 def _any_rank(flag: bool, device) -> bool:
-    if not _distributed():
+    if not is_distributed():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -166,7 +163,7 @@ def _any_rank(flag: bool, device) -> bool:
 
 def _any_rank_on_device(flag: Tensor) -> Tensor:
     """A bool scalar tensor: ``flag`` on any rank (an all-reduce, no host sync)."""
-    if not _distributed():
+    if not is_distributed():
         return flag
     t = flag.float()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -180,9 +177,9 @@ def move_batch(batch: dict, device) -> dict:
 
 
 def _ffn_weights(model: TrelmModel) -> list[tuple[nn.Parameter, Optional[nn.Parameter], nn.Parameter]]:
-    """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not)."""
-    return [(l.intermediate.dense.weight, l.intermediate.dense.bias, l.output.dense.weight)
-            for l in model.encoder_model.encoder.layer]
+    """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not), from the family adapter."""
+    sites = [model.adapter.ffn_site(layer) for layer in model.adapter.layers(model.mlm)]
+    return [(s.up.linear.weight, s.up.linear.bias, s.down.linear.weight) for s in sites]
 
 
 class TrainStep:
@@ -205,7 +202,7 @@ class TrainStep:
         self.device = next(model.parameters()).device
         self.precision = MixedPrecision(cfg.train.precision, self.device)
         set_tf32(self.device, cfg.train.tf32)
-        rank = dist.get_rank() if _distributed() else 0
+        rank = dist.get_rank() if is_distributed() else 0
         self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + rank)
         self.negative_q = model.negative_q.detach().double().cpu()  # Q on the host, where negatives are drawn
         self.steps_done = 0
@@ -346,7 +343,7 @@ class TrainStep:
     # ------------------------------------------------------------------------- the step
 
     def _reduce_grads(self) -> None:
-        if not _distributed():
+        if not is_distributed():
             return
         grads = []
         for p in self.dense_params:
