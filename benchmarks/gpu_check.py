@@ -11,7 +11,7 @@ others (the exit status is 1 if any failed):
 3. `kernels`: every Triton kernel against its PyTorch reference (kernel_check.py).
 4. `step-bf16`, `step-fp32`: the step suite (suite_step.py) on the generated dataset (no tokenizer
    package, no weights): GPU: shapes minilm and bert-base, 64 x 128 tokens; CPU: shape tiny, 2 x 32;
-   variants hf_dense, dense_opt, trelm_fast.
+   variants hf_dense, dense_opt, frozen_dense, trelm_fast.
 Then DIR/results.json (`{"meta", "parts", "cuda_tests", "kernel_checks", "records"}`; step records
 as in benchmarks/run.py, with `device` and `precision`) and DIR/summary.md.
 """
@@ -34,7 +34,7 @@ from harness import Results, Settings, describe_device, interpret_triton_without
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = "no GPU found: running the CPU smoke version on tiny shapes"
-STEP_VARIANTS = ["hf_dense", "dense_opt", "trelm_fast"]
+STEP_VARIANTS = ["hf_dense", "dense_opt", "frozen_dense", "trelm_fast"]
 STEP_PRECISIONS = ("bf16", "fp32")
 STEP = {  # what the step part runs per device type
     "cuda": {"shapes": ["minilm", "bert-base"], "batch_size": 64, "seq_len": 128, "quick": False},

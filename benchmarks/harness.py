@@ -1,13 +1,16 @@
 """Measurement primitives shared by every suite: wall-clock, FLOPs, peak memory, result records.
 
-- `time_many(fns)`: median wall-clock of one call of each function, in milliseconds. CPU: `warmup`
+- `time_many(fns)` / `time_quantiles(fns)`: median (or p20, p50, p80) wall-clock of one call of each
+  function, in milliseconds. CPU: `warmup`
   untimed rounds, then at least `repeats` rounds timed with `time.perf_counter` (more, up to
   MAX_REPEATS, until `min_time_s` has been spent: short calls get many samples); a round calls
   every function once, so the variants being compared are interleaved and share the machine's
   load alike. CUDA: `triton.testing.do_bench` with
-  `return_mode="median"` (it synchronizes and flushes the L2 cache between calls).
+  `quantiles` (it synchronizes and flushes the L2 cache between calls).
 - `count_flops(fn)`: FLOPs of one call from `torch.utils.flop_counter.FlopCounterMode` (matmuls,
-  convolutions and attention only; elementwise work is not counted, as in that counter).
+  convolutions and attention only; elementwise work is not counted, as in that counter), plus the
+  FLOPs the Triton launchers record analytically (`trelm_fast.kernels._launch.kernel_flops`: the
+  counter does not see inside a kernel, so on CUDA they would be missing).
 - `peak_mem_mb(fn)`: the high-water mark of bytes allocated during one call, above what was
   allocated when the call started (activations, gradients, temporaries; parameters and optimizer
   state that already exist are not counted). CUDA: `torch.cuda.max_memory_allocated()` after
@@ -163,9 +166,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_many(fns: dict[str, Callable[[], object]], settings: Settings, warmup: int | None = None,
-              repeats: int | None = None) -> dict[str, float]:
-    """Median wall-clock in ms of one call of each of `fns`, timed interleaved on CPU.
+QUANTILES = (0.2, 0.5, 0.8)
+"""The wall-clock percentiles a timing reports (p20, p50 = the median, p80)."""
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float, float]:
+    """(p20, p50, p80) of ``samples`` (linear interpolation; p50 is the median)."""
+    if len(samples) < 2:
+        return (samples[0],) * 3
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    return deciles[1], deciles[4], deciles[7]
+
+
+def time_quantiles(fns: dict[str, Callable[[], object]], settings: Settings, warmup: int | None = None,
+                   repeats: int | None = None) -> dict[str, tuple[float, float, float]]:
+    """(p20, p50, p80) wall-clock in ms of one call of each of `fns`, timed interleaved on CPU.
 
     The calls go round-robin (a, b, c, a, b, c, ...), so a change in the load of a shared machine
     hits every variant alike and ratios within one run stay fair. `warmup` / `repeats` override
@@ -174,7 +189,7 @@ def time_many(fns: dict[str, Callable[[], object]], settings: Settings, warmup: 
     if settings.device.type == "cuda":
         import triton.testing
 
-        return {name: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return {name: tuple(float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES)))
                 for name, fn in fns.items()}
     warmup = settings.warmup if warmup is None else warmup
     repeats = settings.repeats if repeats is None else repeats
@@ -190,7 +205,13 @@ def time_many(fns: dict[str, Callable[[], object]], settings: Settings, warmup: 
             _sync(settings.device)
             times[name].append((time.perf_counter() - start) * 1e3)
         rounds += 1
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: _percentiles(t) for name, t in times.items()}
+
+
+def time_many(fns: dict[str, Callable[[], object]], settings: Settings, warmup: int | None = None,
+              repeats: int | None = None) -> dict[str, float]:
+    """Median wall-clock in ms of one call of each of `fns` (`time_quantiles`' p50)."""
+    return {name: q[1] for name, q in time_quantiles(fns, settings, warmup, repeats).items()}
 
 
 def time_ms(fn: Callable[[], object], settings: Settings, warmup: int | None = None, repeats: int | None = None) -> float:
@@ -199,13 +220,18 @@ def time_ms(fn: Callable[[], object], settings: Settings, warmup: int | None = N
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of `fn`, counted by `torch.utils.flop_counter.FlopCounterMode`."""
+    """FLOPs of one call of `fn`: `torch.utils.flop_counter.FlopCounterMode` plus Triton kernels' own."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    try:
+        from trelm_fast.kernels._launch import kernel_flops
+    except ImportError:  # the harness's own tests run without trelm_fast's kernels
+        kernel_flops = lambda: 0  # noqa: E731
     counter = FlopCounterMode(display=False)
+    before = kernel_flops()
     with counter:
         fn()
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) + kernel_flops() - before
 
 
 @contextlib.contextmanager
@@ -263,19 +289,22 @@ def count_and_profile(fn: Callable[[], object], device: torch.device) -> tuple[f
 
 
 def measure_many(settings: Settings, fns: dict[str, Callable[[], object]], tokens: int | None = None,
-                 memory: bool = True) -> dict[str, dict[str, float]]:
-    """{name: {metric: value}} for each of `fns`: flops, peak_mem_mb (if `memory`), wall_ms (timed
-    interleaved, see `time_many`), tokens_per_s (if `tokens`). The counted and profiled calls come
-    first and count as warm-up calls."""
+                 memory: bool = True, quantiles: bool = False) -> dict[str, dict[str, float]]:
+    """{name: {metric: value}} for each of `fns`: flops, peak_mem_mb (if `memory`), wall_ms (the
+    median, timed interleaved, see `time_quantiles`), tokens_per_s (if `tokens`), and with
+    `quantiles` also "quantiles_ms": (p20, p50, p80) (not a metric: the caller makes tags of it).
+    The counted and profiled calls come first and count as warm-up calls."""
     values = {name: {"flops": float(count_flops(fn))} for name, fn in fns.items()}
     if memory:
         for name, fn in fns.items():
             values[name]["peak_mem_mb"] = peak_mem_mb(fn, settings.device)
-    walls = time_many(fns, settings, warmup=max(0, settings.warmup - 1 - memory))
+    walls = time_quantiles(fns, settings, warmup=max(0, settings.warmup - 1 - memory))
     for name, wall in walls.items():
-        values[name]["wall_ms"] = wall
+        values[name]["wall_ms"] = wall[1]
+        if quantiles:
+            values[name]["quantiles_ms"] = wall
         if tokens is not None:
-            values[name]["tokens_per_s"] = tokens / (wall / 1e3)
+            values[name]["tokens_per_s"] = tokens / (wall[1] / 1e3)
     return values
 
 
@@ -361,7 +390,7 @@ def meta(settings: Settings, suites: list[str]) -> dict:
         "step_precision": settings.precision,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
-        "timing": "triton.testing.do_bench median" if settings.device.type == "cuda" else "perf_counter median after warm-up",
+        "timing": "triton.testing.do_bench quantiles" if settings.device.type == "cuda" else "perf_counter median after warm-up",
         "peak_mem": "bytes allocated during one call above the allocation at its start"
         + (" (torch.cuda.max_memory_allocated)" if settings.device.type == "cuda" else " (torch.profiler allocation events)"),
     }

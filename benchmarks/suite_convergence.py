@@ -56,7 +56,8 @@ class Evaluator:
         self.tokenizer = load_tokenizer(str(resolve_model_path(cfg.model.path)))
         valid = TrelmDataset(data_dir, "valid")
         collate = MLMCollator(valid.manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability)
-        self.valid = {k: v.to(device) for k, v in collate([valid[i] for i in range(len(valid))]).items()}
+        batch = collate([valid[i] for i in range(len(valid))])
+        self.valid = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "mlm_labels")}
         self.device = device
 
     @torch.no_grad()
@@ -101,10 +102,11 @@ class Run:
         epoch, _, batch = next(self.data)
         t0 = time.perf_counter()
         result = self.step.step(batch, self.steps, epoch=float(epoch))
+        loss = float(result.mlm_loss)  # waits for the device: the step's work belongs to its time
         self.clock += time.perf_counter() - t0
         self.steps += 1
         self.curve["loss_wall_s"].append(self.clock)
-        self.curve["loss"].append(result.mlm_loss)
+        self.curve["loss"].append(loss)
         if self.steps % self.plan["eval_every"] == 0 or self.done:
             self._evaluate()
 

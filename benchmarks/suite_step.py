@@ -3,17 +3,23 @@
 Cases `minilm` and `bert-base` (workload.SHAPES; --quick: `minilm` only, batch 2 x 128; `--shape`
 selects others), batch 8 x 128 full-length sequences (workload.full_batch; `--batch-size`, `--seq-len`),
 random init, the generated dataset (workload.generated_dir). Each variant is the trainer's own step
-object (`trelm_fast.step.make_step`): `hf_dense`, `dense_opt`, `trelm_naive`, `trelm_fast` (`--variant`
-selects some). The precision is the trainer's `train.precision` (`--precision`, default fp32); a case
-is named after its shape, with `-bf16` / `-fp16` appended at those precisions, and every record
-carries `device` and `precision`.
+object (`trelm_fast.step.make_step`): `hf_dense`, `dense_opt`, `frozen_dense`, `trelm_naive`,
+`trelm_fast` (`--variant` selects some); they share every generic speed-up (precision, fused AdamW,
+no host sync in a plain step), so `trelm_fast / dense_opt` measures the method and
+`trelm_fast / frozen_dense` routing plus sparse FFN gradients alone. The precision is the trainer's
+`train.precision` (`--precision`, default fp32); a case is named after its shape, with `-bf16` /
+`-fp16` appended at those precisions. Every record carries `device` (the device's name),
+`precision` and the variant's wall-clock percentiles `p20_ms`, `p50_ms`, `p80_ms` (amortized like
+wall_ms, which is p50).
 
 Routed variants refresh their knowledge paths every R steps (`routing.refresh`), so their figures
 are amortized: wall_ms = (median step without a refresh) + (attribution time) / R, and likewise
-flops; `attribution_share` = (attribution time / R) / wall_ms. The attribution time is the step's
-own timer (`time/attribution_s`) on one refresh step, measured in the same call that counts its
-FLOPs and profiles its memory (their per-op overhead is small next to the m passes). peak_mem_mb
-is the larger of the refresh step's and a plain step's. `trelm_naive`'s per-layer, per-sequence
+flops; `attribution_share` = (attribution time / R) / wall_ms. The first refresh (no paths yet)
+counts the refresh step's FLOPs and profiles its memory; the attribution time is the median of the
+step's own timer (`time/attribution_s`) over the `REFRESHES` (--quick: 2) refreshes that follow,
+made with paths already set, as in training. peak_mem_mb is the larger of the refresh step's and
+a plain step's. Non-finite losses are checked once, after the timed steps (a check per step would
+be a host sync per step). `trelm_naive`'s per-layer, per-sequence
 loop is linear in the sequences: outside `minilm` it is run on 1 sequence (`routing.sequences=1`) and
 its time and FLOPs are multiplied by the number of sequences the configuration attributes (said in
 the notes).
@@ -26,15 +32,18 @@ import statistics
 from harness import Results, Settings, count_and_profile, describe_device, measure_many
 
 SUITE = "step"
-VARIANTS = ("hf_dense", "dense_opt", "trelm_naive", "trelm_fast")
+VARIANTS = ("hf_dense", "dense_opt", "frozen_dense", "trelm_naive", "trelm_fast")
+REFRESHES = 3
+"""Refreshes with paths set whose median attribution time is reported (--quick: 2)."""
 PHASES = ("forward", "backward", "optimizer", "bank")
 """The step's own timers (`time/<phase>_s` in its stats; `other` = the rest of `time/step_s`:
 negative sampling, moving the batch), reported as a breakdown in the notes."""
 
 
-def _checked(result) -> None:
-    if result.skipped_nonfinite:
-        raise RuntimeError(f"step skipped: non-finite loss {result.loss}; the timing would not be a step")
+def _check_finite(step) -> None:
+    if step.nonfinite_total:
+        raise RuntimeError(f"{step.method}: {step.nonfinite_total} steps skipped for a non-finite loss; "
+                           "the timing would not be of steps")
 
 
 class Variant:
@@ -58,21 +67,18 @@ class Variant:
         self.indices = (i for i in itertools.count(1) if not self.routed or i % self.routing.refresh)
         self.refresh = {}
         self.phases: dict[str, list[float]] = {}
-        if self.routed:  # step 0 refreshes the paths: one call, counted, profiled and timed by the step itself
-            stats: dict = {}
-
-            def refresh_step():
-                result = self.step(self.batch, 0)
-                _checked(result)
-                stats.update(result.stats)
-
-            flops, peak = count_and_profile(refresh_step, settings.device)
-            self.refresh = {"flops": flops, "peak_mem_mb": peak, "attribution_s": stats["time/attribution_s"]}
+        if self.routed:  # step 0 sets the paths (counted and profiled); then refreshes with paths set, timed
+            flops, peak = count_and_profile(lambda: self.step(self.batch, 0), settings.device)
+            count = 2 if settings.quick else REFRESHES
+            times = [self.step(self.batch, k * self.routing.refresh).stats["time/attribution_s"]
+                     for k in range(1, count + 1)]
+            _check_finite(self.step)
+            self.refresh = {"flops": flops, "peak_mem_mb": peak, "attribution_s": statistics.median(times),
+                            "count": count}
 
     def plain_step(self) -> None:
         """A step whose index is not a refresh step; keeps the step's own phase timers."""
         result = self.step(self.batch, next(self.indices))
-        _checked(result)
         times = {phase: result.stats.get(f"time/{phase}_s", 0.0) for phase in PHASES}
         times["other"] = max(0.0, result.stats.get("time/step_s", 0.0) - sum(times.values()))
         for phase, t in times.items():
@@ -84,23 +90,28 @@ class Variant:
         total = sum(med.values())
         return ", ".join(f"{p} {v / total:.0%}" for p, v in med.items()) if total > 0 else ""
 
-    def amortized(self, values: dict[str, float], tokens: int) -> tuple[dict[str, float], str]:
-        """Add the refresh cost / R to a plain step's figures; returns them and a note."""
+    def amortized(self, values: dict[str, float], tokens: int) -> tuple[dict[str, float], dict[str, float], str]:
+        """Add the refresh cost / R to a plain step's figures; returns them, the percentile tags and a note."""
+        quantiles = values.pop("quantiles_ms")
         note = f"step without refresh {values['wall_ms']:.0f} ms ({self.breakdown()})"
+        attr_ms = 0.0
+        if self.routed:
+            attr_ms = self.refresh["attribution_s"] * 1e3 * self.scale / self.routing.refresh
+        tags = {f"p{q}_ms": t + attr_ms for q, t in zip((20, 50, 80), quantiles)}
         if not self.routed:
-            return values, note
+            return values, tags, note
         r, refresh = self.routing, self.routing.refresh
-        attr_ms = self.refresh["attribution_s"] * 1e3 * self.scale / refresh
         values["flops"] += max(0.0, self.refresh["flops"] - values["flops"]) * self.scale / refresh
         values["wall_ms"] += attr_ms
         values["tokens_per_s"] = tokens / (values["wall_ms"] / 1e3)
         values["peak_mem_mb"] = max(values["peak_mem_mb"], self.refresh["peak_mem_mb"])
         values["attribution_share"] = attr_ms / values["wall_ms"]
-        note = (f"attribution {self.refresh['attribution_s']:.2f} s per refresh"
+        note = (f"attribution {self.refresh['attribution_s']:.2f} s per refresh (median of "
+                f"{self.refresh['count']} with paths set)"
                 + (f" on 1 sequence, x {self.scale} sequences" if self.naive_scaled else "")
                 + f", every R = {refresh} steps (m {r.m} {r.quadrature}, layers {r.layers or 'all'}, "
                 f"sequences {r.sequences or 'all'}); " + note)
-        return values, note
+        return values, tags, note
 
 
 def case_name(shape: str, precision: str) -> str:
@@ -124,15 +135,16 @@ def run(settings: Settings, results: Results) -> None:
         if not settings.wants(case):
             continue
         variants = [Variant(settings, shape, name, data_dir, batch_size, seq_len) for name in names]
-        measured = measure_many(settings, {v.name: v.plain_step for v in variants}, tokens)
+        measured = measure_many(settings, {v.name: v.plain_step for v in variants}, tokens, quantiles=True)
         for v in variants:
-            values, note = v.amortized(measured[v.name], tokens)
+            _check_finite(v.step)
+            values, percentiles, note = v.amortized(measured[v.name], tokens)
             for metric, value in values.items():
-                results.add(SUITE, case, v.name, metric, value, **tags)
+                results.add(SUITE, case, v.name, metric, value, **tags, **percentiles)
             results.note(SUITE, f"{case} {v.name}: {note}")
         del variants
     results.note(SUITE, f"batch {batch_size} x {seq_len} full-length sequences, {settings.precision} "
                         f"(train.precision; train.tf32 {tf32}: TF32 fp32 matmuls on CUDA), random init, "
                         f"dropout {settings.dropout:g} (--dropout); the variants' steps are timed interleaved; "
                         "tokens_per_s counts every position; targets: trelm_fast wall_ms ratio <= 0.5 of "
-                        "hf_dense on minilm and below dense_opt")
+                        "hf_dense on minilm, <= 0.8 of dense_opt and < 1 of frozen_dense")

@@ -15,6 +15,10 @@
 - `bucket(n)`: the autotune key of a size that changes from batch to batch (target rows, path
   size, tokens): the next power of two, so training stops autotuning after warm-up.
 
+- `record_flops(n)` / `kernel_flops()`: the matmul FLOPs of every Triton launch, counted analytically
+  by its launcher (torch.utils.flop_counter sees the ops around a kernel, not inside it); the
+  benchmarks' FLOP counts add them, so a kernel's work counts as its reference's would.
+
 `TRITON_INTERPRET` is read once, at import (it must be set before the kernels are imported).
 """
 from __future__ import annotations
@@ -39,6 +43,20 @@ def index_arg(t: torch.Tensor, name: str, op: str, device: torch.device) -> torc
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, the operands on {device}")
     return t.to(torch.int64).contiguous()
+
+
+_kernel_flops = 0
+
+
+def record_flops(n: int) -> None:
+    """Add the analytic matmul FLOPs (2 per multiply-add, as FlopCounterMode counts) of one launch."""
+    global _kernel_flops
+    _kernel_flops += int(n)
+
+
+def kernel_flops() -> int:
+    """FLOPs recorded by Triton launches in this process so far (take differences)."""
+    return _kernel_flops
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import autotune, bucket, use_triton
+from ._launch import autotune, bucket, record_flops, use_triton
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_I": 64}, num_warps=4),
@@ -97,6 +97,8 @@ def attribution_scores_triton(grads: Tensor, weights: Tensor, w2: Tensor, v: Ten
 
     def grid(meta):
         return (triton.cdiv(i, meta["BLOCK_I"]),)
+
+    record_flops(2 * m * n * d + 2 * n * d * i)  # the reference's einsum over steps and its projection
 
     _attribution_kernel[grid](
         grads, weights, w2, v, out,

@@ -19,7 +19,7 @@ contiguous (storage dtype); counts [N] int64. The bank tensors are updated in pl
 assumed validated by the caller (`KnowledgeMemoryBank.update`).
 
 `kmb_update_ref` is the plain PyTorch reference (the CPU path); `kmb_update_triton` launches the
-Triton kernel (one program per (distinct slot, block of d); no autotuning); `kmb_update` dispatches
+Triton kernel (one program per (span, block of d), those past the distinct slots idle; no autotuning); `kmb_update` dispatches
 (`_launch.use_triton`).
 """
 from __future__ import annotations
@@ -35,33 +35,32 @@ BLOCK_W = 16  # window positions loaded per tile
 
 
 def group_by_slot(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stable grouping of spans by slot.
+    """Stable grouping of E spans by slot, without asking the device how many slots are distinct.
 
-    Returns order [E] (span indices sorted by slot, span order kept within a slot), offsets [G+1]
-    (group g is order[offsets[g]:offsets[g+1]]) and group [E] (the group of each span).
+    Returns order [E] (span indices sorted by slot, span order kept within a slot), offsets [E+1]
+    (group g is order[offsets[g]:offsets[g+1]] for the G distinct slots; offsets[g] = E for g >= G,
+    so groups G..E-1 are empty) and group [E] (the group of each span).
     """
+    e = slots.numel()
     sorted_slots, order = torch.sort(slots, stable=True)
-    _, sizes = torch.unique_consecutive(sorted_slots, return_counts=True)
-    offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64, device=slots.device)
-    torch.cumsum(sizes, 0, out=offsets[1:])
-    group = torch.empty_like(order)
-    group[order] = torch.repeat_interleave(torch.arange(sizes.numel(), device=slots.device), sizes)
+    new = torch.ones(e, dtype=torch.bool, device=slots.device)
+    new[1:] = sorted_slots[1:] != sorted_slots[:-1]
+    group_sorted = torch.cumsum(new, 0) - 1
+    position = torch.arange(e, device=slots.device)
+    offsets = torch.full((e + 1,), e, dtype=torch.int64, device=slots.device)
+    offsets.scatter_reduce_(0, group_sorted, position, "amin")
+    group = torch.empty_like(order).scatter_(0, order, group_sorted)
     return order, offsets, group
 
 
 def window_mean_ref(hidden: torch.Tensor, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Eq. 4: fp32 [E, d], row e the mean of hidden[rows[e], lo[e]:hi[e]] (hi > lo).
 
-    One ragged `embedding_bag` over the flattened states: bag e holds the window's positions.
+    From prefix sums over the positions (c[:, j] = sum of positions < j): (c[row, hi] - c[row, lo]) /
+    (hi - lo); no output size depends on the windows, so nothing waits for the device.
     """
-    width = hi - lo
-    offsets = torch.zeros(width.numel() + 1, dtype=torch.int64, device=width.device)
-    torch.cumsum(width, 0, out=offsets[1:])
-    first = rows * hidden.shape[1] + lo  # flat index of each window's first position
-    flat = torch.arange(int(offsets[-1]), device=width.device)
-    flat -= torch.repeat_interleave(offsets[:-1] - first, width)
-    states = hidden.reshape(-1, hidden.shape[-1]).float()
-    return F.embedding_bag(flat, states, offsets, mode="mean", include_last_offset=True)
+    prefix = F.pad(hidden.float().cumsum(1), (0, 0, 1, 0))  # [R, n + 1, d]
+    return (prefix[rows, hi] - prefix[rows, lo]) / (hi - lo).unsqueeze(1)
 
 
 def ema_apply_ref(
@@ -73,39 +72,50 @@ def ema_apply_ref(
     gmean: torch.Tensor,
     counts: torch.Tensor,
     gamma: float,
+    rounds: int | None = None,
+    skip: torch.Tensor | None = None,
 ) -> None:
-    """Eqs. 5-6 given the window means [E, d]: sequential EMA / running mean per slot, in span order."""
-    if slots.numel() == 0:
+    """Eqs. 5-6 given the window means [E, d]: sequential EMA / running mean per slot, in span order.
+
+    Round r applies the r-th span of every slot at once (index_add of deltas that are zero for the
+    other spans). ``rounds``: the most spans any slot has (computed, with a host sync, when None);
+    ``skip``: a bool scalar tensor; when true nothing changes.
+    """
+    e = slots.numel()
+    if e == 0:
         return
     order, offsets, group = group_by_slot(slots)
-    uniq = slots[order[offsets[:-1]]]
-    rank = torch.empty_like(order)  # occurrence number of each span within its slot
-    rank[order] = torch.arange(slots.numel(), device=slots.device)
-    rank -= offsets[group]
-    b_local, b_gmean, b_count = local[uniq].float(), gmean[uniq].float(), counts[uniq].clone()
-    for r in range(int(rank.max()) + 1):  # each round touches every group at most once
-        sel = torch.nonzero(rank == r).squeeze(1)
-        g = group[sel]
-        b_local[g] = (1 - gamma) * b_local[g] + gamma * means[sel]
-        ci = cls_index[sel]
-        has_cls = ci >= 0
-        g, ci = g[has_cls], ci[has_cls]
-        b_count[g] += 1
-        b_gmean[g] += (cls[ci].float() - b_gmean[g]) / b_count[g, None].float()
-    local[uniq] = b_local.to(local.dtype)
-    gmean[uniq] = b_gmean.to(gmean.dtype)
-    counts[uniq] = b_count
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(e, device=slots.device)) - offsets[group]
+    if rounds is None:
+        rounds = int(rank.max()) + 1
+    has_cls = cls_index >= 0
+    cls_rows = cls.index_select(0, cls_index.clamp(min=0)).float()
+    slot_of_group = torch.zeros_like(slots).scatter_(0, group, slots)  # rows >= G unused
+    b_local, b_gmean = local[slot_of_group].float(), gmean[slot_of_group].float()
+    b_count = counts[slot_of_group]
+    for r in range(rounds):  # each round touches every group at most once
+        now = rank == r
+        b_local.index_add_(0, group, torch.where(now[:, None], gamma * (means - b_local[group]), 0.0))
+        now &= has_cls
+        b_count.index_add_(0, group, now.long())
+        step = (cls_rows - b_gmean[group]) / b_count[group, None].clamp(min=1).float()
+        b_gmean.index_add_(0, group, torch.where(now[:, None], step, 0.0))
+    new = [b_local[group].to(local.dtype), b_gmean[group].to(gmean.dtype), b_count[group]]
+    for dst, src in zip((local, gmean, counts), new):  # spans of one slot write the same value
+        dst.index_put_((slots,), src if skip is None else torch.where(skip, dst[slots], src))
 
 
-def kmb_update_ref(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float) -> None:
+def kmb_update_ref(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float,
+                   rounds: int | None = None, skip: torch.Tensor | None = None) -> None:
     """PyTorch reference of the fused update (module docstring); updates local, gmean, counts in place."""
-    ema_apply_ref(window_mean_ref(hidden, rows, lo, hi), slots, cls, cls_index, local, gmean, counts, gamma)
+    ema_apply_ref(window_mean_ref(hidden, rows, lo, hi), slots, cls, cls_index, local, gmean, counts, gamma,
+                  rounds, skip)
 
 
 @triton.jit
 def _kmb_update_kernel(
     hidden_ptr, rows_ptr, lo_ptr, hi_ptr, slots_ptr, cls_ptr, cls_index_ptr, order_ptr, offsets_ptr,
-    local_ptr, gmean_ptr, counts_ptr,
+    local_ptr, gmean_ptr, counts_ptr, skip_ptr,
     gamma, d, stride_hr, stride_hn, stride_c,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -115,7 +125,9 @@ def _kmb_update_kernel(
     o_w = tl.arange(0, BLOCK_W)
     g_start = tl.load(offsets_ptr + i_g)
     g_end = tl.load(offsets_ptr + i_g + 1)
-    slot = tl.load(slots_ptr + tl.load(order_ptr + g_start)).to(tl.int64)
+    live = g_start < g_end  # programs past the G distinct slots have an empty group
+    m_d = m_d & ((o_d * 0 + g_start) < g_end) & ((o_d * 0 + tl.load(skip_ptr)) == 0)  # [BLOCK_D]
+    slot = tl.load(slots_ptr + tl.load(order_ptr + tl.where(live, g_start, 0))).to(tl.int64)  # a real row
     b_local = tl.load(local_ptr + slot * d + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_gmean = tl.load(gmean_ptr + slot * d + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_count = tl.load(counts_ptr + slot)
@@ -142,8 +154,12 @@ def _kmb_update_kernel(
     tl.store(gmean_ptr + slot * d + o_d, b_gmean.to(gmean_ptr.dtype.element_ty), mask=m_d)
 
 
-def kmb_update_triton(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float) -> None:
-    """Triton launch of the fused update (same contract as `kmb_update_ref`)."""
+def kmb_update_triton(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float,
+                      rounds: int | None = None, skip: torch.Tensor | None = None) -> None:
+    """Triton launch of the fused update (same contract as `kmb_update_ref`; ``rounds`` is not needed).
+
+    One program per (span, block of d): the grid has E rows because the number of distinct slots
+    is not known on the host; programs past the G groups store nothing."""
     rows, lo, hi, slots, cls_index = (index_arg(t, name, "kmb_update", hidden.device) for name, t in (
         ("rows", rows), ("lo", lo), ("hi", hi), ("slots", slots), ("cls_index", cls_index)))
     if len({t.numel() for t in (rows, lo, hi, slots, cls_index)}) != 1:
@@ -159,17 +175,24 @@ def kmb_update_triton(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean,
     order, offsets, _ = group_by_slot(slots)
     block_d = max(16, min(triton.next_power_of_2(d), 128))
     grid = (offsets.numel() - 1, triton.cdiv(d, block_d))
+    keep = None if skip is None else ~skip.reshape(1)
     _kmb_update_kernel[grid](
         hidden, rows, lo, hi, slots, cls, cls_index, order, offsets,
-        local, gmean, counts,
+        local, gmean, counts, torch.zeros(1, dtype=torch.int32, device=hidden.device) if skip is None
+        else skip.reshape(1).to(torch.int32),
         float(gamma), d, hidden.stride(0), hidden.stride(1), cls.stride(0),
         BLOCK_W=BLOCK_W, BLOCK_D=block_d,
     )
     # every d-block program reads the old count, so the new counts are written after the kernel
-    counts.index_add_(0, slots, (cls_index >= 0).long())
+    added = cls_index >= 0
+    counts.index_add_(0, slots, (added if keep is None else added & keep).long())
 
 
-def kmb_update(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float) -> None:
-    """Dispatch (`_launch.use_triton`): the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
+def kmb_update(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float,
+               rounds: int | None = None, skip: torch.Tensor | None = None) -> None:
+    """Dispatch (`_launch.use_triton`): the Triton kernel for CUDA tensors, the PyTorch reference otherwise.
+
+    ``rounds``: the most spans of one slot (lets the reference run without a host sync); ``skip``:
+    a bool scalar tensor on the bank's device, true to leave the bank unchanged (a skipped step)."""
     fn = kmb_update_triton if use_triton(hidden) else kmb_update_ref
-    fn(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma)
+    fn(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma, rounds, skip)

@@ -9,6 +9,8 @@ step), exactly torch.optim.AdamW's update restricted to that slice:
     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 Unselected slices, and their moments, are not touched at all (no momentum drift, no decay).
+`skip` (optional bool scalar tensor on the parameter's device): when true nothing is written; a
+step with a non-finite loss is dropped this way without the host reading the flag.
 `slice_adamw_reference` is index_select + the update + index_copy_ in PyTorch;
 `slice_adamw_triton` is one fused in-place kernel (a program per (slice, element block), math in
 fp32); `slice_adamw` dispatches (`_launch.use_triton`: Triton on CUDA, the reference elsewhere). The kernel
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -35,7 +38,7 @@ _CONFIGS = [
 @autotune(_CONFIGS, key=["N"], restore_value=["p_ptr", "m_ptr", "v_ptr"])
 @triton.jit
 def _slice_adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, idx_ptr, step_ptr,
+    p_ptr, g_ptr, m_ptr, v_ptr, idx_ptr, step_ptr, skip_ptr,
     N, stride_ps, stride_pn, stride_gs, stride_gn,
     lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
     BLOCK_N: tl.constexpr,
@@ -47,6 +50,7 @@ def _slice_adamw_kernel(
     bc2 = 1.0 - tl.exp2(t * log2_beta2)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
+    m_store = m_n & ((o_n * 0 + tl.load(skip_ptr)) == 0)  # a skipped step stores nothing
     o_p = j * stride_ps + o_n * stride_pn
     b_p = tl.load(p_ptr + o_p, mask=m_n, other=0.0).to(tl.float32)
     b_m = tl.load(m_ptr + o_p, mask=m_n, other=0.0).to(tl.float32)
@@ -57,9 +61,9 @@ def _slice_adamw_kernel(
     b_v = beta2 * b_v + (1.0 - beta2) * b_g * b_g
     b_denom = tl.sqrt(b_v) / tl.sqrt(bc2) + eps
     b_p = b_p - (lr / bc1) * b_m / b_denom
-    tl.store(p_ptr + o_p, b_p.to(p_ptr.dtype.element_ty), mask=m_n)
-    tl.store(m_ptr + o_p, b_m.to(m_ptr.dtype.element_ty), mask=m_n)
-    tl.store(v_ptr + o_p, b_v.to(v_ptr.dtype.element_ty), mask=m_n)
+    tl.store(p_ptr + o_p, b_p.to(p_ptr.dtype.element_ty), mask=m_store)
+    tl.store(m_ptr + o_p, b_m.to(m_ptr.dtype.element_ty), mask=m_store)
+    tl.store(v_ptr + o_p, b_v.to(v_ptr.dtype.element_ty), mask=m_store)
 
 
 def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor,
@@ -86,7 +90,7 @@ def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ste
 
 def slice_adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                           steps: Tensor, idx: Tensor, dim: int, lr: float, beta1: float,
-                          beta2: float, eps: float, weight_decay: float) -> None:
+                          beta2: float, eps: float, weight_decay: float, skip: Tensor | None = None) -> None:
     """In-place lazy AdamW on `param`'s slices `idx` along `dim` (formula in the module docstring)."""
     _check(param, grad, exp_avg, exp_avg_sq, steps, idx, dim)
     shape = [1] * param.dim()
@@ -94,21 +98,18 @@ def slice_adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_
     t = steps.index_select(0, idx).double()
     bc1 = (1 - beta1 ** t).float().view(shape)
     bc2_sqrt = (1 - beta2 ** t).sqrt().float().view(shape)
-    p = param.index_select(dim, idx).float()
-    m = exp_avg.index_select(dim, idx).float()
-    v = exp_avg_sq.index_select(dim, idx).float()
+    old = [t.index_select(dim, idx).float() for t in (param, exp_avg, exp_avg_sq)]  # p, m, v (kept for skip)
     g = grad.float()
-    p.mul_(1 - lr * weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    p.sub_((lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps))
-    for dst, src in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
-        dst.index_copy_(dim, idx, src.to(dst.dtype))
+    m = torch.lerp(old[1], g, 1 - beta1)
+    v = torch.addcmul(old[2] * beta2, g, g, value=1 - beta2)
+    p = old[0] * (1 - lr * weight_decay) - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+    for dst, new, before in zip((param, exp_avg, exp_avg_sq), (p, m, v), old):
+        dst.index_copy_(dim, idx, (new if skip is None else torch.where(skip, before, new)).to(dst.dtype))
 
 
 def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                        steps: Tensor, idx: Tensor, dim: int, lr: float, beta1: float,
-                       beta2: float, eps: float, weight_decay: float) -> None:
+                       beta2: float, eps: float, weight_decay: float, skip: Tensor | None = None) -> None:
     """The fused in-place kernel (CUDA, or CPU under TRITON_INTERPRET=1); same result as the reference."""
     idx, steps = _check(param, grad, exp_avg, exp_avg_sq, steps, idx, dim)
     k = idx.numel()
@@ -124,6 +125,7 @@ def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
     grid = lambda meta: (k, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _slice_adamw_kernel[grid](
         param, grad, exp_avg, exp_avg_sq, idx, steps,
+        torch.zeros(1, dtype=torch.int32, device=param.device) if skip is None else skip.reshape(1).to(torch.int32),
         n, sp, sn, sg, sgn,
         lr, beta1, beta2, log2(beta1), log2(beta2), eps, weight_decay,
     )
@@ -131,7 +133,7 @@ def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
 
 def slice_adamw(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor,
                 idx: Tensor, dim: int, lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float) -> None:
+                weight_decay: float, skip: Tensor | None = None) -> None:
     """Dispatch (`_launch.use_triton`): the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
     fn = slice_adamw_triton if use_triton(param) else slice_adamw_reference
-    fn(param, grad, exp_avg, exp_avg_sq, steps, idx, dim, lr, beta1, beta2, eps, weight_decay)
+    fn(param, grad, exp_avg, exp_avg_sq, steps, idx, dim, lr, beta1, beta2, eps, weight_decay, skip)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, autotune, bucket, index_arg, use_triton
+from ._launch import INTERPRET, autotune, bucket, index_arg, record_flops, use_triton
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_T": 16}, num_warps=4),
@@ -130,6 +130,7 @@ def gathered_tn_matmul_triton(
         return out.zero_(), (sums.zero_() if colsum else None)
     ieee = INTERPRET or a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    record_flops(2 * m * n * t)
     _gathered_tn_matmul_kernel[grid](
         # unused pointer arguments get a live tensor (never an empty one: its pointer may be null)
         a, b, a if a_idx is None else a_idx, b if b_idx is None else b_idx, out, sums if colsum else out,

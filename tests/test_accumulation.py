@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from test_model import make_batch, setup_step
+from trelm_fast.data.prepare import prepare_batch
 from trelm_fast.precision import clip_grad_norm
 from trelm_fast.step import item_counts, share_of_items
 
@@ -20,10 +21,12 @@ def rows(batch: dict, lo: int, hi: int) -> dict:
     return out
 
 
-def fixed_negatives(batch: dict, k: int = 5, vocab: int = 3000) -> torch.Tensor:
-    """Negatives that depend only on each target token (so a batch and its parts get the same ones)."""
-    targets = batch["cka_labels"][batch["cka_labels"].ne(-100)]
-    return (targets[:, None] * 7 + torch.arange(1, k + 1)) % vocab
+def prepared(batch: dict, k: int = 5, vocab: int = 3000) -> dict:
+    """``batch`` with its index fields and CKA negatives that depend only on each target token (so a
+    batch and its parts get the same ones)."""
+    out = prepare_batch(batch)
+    out["cka_negatives"] = (out["cka_targets"][:, None] * 7 + torch.arange(1, k + 1)) % vocab
+    return out
 
 
 def grads(step) -> list[torch.Tensor]:
@@ -33,18 +36,17 @@ def grads(step) -> list[torch.Tensor]:
 @pytest.mark.parametrize("method", ["trelm", "dense", "dense_opt"])
 def test_micro_batches_give_the_gradient_of_their_concatenation(method, dataset):
     """k = 3 micro-batches of 2, 1 and 3 rows == one batch of 6 rows (fp32, same paths)."""
-    big = make_batch(seed=11, B=6)
-    parts = [rows(big, 0, 2), rows(big, 2, 3), rows(big, 3, 6)]
-    assert sum(int(item_counts(p)[1]) for p in parts) == int(item_counts(big)[1]) > 0
+    raw = make_batch(seed=11, B=6)
+    big, parts = prepared(raw), [prepared(rows(raw, 0, 2)), prepared(rows(raw, 2, 3)), prepared(rows(raw, 3, 6))]
+    assert sum(item_counts(p)[1] for p in parts) == item_counts(big)[1] > 0
 
     cfg, model, step = setup_step(method, dataset)
-    step.negatives = fixed_negatives
-    step.begin(big, fixed_negatives(big), 0, 0.0)  # paths from the whole batch, used by both
-    whole = step.accumulate(big, fixed_negatives(big), 0.0, share_of_items([item_counts(big)])[0])
+    step.begin(big, 0, 0.0)  # paths from the whole batch, used by both
+    whole = step.accumulate(big, 0.0)
     want = grads(step)
     step.optimizer.zero_grad()
     weights = share_of_items([item_counts(p) for p in parts])
-    micro = [step.accumulate(p, fixed_negatives(p), 0.0, w) for p, w in zip(parts, weights)]
+    micro = [step.accumulate(p, 0.0, w) for p, w in zip(parts, weights)]
     got = grads(step)
 
     assert len(got) == len(want) and len(got) > 2
@@ -57,39 +59,36 @@ def test_micro_batches_give_the_gradient_of_their_concatenation(method, dataset)
 
 def test_train_step_with_micro_batches_updates_as_one_batch(dataset):
     """step([parts]) and step(whole) from the same state: same loss, same parameters after."""
-    big = make_batch(seed=12, B=4)
-    parts = [rows(big, 0, 1), rows(big, 1, 4)]
+    raw = make_batch(seed=12, B=4)
+    big, parts = prepared(raw), [prepared(rows(raw, 0, 1)), prepared(rows(raw, 1, 4))]
     results, params = [], []
     for batch in (big, parts):
         cfg, model, step = setup_step("trelm", dataset, "routing.refresh=100")
-        step.negatives = fixed_negatives
-        step(make_batch(seed=3, B=4), 0)  # the same first step: paths and optimizer state
-        results.append(step(batch, 1))
+        step(prepared(make_batch(seed=3, B=4)), 0)  # the same first step: paths and optimizer state
+        results.append(step(batch, 1).scalars())
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
-    assert not results[0].skipped_nonfinite and not results[1].skipped_nonfinite
-    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
+    assert not results[0]["skipped_nonfinite"] and not results[1]["skipped_nonfinite"]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
     for n, p in params[0].items():
         torch.testing.assert_close(params[1][n], p, rtol=0, atol=1e-6, msg=n)
 
 
 def test_share_of_items():
-    counts = [torch.tensor([3, 0]), torch.tensor([1, 0])]
-    assert [w.tolist() for w in share_of_items(counts)] == [[0.75, 0.0], [0.25, 0.0]]
+    assert share_of_items([(3, 0), (1, 0)]) == [(0.75, 0.0), (0.25, 0.0)]
 
 
 def test_clipping_matches_clip_grad_norm_on_the_equivalent_dense_gradients(dataset):
     """Slice + dense clipping == torch.nn.utils.clip_grad_norm_ over the dense FFN gradients masked to
     the paths (what trelm_naive trains) and the other trained parameters."""
-    batch = make_batch(seed=13, B=3)
-    negatives = fixed_negatives(batch)
+    batch = prepared(make_batch(seed=13, B=3))
     _, model, step = setup_step("trelm", dataset)
-    step.begin(batch, negatives, 0, 0.0)
-    step.accumulate(batch, negatives, 0.0, torch.ones(2))
+    step.begin(batch, 0, 0.0)
+    step.accumulate(batch, 0.0)
     _, ref_model, ref = setup_step("trelm_naive", dataset)
     ref_model.load_state_dict(model.state_dict())
     ref.paths = ref.router.paths = step.paths
     ref.optimizer.zero_grad()
-    ref.accumulate(batch, negatives, 0.0, torch.ones(2))
+    ref.accumulate(batch, 0.0)
     ref._mask_to_paths()
 
     ref_params = [p for p in ref.optimizer.trained_tensors() if p.grad is not None]
@@ -114,9 +113,9 @@ def test_clipping_matches_clip_grad_norm_on_the_equivalent_dense_gradients(datas
 
 def test_no_clipping_at_zero(dataset):
     _, _, step = setup_step("trelm", dataset)
-    batch = make_batch(seed=14)
-    step.begin(batch, step.negatives(batch), 0, 0.0)
-    step.accumulate(batch, step.negatives(batch), 0.0, torch.ones(2))
+    batch = prepared(make_batch(seed=14))
+    step.begin(batch, 0, 0.0)
+    step.accumulate(batch, 0.0)
     before = grads(step)
     assert clip_grad_norm(step.optimizer, 0.0) is None
     assert all(torch.equal(a, b) for a, b in zip(before, grads(step)))
@@ -137,4 +136,14 @@ def test_trainer_accumulation_reads_the_same_sequences_as_one_big_batch(tmp_path
         assert train_mod.main(argv) == 0
         losses.append([metrics(out)[s]["loss"] for s in (1, 2, 3)])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_trainer_logs_the_norm_it_clips(tmp_path, tiny_dir):
+    from test_train import TINY, metrics
+    from trelm_fast import train as train_mod
+
+    out = tmp_path / "clip"
+    assert train_mod.main(TINY + [f"data.dir={tiny_dir}", f"out_dir={out}", "train.steps=2", "train.max_grad_norm=0.5",
+                                  "train.eval_every=100"]) == 0
+    assert all(metrics(out)[s]["grad_norm"] > 0 for s in (1, 2))
 

@@ -15,7 +15,7 @@ from harness import (  # noqa: E402
 )
 
 RECORD_KEYS = {"suite", "case", "variant", "metric", "value", "unit"}
-STEP_TAGS = {"device", "precision"}  # step records say what they ran on
+STEP_TAGS = {"device", "precision", "p20_ms", "p50_ms", "p80_ms"}  # what they ran on, the wall-clock spread
 
 
 def test_flops_peak_memory_and_timing_measure_what_they_say(tmp_path):
@@ -102,12 +102,13 @@ def test_quick_all_suites_on_the_tiny_shape(tmp_path):
     check_schema(data)
     assert data["meta"]["quick"] and not data["meta"]["errors"]
     step = values(data, suite="step", case="tiny")
-    for variant in ("hf_dense", "dense_opt", "trelm_naive", "trelm_fast"):
+    for variant in ("hf_dense", "dense_opt", "frozen_dense", "trelm_naive", "trelm_fast"):
         for metric in ("wall_ms", "tokens_per_s", "flops", "peak_mem_mb"):
             assert step[(variant, metric)] > 0
         assert 0 < values(data, suite="limit", case="tiny")[(variant, "efficiency")]
     assert 0 < step[("trelm_fast", "attribution_share")] < 1
     assert step[("dense_opt", "flops")] < step[("hf_dense", "flops")]  # logits only at labelled positions
+    assert step[("trelm_fast", "flops")] < step[("frozen_dense", "flops")]  # sparse FFN weight gradients
     final = values(data, suite="convergence", case="final")
     assert {v for v, _ in final} == {"dense", "trelm", "kmb_only", "routing_only"}
     for name in ("summary.md", "step_throughput.png", "convergence.png", "curves.json"):
@@ -124,6 +125,10 @@ def test_step_suite_precision_batch_size_seq_len_and_variants(tmp_path):
     got = values(data, suite="step", case="tiny-bf16")
     assert {v for v, _ in got} == {"hf_dense", "trelm_fast"}
     assert all(r["precision"] == "bf16" and r["device"] == data["meta"]["device"] for r in data["records"])
+    for r in data["records"]:  # the spread of the variant's (amortized) step, p50 = wall_ms
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        if r["metric"] == "wall_ms":
+            assert r["p50_ms"] == pytest.approx(r["value"])
     assert got[("hf_dense", "tokens_per_s")] == pytest.approx(3 * 40 / (got[("hf_dense", "wall_ms")] / 1e3))
     assert data["meta"]["step_precision"] == "bf16"
     assert "batch 3 x 40 full-length sequences, bf16" in (tmp_path / "summary.md").read_text()
@@ -143,3 +148,16 @@ def test_a_failing_suite_is_reported_and_fails_the_run(tmp_path, monkeypatch, ca
     assert "FAILED" in capsys.readouterr().err
     with pytest.raises(MissingComponent, match="no_such_module"):
         require("trelm_fast.no_such_module")
+
+
+def test_flops_inside_triton_kernels_are_counted_like_their_references():
+    from trelm_fast.kernels.attribution import attribution_scores_reference, attribution_scores_triton
+    from trelm_fast.kernels.sparse_ffn import gathered_tn_matmul_reference, gathered_tn_matmul_triton
+
+    a, b, idx = torch.randn(19, 40), torch.randn(19, 24), torch.tensor([1, 4, 7, 30])
+    for fn in (gathered_tn_matmul_reference, gathered_tn_matmul_triton):  # the kernel runs interpreted
+        assert count_flops(lambda: fn(a, b, a_idx=idx, colsum=True)) == 2 * 4 * 24 * 19, fn.__name__
+    grads, weights, w2, v = torch.randn(3, 5, 16), torch.full((3,), 1 / 3), torch.randn(16, 32), torch.randn(5, 32)
+    ref = count_flops(lambda: attribution_scores_reference(grads, weights, w2, v))
+    assert ref == 2 * 3 * 5 * 16 + 2 * 5 * 16 * 32
+    assert count_flops(lambda: attribution_scores_triton(grads, weights, w2, v)) == ref

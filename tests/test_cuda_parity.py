@@ -43,7 +43,7 @@ def train_state(device: str, data_dir) -> dict:
     for i in range(STEPS):
         _, _, batch = next(data)
         result = step(batch, i)
-        assert not result.skipped_nonfinite, f"step {i} on {device}: non-finite loss {result.loss}"
+        assert not result.skipped_nonfinite, f"step {i} on {device}: non-finite loss {float(result.loss)}"
     bank = model.bank
     return {"initial": initial,
             "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters()},

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 from trelm_fast.data.formats import read_kg
 from trelm_fast.data.loader import (MLMCollator, ResumableSampler, TrelmDataset, check_tokenizer, load_entities,
                                     load_entity_tokens, load_kg_embeddings, load_probes, load_relations)
+from trelm_fast.data.prepare import DERIVED
 
 CONTRACT = {"input_ids": 2, "attention_mask": 2, "mlm_labels": 2, "cka_labels": 2, "entity_spans": 4,
             "target_spans": 4, "target_triples": 2}
@@ -25,10 +26,13 @@ def test_batch_contract(tiny_dir):
     kg = set(read_kg(tiny_dir / "kg.tsv"))
     n_targets = 0
     for batch in _loader(ds, batch_size=7):
-        assert set(batch) == set(CONTRACT)
+        assert set(batch) == set(CONTRACT) | set(DERIVED)  # the host-side index fields come with the batch
         B, n = batch["input_ids"].shape
+        flat = batch["mlm_labels"].reshape(-1)
+        assert torch.equal(flat[batch["mlm_positions"]], batch["mlm_targets"])
+        assert (batch["mlm_targets"] != -100).all() and (flat != -100).sum() == batch["mlm_targets"].numel()
         assert n == 128
-        for k, cols in CONTRACT.items():
+        for k, cols in CONTRACT.items():  # the contract's own fields
             v = batch[k]
             assert v.dtype == torch.int64
             assert v.shape == ((B, n) if cols == 2 and k != "target_triples" else (v.shape[0], cols))

@@ -230,5 +230,5 @@ def test_suspended_paths_and_deepcopy():
     assert torch.equal(emb.grad, g)  # the exact input gradient either way
     clone = copy.deepcopy(swapped)
     for c, layer in zip(ffn_modules(clone), clone.bert.encoder.layer):
-        assert c.up is layer.intermediate.dense and c.output is layer.output
+        assert c.up is layer.intermediate.dense and c.down is layer.output.dense
         assert c.up is not f.up

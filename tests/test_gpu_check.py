@@ -37,7 +37,7 @@ def test_cpu_smoke_run_without_the_wheel(tmp_path):
     assert {r["dtype"] for r in checks} == {"float32", "bfloat16"}
     assert all(r["passed"] for r in checks), [r for r in checks if not r["passed"]]
     step = {(r["case"], r["variant"]) for r in data["records"] if r["metric"] == "wall_ms"}
-    assert step == {(c, v) for c in ("tiny", "tiny-bf16") for v in ("hf_dense", "dense_opt", "trelm_fast")}
+    assert step == {(c, v) for c in ("tiny", "tiny-bf16") for v in ("hf_dense", "dense_opt", "frozen_dense", "trelm_fast")}
     assert all(r["precision"] in ("fp32", "bf16") and r["device"].startswith("CPU") for r in data["records"])
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# trelm-fast GPU check\n\n- device: **CPU")

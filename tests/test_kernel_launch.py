@@ -160,7 +160,7 @@ def test_train_step_through_every_kernel_matches_the_reference_step(dataset, mon
         torch.manual_seed(0)
         model = build_step_model("trelm", cfg, dataset, device=DEVICE)
         step = make_step("trelm", model, cfg)
-        losses = [step(make_batch(seed=i), i).loss for i in range(3)]
+        losses = [float(step(make_batch(seed=i), i).loss) for i in range(3)]
         return model, step, losses
 
     with kernel_backend("reference"):

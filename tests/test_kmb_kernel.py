@@ -23,7 +23,7 @@ def test_group_by_slot_keeps_span_order_within_a_slot():
     slots = torch.tensor([4, 2, 4, 9, 2, 4])
     order, offsets, group = group_by_slot(slots)
     assert order.tolist() == [1, 4, 0, 2, 5, 3]
-    assert offsets.tolist() == [0, 2, 5, 6]
+    assert offsets.tolist() == [0, 2, 5, 6, 6, 6, 6]  # then empty groups: the size is known on the host
     assert group.tolist() == [1, 0, 1, 2, 0, 1]
 
 
@@ -95,3 +95,27 @@ def test_kernel_on_precomputed_means_as_length_one_windows():
     kmb_update_triton(means[:, None], idx, torch.zeros_like(idx), torch.ones_like(idx), slots, cls, cls_index, *got, 0.4)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("fn", [kmb_update_ref, kmb_update_triton])
+def test_a_skip_flag_on_the_device_leaves_the_bank_unchanged(fn):
+    (hidden, *rest), bank = _problem(5)
+    got = tuple(t.clone() for t in bank)
+    fn(torch.full_like(hidden, float("nan")), *rest, *got, 0.3, skip=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(got, bank))
+    expected = tuple(t.clone() for t in bank)
+    kmb_update_ref(hidden, *rest, *expected, 0.3)
+    fn(hidden, *rest, *got, 0.3, rounds=None, skip=torch.tensor(False))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_with_the_rounds_given_matches_it_computed():
+    args, bank = _problem(6)
+    slots = args[4]
+    rounds = int(torch.bincount(slots).max())
+    expected, got = (tuple(t.clone() for t in bank) for _ in range(2))
+    kmb_update_ref(*args, *expected, 0.2)
+    kmb_update_ref(*args, *got, 0.2, rounds=rounds)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

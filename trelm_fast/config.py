@@ -26,7 +26,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 # Training methods (paper + table-6 ablations) and the step benchmark variants (DESIGN.md s.3).
 METHODS = (
     "trelm", "dense", "no_injection", "no_kmb", "no_routing",
-    "hf_dense", "dense_opt", "trelm_naive", "trelm_fast",
+    "hf_dense", "dense_opt", "trelm_naive", "trelm_fast", "frozen_dense",
 )
 # Training precision (trelm_fast/precision.py): auto = bf16 autocast on CUDA, fp32 on CPU.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

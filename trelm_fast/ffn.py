@@ -1,8 +1,9 @@
-"""Drop-in TRELM FFN: knowledge-path slice gradients for BERT/RoBERTa layers (paper section 3.3).
+"""Drop-in TRELM FFN: knowledge-path slice gradients for the FFN layers of any supported family (paper section 3.3).
 
-A BERT layer's FFN is Y = act(X W1^T + b1) W2^T + b2 with W1 = `layer.intermediate.dense.weight`
-[I, d] and W2 = `layer.output.dense.weight` [d, I]. A knowledge path is a sorted set S of
-intermediate neurons. While a path is set, the backward computes only
+A layer's FFN is Y = act(X W1^T + b1) W2^T + b2 with W1 [I, d] (the up projection) and W2 [d, I]
+(the down projection); where they are in each family's layers is the family adapter's business
+(`trelm_fast.models`, docs/models.md). A knowledge path is a sorted set S of intermediate
+neurons. While a path is set, the backward computes only
 
     dW1[S, :] = dPre[:, S]^T X,   db1[S] = sum_t dPre[t, S],   dW2[:, S] = dY^T A[:, S]
 
@@ -12,12 +13,14 @@ never exist: W1, b1, W2 enter the autograd Functions detached, and small zero-va
 gradients in their `.grad` (summed over micro-batches like any leaf). The leaves are not module
 parameters, so DDP never sees them; `trelm_fast.optim.allreduce_slice_grads` reduces them.
 
-`swap_ffn(model)` replaces the two `dense` Linears of every layer with `SliceLinear` (an nn.Linear
-subclass holding the same Parameter objects, so parameter names and state dicts are unchanged) and
-adds a parameter-free `TrelmFFN` child `layer.trelm_ffn` that owns the path. Everything else of the
-layer (`intermediate.intermediate_act_fn`, `output.LayerNorm`, `output.dropout`, hooks on
-`layer.intermediate`) stays the Hugging Face module. With no path set a swapped model computes
-exactly what the original computes (same ops), gradients included.
+Gated MLPs, Y = (act(X G^T) * (X W1^T + b1)) W2^T + b2, take rows S of the gate G too (`TrelmFFN.gate_slices`).
+
+`swap_ffn(model)` replaces the up, down (and gate) nn.Linear of every layer with `SliceLinear` (an
+nn.Linear subclass holding the same Parameter objects, so parameter names and state dicts are
+unchanged) and adds a parameter-free `TrelmFFN` child `layer.trelm_ffn` that owns the path.
+Everything else of the layer (activation, LayerNorm, dropout, hooks) stays the Hugging Face
+module. With no path set a swapped model computes exactly what the original computes (same ops),
+gradients included.
 """
 from __future__ import annotations
 
@@ -28,12 +31,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
-from transformers.models.roberta.modeling_roberta import RobertaIntermediate, RobertaOutput
 
 from trelm_fast.kernels.sparse_ffn import column_slice_grad, gather_columns, gathered_tn_matmul
-
-_SUPPORTED = ((BertIntermediate, BertOutput), (RobertaIntermediate, RobertaOutput))
+from trelm_fast.models.base import Site
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -179,39 +179,51 @@ class FFNSlices(NamedTuple):
     w2: Tensor
 
 
-class TrelmFFN(nn.Module):
-    """Path controller and FFN block of one BERT/RoBERTa layer (registered as `layer.trelm_ffn`).
+class GateSlices(NamedTuple):
+    """Slice leaves of a gated MLP's gate rows on the path S: wg [|S|, d], bg [|S|] (None without bias)."""
 
-    Holds no parameters: `intermediate` and `output` are the layer's own modules, referenced but
-    not registered here (no parameter has two names). `forward(h)` is the layer's FFN block,
-    output(intermediate(h), h), [..., d] -> [..., d].
+    wg: Tensor
+    bg: Tensor | None
+
+
+class TrelmFFN(nn.Module):
+    """Path controller of one layer's FFN (registered as `layer.trelm_ffn`).
+
+    Holds no parameters: `up` (W1 [I, d], b1), `down` (W2 [d, I], b2) and, in gated MLPs, `gate`
+    (G [I, d], rows sliced like W1) are the layer's own SliceLinears, referenced but not registered
+    here (no parameter has two names); `sites` says which module owns each under which attribute
+    name (what `unswap_ffn` restores).
     """
 
-    def __init__(self, intermediate: nn.Module, output: nn.Module, layer_idx: int):
+    def __init__(self, up: Site, down: Site, layer_idx: int, gate: Site | None = None):
         super().__init__()
-        for name, mod in (("intermediate", intermediate), ("output", output)):
-            if not isinstance(mod.dense, SliceLinear):
-                raise TypeError(f"TrelmFFN: {name}.dense must be a SliceLinear, got {type(mod.dense).__name__}")
-        object.__setattr__(self, "_pair", (intermediate, output))
+        sites = (up, down) if gate is None else (up, down, gate)
+        for name, site in zip(("up", "down", "gate"), sites):
+            if not isinstance(site.linear, SliceLinear):
+                raise TypeError(f"TrelmFFN: the {name} projection must be a SliceLinear, got "
+                                f"{type(site.linear).__name__}")
+        object.__setattr__(self, "sites", sites)
         self.layer_idx = layer_idx
 
     @property
-    def intermediate(self) -> nn.Module:
-        return self._pair[0]
-
-    @property
-    def output(self) -> nn.Module:
-        return self._pair[1]
-
-    @property
     def up(self) -> SliceLinear:
-        """W1 [I, d], b1 [I]: `layer.intermediate.dense`."""
-        return self._pair[0].dense
+        """W1 [I, d], b1 [I]: the up projection."""
+        return self.sites[0].linear
 
     @property
     def down(self) -> SliceLinear:
-        """W2 [d, I], b2 [d]: `layer.output.dense`."""
-        return self._pair[1].dense
+        """W2 [d, I], b2 [d]: the down projection."""
+        return self.sites[1].linear
+
+    @property
+    def gate(self) -> SliceLinear | None:
+        """G [I, d]: the gate projection of a gated MLP, else None."""
+        return self.sites[2].linear if len(self.sites) > 2 else None
+
+    @property
+    def linears(self) -> tuple[SliceLinear, ...]:
+        """Every SliceLinear of the layer's FFN (up, down[, gate])."""
+        return tuple(site.linear for site in self.sites)
 
     @property
     def intermediate_size(self) -> int:
@@ -229,6 +241,19 @@ class TrelmFFN(nn.Module):
             return None
         return FFNSlices(self.up.weight_slice, self.up.bias_slice, self.down.weight_slice)
 
+    @property
+    def gate_slices(self) -> GateSlices | None:
+        """The gate's slice leaves of the current path (gated MLPs only)."""
+        gate = self.gate
+        if self.path is None or gate is None:
+            return None
+        return GateSlices(gate.weight_slice, gate.bias_slice)
+
+    @property
+    def leaves(self) -> list[Tensor]:
+        """Every slice leaf of the current path, of all projections (empty without a path)."""
+        return [t for lin in self.linears for t in (lin.weight_slice, lin.bias_slice) if t is not None]
+
     def set_path(self, indices: Tensor | None) -> None:
         """Set the knowledge path S (sorted unique ids in [0, I)) or clear it with None.
 
@@ -236,8 +261,7 @@ class TrelmFFN(nn.Module):
         optimizer's step()/zero_grad() first, otherwise those gradients would be lost).
         """
         where = f"TrelmFFN.set_path (layer {self.layer_idx})"
-        current = self.slices
-        if current is not None and any(t is not None and t.grad is not None for t in current):
+        if any(t.grad is not None for t in self.leaves):
             raise RuntimeError(f"{where}: the current path still holds slice gradients; "
                                "call optimizer.step() or zero_grad() before changing paths")
         if indices is None:
@@ -255,59 +279,44 @@ class TrelmFFN(nn.Module):
                                  f"[{int(idx.min())}, {int(idx.max())}]")
             if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise ValueError(f"{where}: indices must be sorted and unique")
-        self.up._set_path(idx)
-        self.down._set_path(idx)
-
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.output(self.intermediate(hidden_states), hidden_states)
+        for lin in self.linears:
+            lin._set_path(idx)
 
     def extra_repr(self) -> str:
         k = "None" if self.path is None else str(self.path.numel())
         return f"layer_idx={self.layer_idx}, intermediate_size={self.intermediate_size}, path_size={k}"
 
 
-def _ffn_layers(model: nn.Module) -> list[nn.Module]:
-    """The BERT/RoBERTa layers of `model` (modules with a supported intermediate/output pair)."""
-    layers = []
-    for mod in model.modules():
-        if isinstance(mod, TrelmFFN):
-            continue
-        inter, out = getattr(mod, "intermediate", None), getattr(mod, "output", None)
-        if any(type(inter) is i and type(out) is o for i, o in _SUPPORTED):
-            layers.append(mod)
-    if not layers:
-        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-        found = type(lists[0][0]).__name__ if lists else "no layer list"
-        raise TypeError(
-            f"swap_ffn supports BERT/RoBERTa encoders (BertLayer/RobertaLayer with "
-            f"intermediate + output); {type(model).__name__} has none (its first layer list holds "
-            f"{found})"
-        )
-    return layers
-
-
 def swap_ffn(model: nn.Module) -> nn.Module:
-    """Put a TrelmFFN into every BERT/RoBERTa layer of `model`, in place; returns `model`.
+    """Put a TrelmFFN into every layer of `model` (a model of a supported family), in place; returns `model`.
 
-    Layers already swapped are left alone. Parameter names and values are unchanged.
+    The family adapter (`trelm_fast.models.adapter_for`, from `model.config.model_type`) says where
+    each layer's FFN is. Layers already swapped are left alone. Parameter names and values are
+    unchanged.
     """
-    for i, layer in enumerate(_ffn_layers(model)):
+    from trelm_fast.models import adapter_for
+
+    adapter = adapter_for(model, "swap_ffn")
+    for i, layer in enumerate(adapter.layers(model)):
         if isinstance(getattr(layer, "trelm_ffn", None), TrelmFFN):
             continue
-        for mod, axis in ((layer.intermediate, 0), (layer.output, 1)):
-            if type(mod.dense) is not nn.Linear:
-                raise TypeError(f"swap_ffn: layer {i} {type(mod).__name__}.dense is "
-                                f"{type(mod.dense).__name__}, expected torch.nn.Linear")
-            mod.dense = SliceLinear.from_linear(mod.dense, axis)
-        layer.trelm_ffn = TrelmFFN(layer.intermediate, layer.output, i)
+        site = adapter.ffn_site(layer)
+        projections = ((site.up, 0), (site.down, 1)) + (() if site.gate is None else ((site.gate, 0),))
+        for proj, _ in projections:
+            if type(proj.linear) is not nn.Linear:
+                raise TypeError(f"swap_ffn: layer {i} {type(proj.owner).__name__}.{proj.name} is "
+                                f"{type(proj.linear).__name__}, expected torch.nn.Linear")
+        for proj, axis in projections:
+            setattr(proj.owner, proj.name, SliceLinear.from_linear(proj.linear, axis))
+        layer.trelm_ffn = TrelmFFN(site.up, site.down, i, site.gate)
     return model
 
 
 def unswap_ffn(model: nn.Module) -> nn.Module:
     """Undo swap_ffn in place (plain nn.Linear back, paths dropped); returns `model`."""
     for layer in [m for m in model.modules() if isinstance(getattr(m, "trelm_ffn", None), TrelmFFN)]:
-        layer.intermediate.dense = layer.intermediate.dense.to_linear()
-        layer.output.dense = layer.output.dense.to_linear()
+        for site in layer.trelm_ffn.sites:
+            setattr(site.owner, site.name, site.linear.to_linear())
         del layer.trelm_ffn
     return model
 
@@ -324,7 +333,7 @@ def suspended_paths(model: nn.Module) -> Iterator[None]:
     Inside, every SliceLinear is a plain linear, so autograd computes no slice gradients; the
     paths, slice leaves and any gradients they hold are restored on exit.
     """
-    linears = [lin for f in ffn_modules(model) for lin in (f.up, f.down)]
+    linears = [lin for f in ffn_modules(model) for lin in f.linears]
     saved = [lin.path for lin in linears]
     for lin in linears:
         lin.path = None

@@ -47,7 +47,7 @@ from trelm_fast.checkpoint import export_pretrained, flatten_state, unflatten_st
 from trelm_fast.config import Config, ConfigError, load_config, validate
 from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset, load_manifest
 from trelm_fast.optim import TrelmOptimizer
-from trelm_fast.step import MicroBatch, TrainStep, build_step_model, item_counts, make_step
+from trelm_fast.step import MicroBatch, TrainStep, any_rank_flag, build_step_model, item_counts, make_step, move_batch
 
 TRELM_STATE = "trelm_state"  # trelm_state.safetensors + trelm_state.json in each checkpoint-N
 MODEL_WEIGHTS = "trelm_model.safetensors"
@@ -86,11 +86,13 @@ class TrelmTorchOptimizer(torch.optim.Optimizer):
     param_groups: the dense parameters, then the slice leaves of the current paths (`set_slices`
     after every path change), so fp16 unscaling and inf checks cover both. `step()` runs the dense
     AdamW and the slice AdamW at the learning rate the scheduler set on the groups (one rate: the
-    scheduler scales every group alike). State is the TrelmOptimizer's own state dict.
+    scheduler scales every group alike), changing nothing when ``skip`` (a bool scalar tensor, read
+    on the device) is true. State is the TrelmOptimizer's own state dict.
     """
 
     def __init__(self, trelm: TrelmOptimizer):
         self.trelm = trelm
+        self.skip: Optional[torch.Tensor] = None  # set per step by TrelmTrainer: a non-finite loss
         dense = [] if trelm.dense is None else [p for g in trelm.dense.param_groups for p in g["params"]]
         super().__init__([{"params": dense, "name": "dense"}, {"params": [], "name": "slices"}], {"lr": trelm.lr})
         self.set_slices()
@@ -105,7 +107,7 @@ class TrelmTorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("TrelmTorchOptimizer.step: closures are not supported")
         self.trelm.lr = self.param_groups[0]["lr"]
-        self.trelm.step()
+        self.trelm.step(self.skip)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.trelm.zero_grad()
@@ -194,8 +196,8 @@ class TrelmTrainer(Trainer):
         self.trelm_config = cfg
         self.trelm_step: TrainStep = make_step(cfg.method.name, model, cfg)
         self._micro: list[MicroBatch] = []  # the current optimizer step's micro-batches
-        self._finite = True  # every loss of the current optimizer step was finite
-        self._losses = torch.zeros(2)  # MLM and CKA loss summed over the optimizer steps since the last log
+        self._skip: Optional[torch.Tensor] = None  # the current step had a non-finite loss (on any rank)
+        self._losses: Optional[torch.Tensor] = None  # [2] MLM and CKA loss summed since the last log
         self._steps_since_log = 0
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.add_callback(_BankUpdate(self))
@@ -216,11 +218,14 @@ class TrelmTrainer(Trainer):
                             collate_fn=MLMCollator.for_config(manifest, cfg),
                             num_workers=self.args.dataloader_num_workers,
                             generator=torch.Generator().manual_seed(cfg.seed))
-        return self.accelerator.prepare(loader)
+        # batches stay on the host: the step draws their CKA negatives there, then moves them
+        return self.accelerator.prepare_data_loader(loader, device_placement=False)
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
-        """[2]: the labelled MLM positions and CKA targets of the optimizer step's micro-batches."""
-        return torch.stack([item_counts(b) for b in batch_samples]).sum(0).to(device)
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> tuple[int, int]:
+        """The labelled MLM positions and CKA targets of the optimizer step's micro-batches (host counts
+        from the collated index fields)."""
+        counts = [item_counts(b) for b in batch_samples]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     # ------------------------------------------------------------------------- the step
 
@@ -229,30 +234,31 @@ class TrelmTrainer(Trainer):
             self.optimizer = TrelmTorchOptimizer(self.trelm_step.optimizer)
         return self.optimizer
 
-    def training_step(self, model, inputs: dict, num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def training_step(self, model, inputs: dict, num_items_in_batch: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """One micro-batch: refresh (first micro-batch of a step, when due), forward, weighted loss,
-        backward; the DDP all-reduce after the last one. Returns the weighted loss (detached)."""
+        backward; after the last one, the non-finite check across ranks and the DDP all-reduce.
+        Returns the weighted loss (detached). No host sync (fp32/bf16)."""
         step = self.trelm_step
-        batch = self._prepare_inputs(inputs)
+        batch = move_batch(step.prepare(inputs), step.device)
         epoch = float(math.floor(self.state.epoch or 0.0))
-        negatives = step.negatives(batch)
         if not self._micro:
             paths = step.paths
-            step.begin(batch, negatives, self.state.global_step, epoch)
+            step.begin(batch, self.state.global_step, epoch)
             if step.paths is not paths:
                 self._optimizer().set_slices()
-            self._finite = True
         counts = item_counts(batch)
-        total = counts if num_items_in_batch is None else num_items_in_batch
-        weights = counts.to(torch.float32) / total.clamp(min=1).to(torch.float32)
-        micro = step.accumulate(batch, negatives, epoch, weights, backward=self.accelerator.backward)
+        totals = num_items_in_batch or counts
+        weights = (counts[0] / max(1, totals[0]), counts[1] / max(1, totals[1]))
+        micro = step.accumulate(batch, epoch, weights, backward=self.accelerator.backward)
         self._micro.append(micro)
-        self._finite = self._finite and math.isfinite(float(micro.total))
-        self._losses += torch.stack([micro.mlm, micro.cka]).float().cpu()
+        parts = torch.stack([micro.mlm, micro.cka]).float()
+        self._losses = parts if self._losses is None else self._losses + parts
         if self.accelerator.sync_gradients:
-            if not self._finite:  # as train.py: no update from a step with a non-finite loss
-                step.optimizer.zero_grad()
+            nonfinite = torch.stack([m.nonfinite for m in self._micro]).any()
+            self._skip = any_rank_flag(nonfinite)
+            step.record(self.state.global_step, self._skip, torch.stack([m.total for m in self._micro]).sum())
             step.reduce_grads()
+            self._optimizer().skip = self._skip
         return micro.total
 
     def _optimizer(self) -> TrelmTorchOptimizer:
@@ -264,24 +270,21 @@ class TrelmTrainer(Trainer):
         return self.accelerator.clip_grad_norm_(self.trelm_step.optimizer.trained_tensors(), self.args.max_grad_norm)
 
     def _after_optimizer_step(self) -> None:
-        """Bank update from the step's micro-batches (none after a non-finite loss); a new step begins."""
+        """Bank update from the step's micro-batches (no change after a non-finite loss); a new step
+        begins."""
         step = self.trelm_step
-        if self._finite:
-            step.update_bank(self._micro, float(math.floor(self.state.epoch or 0.0)))
-        else:
-            step.nonfinite_total += 1
+        step.update_bank(self._micro, float(math.floor(self.state.epoch or 0.0)), self._skip)
         step.steps_done += 1
         self._steps_since_log += 1
         self._micro = []
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         """Adds ``mlm_loss`` and ``cka_loss`` (means over the optimizer steps since the last log)."""
-        if "loss" in logs:
+        if "loss" in logs and self._losses is not None:
             steps = max(1, self._steps_since_log)
-            logs["mlm_loss"], logs["cka_loss"] = (round(float(v) / steps, 4) for v in self._losses)
+            logs["mlm_loss"], logs["cka_loss"] = (round(v / steps, 4) for v in self._losses.tolist())
             logs["nonfinite_total"] = self.trelm_step.nonfinite_total
-            self._losses.zero_()
-            self._steps_since_log = 0
+            self._losses, self._steps_since_log = None, 0
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------- checkpoints

@@ -2,9 +2,9 @@
 
 Shapes: B sequences of n tokens, hidden size d, vocabulary V, N labelled positions, K negatives.
 
-- `MLMHead` gives one view of the MLM output head of `BertForMaskedLM` and `RobertaForMaskedLM`:
-  `transform(h)` (dense, activation, LayerNorm) then logits = transform(h) W^T + b, with W [V, d]
-  tied to the word embeddings and b [V] the output bias.
+- `MLMHead` gives one view of the MLM output head of a masked LM of any supported family
+  (`trelm_fast.models`): `transform(h)` (e.g. dense, activation, LayerNorm) then
+  logits = transform(h) W^T + b, with W [V, d] tied to the word embeddings and b [V] the output bias.
 - `mlm_loss` gathers the positions whose label is not -100 and computes logits only there
   ([N, V] instead of [B, n, V]).
 - CKA (eq. 2) is a token-level sampled softmax: at each CKA-labelled position, the score of the
@@ -14,6 +14,10 @@ Shapes: B sequences of n tokens, hidden size d, vocabulary V, N labelled positio
   masked out (score -inf) if they still collide, so the true token never competes with itself.
 - `cka_correct_prob` is P_x of eq. 9: the probability of the true token under that sampled softmax.
 - `trelm_loss` returns theta * MLM + (1 - theta) * CKA (eq. 3).
+- `trelm_loss_at` is the same from flat labelled positions computed on the host
+  (`labelled_flat`, `trelm_fast.data.prepare`): the training step's form, which asks the device no
+  question (no boolean mask, no `nonzero`), gathers the MLM and CKA positions in one index_select
+  and runs the head's transform once over both.
 
 Positions are always taken in row-major order of `labels.ne(-100).nonzero()`, so negatives [N, K]
 line up with the flattened labelled positions.
@@ -29,18 +33,6 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 
 
-class _RobertaTransform(nn.Module):
-    """RoBERTa's lm_head before the decoder: layer_norm(gelu(dense(h))), sharing the head's modules."""
-
-    def __init__(self, lm_head: nn.Module):
-        super().__init__()
-        self.dense = lm_head.dense
-        self.layer_norm = lm_head.layer_norm
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.layer_norm(F.gelu(self.dense(h)))
-
-
 @dataclass
 class MLMHead:
     """The MLM output head as `transform` [.., d] -> [.., d] plus output `weight` [V, d] and `bias` [V].
@@ -54,17 +46,10 @@ class MLMHead:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "MLMHead":
-        """Find the head of a `BertForMaskedLM` (`cls.predictions`) or `RobertaForMaskedLM` (`lm_head`)."""
-        predictions = getattr(getattr(model, "cls", None), "predictions", None)
-        if predictions is not None:
-            return cls(predictions.transform, predictions.decoder, predictions.bias)
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is not None and hasattr(lm_head, "layer_norm"):
-            return cls(_RobertaTransform(lm_head), lm_head.decoder, lm_head.bias)
-        raise TypeError(
-            f"MLMHead.from_model: {type(model).__name__} has neither `cls.predictions` (BertForMaskedLM) "
-            "nor `lm_head` (RobertaForMaskedLM)"
-        )
+        """The MLM head of a masked-LM model of a supported family (its adapter in `trelm_fast.models` knows where)."""
+        from trelm_fast.models import adapter_for
+
+        return adapter_for(model, "MLMHead.from_model").mlm_head(model)
 
     @property
     def weight(self) -> Tensor:
@@ -81,7 +66,10 @@ class MLMHead:
 
     def scores(self, h: Tensor, tokens: Tensor) -> Tensor:
         """f(h, y) = transform(h) . W[y] + b[y] for h [.., N, d], tokens [N, C] -> [.., N, C]."""
-        t = self.transform(h)
+        return self.scores_transformed(self.transform(h), tokens)
+
+    def scores_transformed(self, t: Tensor, tokens: Tensor) -> Tensor:
+        """`scores` from t = transform(h) [.., N, d] already computed."""
         w = self.weight[tokens]  # [N, C, d]
         return torch.einsum("...nd,ncd->...nc", t, w) + self.bias[tokens]
 
@@ -92,6 +80,13 @@ def labelled_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"labels must be [B, n], got shape {tuple(labels.shape)}")
     rows, cols = labels.ne(IGNORE_INDEX).nonzero(as_tuple=True)
     return rows, cols, labels[rows, cols]
+
+
+def labelled_flat(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(flat positions [N] = row * n + col, targets [N]) of labels [B, n] != -100, row-major."""
+    flat = labels.reshape(-1)
+    pos = flat.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    return pos, flat[pos]
 
 
 def _check_hidden(hidden: Tensor, labels: Tensor, name: str) -> None:
@@ -105,11 +100,15 @@ def _check_hidden(hidden: Tensor, labels: Tensor, name: str) -> None:
 def mlm_loss(hidden: Tensor, labels: Tensor, head: MLMHead) -> Tensor:
     """Mean cross-entropy over positions with label != -100; logits only there. 0 if none are labelled."""
     _check_hidden(hidden, labels, "mlm_loss")
-    rows, cols, targets = labelled_positions(labels)
+    return mlm_loss_at(hidden, *labelled_flat(labels), head)
+
+
+def mlm_loss_at(hidden: Tensor, positions: Tensor, targets: Tensor, head: MLMHead) -> Tensor:
+    """`mlm_loss` from flat labelled positions [N] (`labelled_flat`); 0 if there are none."""
     if targets.numel() == 0:
         return hidden.sum() * 0.0
-    logits = head.logits(hidden[rows, cols])  # [N, V]
-    return F.cross_entropy(logits.float(), targets)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    return F.cross_entropy(head.logits(h).float(), targets)
 
 
 def negative_distribution(token_ids: Tensor, vocab_size: int, power: float = 1.0) -> Tensor:
@@ -145,6 +144,8 @@ def sample_negatives(
     if num_negatives < 1:
         raise ValueError(f"sample_negatives: num_negatives must be >= 1, got {num_negatives}")
     n = targets.numel()
+    if n == 0:
+        return torch.zeros(0, num_negatives, dtype=torch.long, device=targets.device)
     q_cpu = q.detach().double().cpu()
 
     def draw(k: int) -> Tensor:
@@ -171,8 +172,13 @@ def cka_logits(hidden_at: Tensor, targets: Tensor, negatives: Tensor, head: MLMH
         raise ValueError(
             f"negatives must be [N, K] with N = {targets.shape[0]} labelled positions, got {tuple(negatives.shape)}"
         )
+    return _cka_logits(head.transform(hidden_at), targets, negatives, head)
+
+
+def _cka_logits(t: Tensor, targets: Tensor, negatives: Tensor, head: MLMHead) -> Tensor:
+    """`cka_logits` from t = transform(hidden_at) already computed."""
     tokens = torch.cat([targets[:, None], negatives], dim=1)
-    logits = head.scores(hidden_at, tokens).float()
+    logits = head.scores_transformed(t, tokens).float()
     clash = F.pad(negatives.eq(targets[:, None]), (1, 0))
     return logits.masked_fill(clash, float("-inf"))
 
@@ -217,8 +223,39 @@ def trelm_loss(
     theta: float = 0.5,
 ) -> LossOutput:
     """Eq. 3 over final hidden states [B, n, d]; negatives [N_cka, K] for the CKA-labelled positions."""
+    _check_hidden(hidden, mlm_labels, "trelm_loss")
+    _check_hidden(hidden, cka_labels, "trelm_loss")
+    return trelm_loss_at(hidden, *labelled_flat(mlm_labels), *labelled_flat(cka_labels), negatives, head, theta)
+
+
+def trelm_loss_at(
+    hidden: Tensor,
+    mlm_positions: Tensor,
+    mlm_targets: Tensor,
+    cka_positions: Tensor,
+    cka_targets: Tensor,
+    negatives: Tensor,
+    head: MLMHead,
+    theta: float = 0.5,
+) -> LossOutput:
+    """Eq. 3 from flat labelled positions (`labelled_flat` of each label tensor) into hidden [B, n, d].
+
+    Equals `trelm_loss(hidden, mlm_labels, cka_labels, ...)`; the counts N_mlm and N_cka come from
+    the index shapes (host metadata), so nothing here waits for the device.
+    """
     if not 0.0 <= theta <= 1.0:
         raise ValueError(f"trelm_loss: theta must be in [0, 1], got {theta}")
-    mlm = mlm_loss(hidden, mlm_labels, head)
-    cka = cka_loss(hidden, cka_labels, negatives, head)
+    if negatives.dim() != 2 or negatives.shape[0] != cka_targets.shape[0]:
+        raise ValueError(f"negatives must be [N, K] with N = {cka_targets.shape[0]} labelled positions, "
+                         f"got {tuple(negatives.shape)}")
+    n_mlm, n_cka = mlm_targets.numel(), cka_targets.numel()
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    t = head.transform(flat.index_select(0, torch.cat([mlm_positions, cka_positions])))
+    zero = hidden.sum() * 0.0 if n_mlm == 0 or n_cka == 0 else None
+    mlm = F.cross_entropy(F.linear(t[:n_mlm], head.weight, head.bias).float(), mlm_targets) if n_mlm else zero
+    if n_cka:
+        logits = _cka_logits(t[n_mlm:], cka_targets, negatives, head)
+        cka = -torch.log_softmax(logits, dim=-1)[:, 0].mean()
+    else:
+        cka = zero
     return LossOutput(theta * mlm + (1.0 - theta) * cka, mlm, cka)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trelm_fast.distributed import is_distributed
 from trelm_fast.entity_table import EntityTable
 from trelm_fast.kernels.kmb_update import kmb_update, window_mean_ref
 
@@ -35,6 +36,50 @@ def _storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in _DTYPES.values():
         raise ValueError(f"KnowledgeMemoryBank: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return dtype
+
+
+def check_spans(spans: torch.Tensor, lengths: torch.Tensor, where: str = "KnowledgeMemoryBank.update") -> None:
+    """ValueError naming the first span of spans int64 [E, 4] (row, start, end, entity_id) that is
+    not inside its sequence of ``lengths`` [B] real tokens (or has a negative id)."""
+    if not isinstance(spans, torch.Tensor) or spans.dtype != torch.int64 or spans.dim() != 2 or spans.shape[1] != 4:
+        shape = tuple(spans.shape) if isinstance(spans, torch.Tensor) else type(spans).__name__
+        dtype = spans.dtype if isinstance(spans, torch.Tensor) else ""
+        raise TypeError(f"{where}: spans must be an int64 tensor [E, 4] (row, start, end, entity_id), "
+                        f"got {dtype} {shape}")
+    row, start, end, ent = spans.unbind(1)
+    bad_row = (row < 0) | (row >= lengths.numel())
+    seq_len = lengths[row.clamp(0, max(lengths.numel() - 1, 0))]
+    bad = bad_row | (start < 0) | (end <= start) | (end > seq_len) | (ent < 0)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        why = "row out of range" if bad_row[i] else ("negative entity id" if ent[i] < 0 else "span outside the sequence")
+        raise ValueError(f"{where}: span {i} = {spans[i].tolist()} is invalid ({why}; batch size {lengths.numel()}, "
+                         "need 0 <= start < end <= length)")
+
+
+def right_padded_lengths(attention_mask: torch.Tensor, where: str = "KnowledgeMemoryBank.update") -> torch.Tensor:
+    """Real tokens per row [B] of a right-padded attention mask [B, n] (1s then 0s), or a ValueError."""
+    mask = attention_mask != 0
+    lengths = mask.sum(1)
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
+        raise ValueError(f"{where}: attention_mask must be right-padded (1s then 0s)")
+    return lengths
+
+
+def first_in_context_and_rank(entity_ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For E spans (entity id, batch row): (first [E] bool: the first span of its (entity, row) pair, in
+    span order; rank [E]: how many earlier spans have the same entity). Uses torch.unique (a host
+    sync on CUDA): the data loader computes both on the host (`trelm_fast.data.prepare`)."""
+    e = entity_ids.numel()
+    pos = torch.arange(e, device=entity_ids.device)
+    if e == 0:
+        return pos.bool(), pos
+    _, pair = torch.unique(entity_ids * (int(rows.max()) + 1) + rows, return_inverse=True)
+    first_pos = torch.full_like(pos, e).scatter_reduce(0, pair, pos, "amin")
+    _, by_entity = torch.unique(entity_ids, return_inverse=True)
+    sorted_groups, order = torch.sort(by_entity, stable=True)
+    rank = torch.empty_like(pos).scatter_(0, order, pos - torch.searchsorted(sorted_groups, sorted_groups))
+    return first_pos[pair] == pos, rank
 
 
 def _check_ids(entity_ids: torch.Tensor, name: str) -> None:
@@ -83,6 +128,7 @@ class KnowledgeMemoryBank:
         self.device = torch.device(device)
         self.process_group = process_group
         self.table = EntityTable(capacity)
+        self._identity = True  # entity id i has row i for every id in the table (see `slots`)
         self._local = torch.zeros(max(capacity, 1), hidden_size, dtype=self.dtype, device=self.device)
         self._gmean = torch.zeros_like(self._local)
         self._counts = torch.zeros(max(capacity, 1), dtype=torch.int64, device=self.device)
@@ -122,8 +168,18 @@ class KnowledgeMemoryBank:
         return self.table.lookup(entity_ids) >= 0
 
     def slots(self, entity_ids: torch.Tensor) -> torch.Tensor:
-        """Bank rows of `entity_ids` (int64 [T]) as int64 [T] on the bank's device; unknown ids raise."""
+        """Bank rows of `entity_ids` (int64 [T]) as int64 [T] on the bank's device; unknown ids raise.
+
+        While every entity id equals its row (the bank `build_model` makes: ids 0..N-1 added in
+        order) the ids are the rows: no table lookup and no host sync; an id outside [0, N) fails a
+        device-side assertion (`torch._assert_async`: a RuntimeError, asynchronous on CUDA).
+        """
         _check_ids(entity_ids, "entity_ids")
+        if self._identity:
+            ids = entity_ids.to(self.device, non_blocking=True)
+            torch._assert_async(((ids >= 0) & (ids < len(self))).all(),
+                                "KnowledgeMemoryBank: an entity id is not in the bank")
+            return ids
         slots = torch.from_numpy(self.table.lookup(entity_ids.cpu().numpy())).to(torch.int64)
         missing = torch.nonzero(slots < 0).squeeze(1)
         if missing.numel():
@@ -156,6 +212,7 @@ class KnowledgeMemoryBank:
                 f"({int(present.sum())} of {len(ids)} ids are)"
             )
         start = len(self)
+        self._identity = self._identity and bool((ids == np.arange(start, start + len(ids))).all())
         self._reserve(start + len(ids))
         slots = torch.from_numpy(self.table.insert(ids)).to(torch.int64)
         with torch.no_grad():
@@ -229,35 +286,12 @@ class KnowledgeMemoryBank:
                     f"KnowledgeMemoryBank.update: attention_mask must have shape ({b}, {n}), got "
                     f"{tuple(attention_mask.shape)}"
                 )
-            mask = attention_mask != 0
-            lengths = mask.sum(1)
-            if not torch.equal(mask, torch.arange(n, device=mask.device) < lengths[:, None]):
-                raise ValueError("KnowledgeMemoryBank.update: attention_mask must be right-padded (1s then 0s)")
+            lengths = right_padded_lengths(attention_mask)
         elif lengths is None:
             return torch.full((b,), n, dtype=torch.int64)
         if lengths.shape != (b,) or lengths.is_floating_point():
             raise ValueError(f"KnowledgeMemoryBank.update: lengths must be an integer tensor of shape ({b},)")
         return lengths.to("cpu", torch.int64)
-
-    def _check_spans(self, spans: torch.Tensor, lengths: torch.Tensor) -> None:
-        if not isinstance(spans, torch.Tensor) or spans.dtype != torch.int64 or spans.dim() != 2 or spans.shape[1] != 4:
-            shape = tuple(spans.shape) if isinstance(spans, torch.Tensor) else type(spans).__name__
-            dtype = spans.dtype if isinstance(spans, torch.Tensor) else ""
-            raise TypeError(
-                f"KnowledgeMemoryBank.update: spans must be an int64 tensor [E, 4] (row, start, end, entity_id), "
-                f"got {dtype} {shape}"
-            )
-        row, start, end, ent = spans.unbind(1)
-        bad_row = (row < 0) | (row >= lengths.numel())
-        seq_len = lengths[row.clamp(0, lengths.numel() - 1)]
-        bad = bad_row | (start < 0) | (end <= start) | (end > seq_len) | (ent < 0)
-        if bad.any():
-            i = int(torch.nonzero(bad)[0])
-            why = "row out of range" if bad_row[i] else ("negative entity id" if ent[i] < 0 else "span outside the sequence")
-            raise ValueError(
-                f"KnowledgeMemoryBank.update: span {i} = {spans[i].tolist()} is invalid ({why}; "
-                f"batch size {lengths.numel()}, need 0 <= start < end <= length)"
-            )
 
     @torch.no_grad()
     def update(
@@ -272,6 +306,8 @@ class KnowledgeMemoryBank:
         final_hidden [B, n, d] final-layer states ([CLS] at position 0); spans int64 [E, 4] rows of
         (row, start, end_exclusive, entity_id); attention_mask [B, n] (right-padded) or lengths [B]
         gives each sequence's real tokens (default: all n). Every entity must be in the bank.
+        Validates everything (host syncs on CUDA); the training step calls `apply` with what the
+        data loader validated and computed on the host.
         """
         if final_hidden.dim() != 3 or final_hidden.shape[-1] != self.hidden_size or not final_hidden.is_floating_point():
             raise ValueError(
@@ -279,36 +315,39 @@ class KnowledgeMemoryBank:
                 f"got {final_hidden.dtype} {tuple(final_hidden.shape)}"
             )
         lengths = self._lengths(final_hidden, attention_mask, lengths)
-        self._check_spans(spans, lengths.to(spans.device))
+        check_spans(spans, lengths.to(spans.device))
+        if not self._identity:
+            self.slots(spans[:, 3])  # unknown ids raise before anything changes
+        first, rank = first_in_context_and_rank(spans[:, 3].cpu(), spans[:, 0].cpu())
+        self.apply(final_hidden, spans, lengths, first, int(rank.max()) + 1 if rank.numel() else 0)
+
+    @torch.no_grad()
+    def apply(self, final_hidden: torch.Tensor, spans: torch.Tensor, lengths: torch.Tensor, first: torch.Tensor,
+              rounds: int, skip: torch.Tensor | None = None) -> None:
+        """`update` without its checks, and without a host sync on a bank whose ids are its rows.
+
+        spans [E, 4] valid for ``lengths`` [B]; first [E] bool and rounds (1 + the largest rank) from
+        `first_in_context_and_rank`; skip: a bool scalar tensor, true to leave the bank unchanged.
+        """
+        distributed = self._world_size() > 1
+        if spans.shape[0] == 0 and not distributed:  # under DDP every rank joins the gather
+            return
         hidden = final_hidden.detach().to(self.device).contiguous()
-        spans = spans.to(self.device)
+        spans, first = spans.to(self.device), first.to(self.device)
         row, start, end, ent = spans.unbind(1)
         lo = (start - self.window).clamp(min=0)
         hi = torch.minimum(end + self.window, lengths.to(self.device)[row])
-        slots = self.slots(ent)
-        first = self._first_in_context(slots, row, hidden.shape[0])
-        if self._world_size() > 1:
-            self._update_distributed(hidden, row, lo, hi, ent, first)
+        if distributed:
+            self._update_distributed(hidden, row, lo, hi, ent, first, skip)
             return
         cls_index = torch.where(first, row, -1)
-        kmb_update(hidden, row, lo, hi, slots, hidden[:, 0], cls_index, self._local, self._gmean, self._counts,
-                   self.gamma)
-
-    @staticmethod
-    def _first_in_context(slots: torch.Tensor, row: torch.Tensor, batch: int) -> torch.Tensor:
-        """bool [E]: span e is the first span of its (entity, sequence) pair, in span order."""
-        pair = slots * batch + row
-        _, inverse = torch.unique(pair, return_inverse=True)
-        pos = torch.arange(pair.numel(), device=pair.device)
-        first_pos = torch.full_like(pos, pair.numel()).scatter_reduce(0, inverse, pos, "amin")
-        return first_pos[inverse] == pos
+        kmb_update(hidden, row, lo, hi, self.slots(ent), hidden[:, 0], cls_index, self._local, self._gmean,
+                   self._counts, self.gamma, rounds, skip)
 
     def _world_size(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
+        return dist.get_world_size(self.process_group) if is_distributed(self.process_group) else 1
 
-    def _update_distributed(self, hidden, row, lo, hi, ent, first) -> None:
+    def _update_distributed(self, hidden, row, lo, hi, ent, first, skip) -> None:
         """Gather (entity id, first-in-context, window mean, [CLS]) of all ranks, apply in rank order."""
         means = window_mean_ref(hidden, row, lo, hi)
         ints = torch.stack([ent, first.long()], 1)
@@ -320,7 +359,7 @@ class KnowledgeMemoryBank:
         means, cls = floats[:, :d], floats[:, d:]
         idx = torch.arange(slots.numel(), device=slots.device)  # each gathered mean is a window of length 1
         kmb_update(means[:, None], idx, torch.zeros_like(idx), idx.new_ones(idx.shape), slots, cls, cls_index,
-                   self._local, self._gmean, self._counts, self.gamma)
+                   self._local, self._gmean, self._counts, self.gamma, skip=skip)
 
     def _all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate x [E_r, ...] of all ranks in rank order (padded to the largest E_r for the collective)."""
@@ -367,6 +406,7 @@ class KnowledgeMemoryBank:
         table = EntityTable()
         table.load_state_dict({"ids": state["entity_ids"], "counts": state["entity_counts"]})
         self.table = table
+        self._identity = torch.equal(state["entity_ids"].cpu(), torch.arange(n))
         rows = max(n, 1)
         self._local = torch.zeros(rows, self.hidden_size, dtype=self.dtype, device=self.device)
         self._gmean = torch.zeros_like(self._local)

@@ -3,7 +3,8 @@
 Shapes: B sequences of n tokens, hidden size d, KG embedding size k, T target spans, P target
 positions (the tokens of all target spans), N_ent entities, N_rel relations.
 
-- `build_mlm(model_cfg)`: `BertForMaskedLM` / `RobertaForMaskedLM` from a local directory
+- `build_mlm(model_cfg)`: the masked LM of the directory's family (`BertForMaskedLM`,
+  `RobertaForMaskedLM`, ...: every family with an adapter in `trelm_fast.models`) from a local directory
   (pre-trained weights; a missing MLM head is created and tied to the word embeddings) or
   randomly initialised from that directory's config.json with size overrides.
 - `TrelmModel` wraps the masked LM. At the positions of each target span (row, start, end, e)
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from trelm_fast.config import Config, ModelConfig, resolve_model_path
 from trelm_fast.losses import MLMHead, negative_distribution
+from trelm_fast.models import adapter_for
 
 _SIZE_FIELDS = {  # ModelConfig field -> Hugging Face config attribute
     "hidden_size": "hidden_size",
@@ -56,24 +58,32 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
+def _require_masked_lm(adapter, where: str) -> None:
+    """The trainer's batches and losses are masked-LM ones: refuse decoder families clearly."""
+    if adapter.causal:
+        raise ValueError(f"{where}: {adapter.family} is a decoder family; the trainer supports masked LMs "
+                         "(decoders work with apply_trelm/swap_ffn, the routing and the slice optimizer: "
+                         "docs/models.md)")
+
+
 def build_mlm(mcfg: ModelConfig) -> nn.Module:
-    """A `BertForMaskedLM` or `RobertaForMaskedLM` (decoder tied to the word embeddings).
+    """The masked LM of the directory's model family (decoder tied to the word embeddings).
 
     ``init``: pretrained (weights of ``path``), random (its config.json with the size overrides)
     or auto (random if any size is overridden, else pretrained).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, BertForMaskedLM, RobertaForMaskedLM
+    from transformers import AutoConfig
+
+    from trelm_fast.models import adapter_for_type
 
     path = resolve_model_path(mcfg.path)
     hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    classes = {"bert": BertForMaskedLM, "roberta": RobertaForMaskedLM}
-    if hf_cfg.model_type not in classes:
-        raise ValueError(f"model.path {path}: model_type {hf_cfg.model_type!r} is not supported "
-                         f"(supported: {', '.join(classes)})")
-    cls = classes[hf_cfg.model_type]
+    adapter = adapter_for_type(hf_cfg.model_type, f"model.path {path}")
+    _require_masked_lm(adapter, f"model.path {path}")
+    cls = adapter.mlm_class
     if mcfg.dropout is not None:
-        hf_cfg.hidden_dropout_prob = hf_cfg.attention_probs_dropout_prob = mcfg.dropout
+        adapter.set_dropout(hf_cfg, mcfg.dropout)
     hf_cfg.tie_word_embeddings = True
     overridden = [f for f in _SIZE_FIELDS if getattr(mcfg, f) is not None]
     init = mcfg.init if mcfg.init != "auto" else ("random" if overridden else "pretrained")
@@ -165,7 +175,7 @@ def span_positions(spans: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class TrelmModel(nn.Module):
     """A masked LM with knowledge injection and memory-bank mixing at target spans.
 
-    ``mlm``: BertForMaskedLM / RobertaForMaskedLM; ``kg_entity`` [N_ent, k] and ``kg_relation``
+    ``mlm``: a masked LM of a supported family (`trelm_fast.models`); ``kg_entity`` [N_ent, k] and ``kg_relation``
     [N_rel, k]: frozen TransE embeddings (buffers, not saved: they belong to the dataset);
     ``bank``: a KnowledgeMemoryBank or None (ablation); ``inject``: False for the no-injection
     ablation; ``mask_token_id``: the tokenizer's mask id (used without injection); ``negative_q``
@@ -183,6 +193,8 @@ class TrelmModel(nn.Module):
             raise ValueError(f"TrelmModel: negative_q must be [{vocab}], got {tuple(negative_q.shape)}")
         self.register_buffer("negative_q", negative_q.float(), persistent=False)
         self.mlm = mlm
+        self.adapter = adapter_for(mlm, "TrelmModel")
+        _require_masked_lm(self.adapter, "TrelmModel")
         self.bank = bank
         self.inject = inject
         self.register_buffer("kg_entity", kg_entity.float(), persistent=False)
@@ -197,12 +209,12 @@ class TrelmModel(nn.Module):
 
     @property
     def encoder_model(self) -> nn.Module:
-        """The base encoder (`mlm.bert` or `mlm.roberta`)."""
+        """The base encoder (`mlm.bert`, `mlm.roberta`, ...)."""
         return getattr(self.mlm, self.mlm.base_model_prefix)
 
     @property
     def head(self) -> MLMHead:
-        return MLMHead.from_model(self.mlm)
+        return self.adapter.mlm_head(self.mlm)
 
     def injection_embeddings(self, target_triples: Tensor) -> Tensor:
         """h_e = W_inj (E[h] + R[r]) + b_inj for (head, relation) pairs [T, 2] -> [T, d]."""
@@ -216,7 +228,7 @@ class TrelmModel(nn.Module):
         spans = batch["target_spans"]
         if spans.numel() == 0 or (not self.inject and self.bank is None):
             return emb
-        which, rows, cols = span_positions(spans)
+        which, rows, cols = batch["target_positions"] if "target_positions" in batch else span_positions(spans)
         if self.inject:
             h = self.injection_embeddings(batch["target_triples"])[which]  # [P, d]
         else:
@@ -227,7 +239,7 @@ class TrelmModel(nn.Module):
 
     def embedding_output(self, batch: dict, epoch: float = 0.0) -> Tensor:
         """Output of the embeddings layer [B, n, d] (what the first Transformer layer reads)."""
-        return self.encoder_model.embeddings(inputs_embeds=self.input_embeddings(batch, epoch))
+        return self.adapter.embedding_output(self.mlm, self.input_embeddings(batch, epoch), batch["attention_mask"])
 
     def forward(self, batch: dict, epoch: float = 0.0) -> Tensor:
         """Final-layer hidden states [B, n, d]."""

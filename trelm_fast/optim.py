@@ -1,6 +1,7 @@
 """What trains in TRELM mode, and the optimizer that trains it (paper section 3.3).
 
-Parameter groups (`parameter_group(name)`), for BERT/RoBERTa models from `transformers`:
+Parameter groups (`parameter_group(name)`; each family adapter in `trelm_fast.models` says how its
+parameter names map to them):
 
     embeddings    word/position/type embeddings and their LayerNorm (the tied MLM decoder weight
                   is the word-embedding matrix, so it belongs here)
@@ -19,13 +20,18 @@ head and the trainer's own modules train. `DENSE_TRAINABLE` is every group.
 `configure_trainable` sets requires_grad, so frozen parameters get no gradient and autograd's
 backward stops below the lowest layer that has a path or a trainable parameter.
 
-`TrelmOptimizer` drives two updates: torch.optim.AdamW (fused where supported; apex FusedAdam when
-importable and the parameters are on CUDA) over the parameters that require grad, with weight decay
+`TrelmOptimizer` drives two updates: torch.optim.AdamW (fused on CPU and CUDA: one multi-tensor
+kernel, and it can skip itself on a device-side flag) over the parameters that require grad, with weight decay
 on matrices only; and lazy slice AdamW over each TrelmFFN's path: rows S of W1 and b1 and columns S
 of W2 with their own Adam moments. A neuron's step counter counts the steps in which it was on the
 path; bias correction uses that count, so a neuron's update is exactly AdamW run over the steps in
 which it was selected, and unselected neurons see no momentum drift and no weight decay. W1 rows and
-W2 columns are decayed, b1 is not. Paths may change between steps: state is kept for all I neurons.
+W2 columns are decayed, b1 is not. In gated MLPs rows S of the gate (and its bias) are updated like
+W1's (and b1's). Paths may change between steps: state is kept for all I neurons.
+
+`step(skip)`: with a bool scalar tensor, the whole update (dense and slices, step counters included)
+is dropped on the device when it is true (the fused AdamW's `found_inf`), so a step with a
+non-finite loss needs no host sync.
 """
 from __future__ import annotations
 
@@ -38,31 +44,11 @@ from torch import Tensor, nn
 
 from trelm_fast.ffn import TrelmFFN, ffn_modules
 from trelm_fast.kernels.slice_adamw import slice_adamw
+from trelm_fast.models import parameter_group  # the groups of each family's parameter names
 
 GROUPS = ("embeddings", "attention", "layernorm", "ffn", "ffn_out_bias", "head", "pooler", "other")
 TRELM_TRAINABLE = frozenset({"head", "other"})
 DENSE_TRAINABLE = frozenset(GROUPS)
-
-
-def parameter_group(name: str) -> str:
-    """The group (see module docstring) of a parameter name of a BERT/RoBERTa model."""
-    parts = name.split(".")
-    if parts[0] in ("cls", "lm_head"):
-        return "head"
-    if "embeddings" in parts:
-        return "embeddings"
-    if "pooler" in parts:
-        return "pooler"
-    if "encoder" in parts and "layer" in parts:
-        if "LayerNorm" in parts:
-            return "layernorm"
-        if "attention" in parts:
-            return "attention"
-        if "intermediate" in parts or parts[-3:] == ["output", "dense", "weight"]:
-            return "ffn"
-        if parts[-3:] == ["output", "dense", "bias"]:
-            return "ffn_out_bias"
-    return "other"
 
 
 def configure_trainable(model: nn.Module, trainable: Iterable[str] = TRELM_TRAINABLE) -> list[str]:
@@ -97,13 +83,6 @@ def _dense_adamw(params: list[Tensor], lr, betas, eps, weight_decay) -> torch.op
     no_decay = [p for p in params if p.dim() < 2]
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if all(p.is_cuda for p in params):
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            pass
-        else:
-            return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
@@ -149,9 +128,9 @@ class TrelmOptimizer:
 
     def trained_tensors(self) -> list[Tensor]:
         """What this optimizer updates from ``.grad``: the dense parameters, then the slice leaves of
-        the current paths (new leaves after every path change)."""
+        the current paths (`TrelmFFN.leaves`; new leaves after every path change)."""
         dense = [] if self.dense is None else [p for g in self.dense.param_groups for p in g["params"]]
-        return dense + [t for f in self.ffns if f.slices is not None for t in f.slices if t is not None]
+        return dense + [t for f in self.ffns for t in f.leaves]
 
     def _targets(self, f: TrelmFFN):
         """(name, parameter, slice leaf, dim, weight decay) of one layer's sliced tensors."""
@@ -159,13 +138,20 @@ class TrelmOptimizer:
         out = [("w1", f.up.weight, s.w1, 0, self.weight_decay), ("w2", f.down.weight, s.w2, 1, self.weight_decay)]
         if s.b1 is not None:
             out.append(("b1", f.up.bias, s.b1, 0, 0.0))
+        g = f.gate_slices
+        if g is not None:
+            out.append(("wg", f.gate.weight, g.wg, 0, self.weight_decay))
+            if g.bg is not None:
+                out.append(("bg", f.gate.bias, g.bg, 0, 0.0))
         return out
 
     def _state_for(self, i: int) -> dict[str, Tensor]:
         if self.slice_state[i] is None:
             f = self.ffns[i]
             st = {"step": torch.zeros(f.intermediate_size, dtype=torch.int64, device=f.up.weight.device)}
-            for name, p in (("w1", f.up.weight), ("w2", f.down.weight), ("b1", f.up.bias)):
+            gate = f.gate
+            for name, p in (("w1", f.up.weight), ("w2", f.down.weight), ("b1", f.up.bias),
+                            ("wg", None if gate is None else gate.weight), ("bg", None if gate is None else gate.bias)):
                 if p is not None:
                     st[f"exp_avg_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st[f"exp_avg_sq_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -173,28 +159,37 @@ class TrelmOptimizer:
         return self.slice_state[i]
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, skip: Tensor | None = None) -> None:
+        """Apply the gradients; ``skip``: a bool scalar tensor, true to change nothing (module docstring)."""
         if self.dense is not None:
-            self.dense.step()
+            if skip is not None and not self.dense.defaults.get("fused"):
+                if bool(skip):  # only the fused AdamW reads the flag on the device
+                    return
+                skip = None
+            self.dense.found_inf = None if skip is None else skip.float()
+            try:
+                self.dense.step()
+            finally:
+                self.dense.found_inf = None
         b1, b2 = self.betas
         for i, f in enumerate(self.ffns):
-            if f.slices is None or all(t is None or t.grad is None for t in f.slices):
+            if all(t.grad is None for t in f.leaves):
                 continue
             st, idx = self._state_for(i), f.path
-            st["step"][idx] += 1
+            ones = torch.ones_like(idx) if skip is None else (~skip).long().expand(idx.numel())
+            st["step"].index_add_(0, idx, ones)
             for name, p, leaf, dim, wd in self._targets(f):
                 g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 slice_adamw(p, g, st[f"exp_avg_{name}"], st[f"exp_avg_sq_{name}"], st["step"], idx, dim,
-                            self._lr, b1, b2, self.eps, wd)
+                            self._lr, b1, b2, self.eps, wd, skip)
 
     def zero_grad(self) -> None:
         """Drop dense and slice gradients (set to None)."""
         if self.dense is not None:
             self.dense.zero_grad(set_to_none=True)
         for f in self.ffns:
-            for t in f.slices or ():
-                if t is not None:
-                    t.grad = None
+            for t in f.leaves:
+                t.grad = None
 
     def state_dict(self) -> dict:
         """Tensors and Python scalars only (readable with torch.load(weights_only=True))."""
@@ -230,7 +225,7 @@ def allreduce_slice_grads(model: nn.Module | Iterable[nn.Module], group=None) ->
     gradient counts as zeros. One all_reduce over a flat buffer of all layers.
     """
     ffns = dict.fromkeys(f for m in _modules(model) for f in ffn_modules(m))
-    leaves = [t for f in ffns if f.slices is not None for t in f.slices if t is not None]
+    leaves = [t for f in ffns for t in f.leaves]
     if not leaves:
         return
     for t in leaves:

@@ -15,9 +15,10 @@ bf16, in fp32 otherwise (fp16 would need its own loss scaling: dP/dv of a probab
 underflow).
 
 fp16 loss scaling: backward of S * loss; then `step(optimizer)` unscales the dense gradients and
-the knowledge-path slice gradients together (and clips them when `train.max_grad_norm` > 0) (`TrelmOptimizer` is no torch optimizer, so the scaler
-sees both through `_ScalerView`), runs the optimizer only if all of them are finite, and updates
-S (halved after an overflow, doubled after 2000 clean steps: the GradScaler defaults).
+the knowledge-path slice gradients together (`TrelmOptimizer` is no torch optimizer, so the scaler
+sees both through `_ScalerView`), clips them when `train.max_grad_norm` > 0, runs the optimizer
+only if all of them are finite, and updates S (halved after an overflow, doubled after 2000 clean
+steps: the GradScaler defaults).
 
 `set_tf32(device, enabled)`: TF32 for fp32 matmuls and cuDNN convolutions, process-wide, on CUDA;
 nothing on CPU.
@@ -109,16 +110,17 @@ class MixedPrecision:
         """loss.backward(), of the scaled loss under fp16."""
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def step(self, optimizer, max_grad_norm: float = 0.0) -> tuple[bool, Tensor | None]:
-        """Apply the gradients with ``optimizer`` (a TrelmOptimizer), clipped to ``max_grad_norm``
-        when > 0 (`clip_grad_norm`); returns (False if the scaler skipped the update, the norm
-        before clipping or None).
+    def step(self, optimizer, skip: Tensor | None = None, max_grad_norm: float = 0.0) -> tuple[bool, Tensor | None]:
+        """Apply the gradients with ``optimizer`` (a TrelmOptimizer), clipped to ``max_grad_norm`` when
+        > 0 (`clip_grad_norm`); returns (False if the scaler skipped the update, the norm before
+        clipping or None).
 
+        fp32/bf16: ``optimizer.step(skip)`` (``skip``: a bool scalar tensor, read on the device).
         fp16: unscale dense and slice gradients, clip, step unless any is inf/NaN, update the scale.
         """
         if self.scaler is None:
             norm = clip_grad_norm(optimizer, max_grad_norm)
-            optimizer.step()
+            optimizer.step(skip)
             return True, norm
         view = _ScalerView(optimizer)
         if not view.has_grads():  # nothing to apply (and the scaler needs a gradient to check)

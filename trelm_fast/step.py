@@ -12,20 +12,35 @@ Methods (paper table 6 and DESIGN.md section 3):
 | `no_injection`| no        | yes  | fused         | as `trelm`                                  | as `trelm`                  |
 | `no_kmb`      | yes       | no   | fused         | as `trelm`                                  | as `trelm`                  |
 | `no_routing`  | yes       | yes  | none          | as `trelm`                                  | every parameter (AdamW)     |
+| `frozen_dense`| yes       | yes  | none          | as `trelm`                                  | `method.trainable` groups + every FFN whole (W1, b1, W2; AdamW): `trelm` without routing and sparse gradients |
 | `dense`       | yes       | yes  | none          | stock HF full-vocabulary MLM at all positions + CKA | every parameter (AdamW) |
 | `trelm_naive` | yes       | yes  | per-layer KN loop | as `trelm`, dense FFN gradients then masked to the paths | as `trelm` (AdamW on masked gradients) |
 | `hf_dense`    | no        | no   | none          | stock `BertForMaskedLM(labels=...)` MLM     | every parameter (AdamW)     |
 | `dense_opt`   | no        | no   | none          | MLM logits only at labelled positions       | every parameter (AdamW)     |
 
-A step (`begin`, `accumulate` per micro-batch, `finish`, `update_bank`; `step` runs them in
-order, and `trelm_fast.hf.TrelmTrainer` runs them inside the transformers Trainer loop): move the
-batch to the model's device; refresh knowledge paths when due; for each micro-batch (one, or
-`train.grad_accum_steps`) forward, loss weighted by the micro-batch's share of the step's labelled
-positions and CKA targets, backward; if the loss is not finite on any rank, skip (no update,
-gradients dropped) and say so; under torch.distributed average dense gradients (explicit
-all-reduce) and path slices (`allreduce_slice_grads`); clip the global norm of both
-(`train.max_grad_norm`); optimizer step at the scheduled learning rate; memory-bank update from
-each micro-batch's final hidden states (after the update, no gradient).
+Every method gets the same generic engineering (precision, fused AdamW, no host sync in a plain
+step), so the step benchmark's ratios measure the method: to `dense_opt` TRELM as a whole, to
+`frozen_dense` routing plus sparse FFN gradients alone.
+
+A step (`step` runs the phases `begin`, `accumulate` per micro-batch, `finish`, `update_bank`;
+`trelm_fast.hf.TrelmTrainer` runs them inside the transformers Trainer loop): on the host, the
+batch's index fields (`trelm_fast.data.prepare`, normally done by the loader's collate) and the CKA
+negatives (`cka_negatives`, sampled from Q with the step's generator unless the batch has them);
+move the batch to the model's device; refresh knowledge paths when due (on the first micro-batch);
+for each micro-batch (one, or `train.grad_accum_steps`) forward, loss weighted by the
+micro-batch's share of the step's labelled positions and CKA targets, backward; under
+torch.distributed average dense gradients (explicit all-reduce) and path slices
+(`allreduce_slice_grads`); clip their global norm (`train.max_grad_norm`); optimizer step at the
+scheduled learning rate; memory-bank update from each micro-batch's final hidden states (after
+the update, no gradient).
+
+No host synchronization in a step without refresh (fp32/bf16; tests/test_step_sync.py counts):
+counts come from index shapes, bank rows are entity ids, and a non-finite loss (on any rank) is
+handled on the device: the optimizer and the bank update read a `skip` flag and change nothing
+(gradients are dropped as usual). `StepResult` holds device tensors; the host learns about skipped
+steps when it asks: `step.nonfinite_events()` (what `train.py` calls at logging steps) or
+`step.nonfinite_total`. Under fp16 the loss scaler reads its overflow flag on the host anyway, so a
+non-finite loss is checked there on the host and the step returns before the update.
 
 Precision (`train.precision`, trelm_fast/precision.py): the forward and loss run under
 torch.autocast for bf16/fp16, the backward outside it; fp16 scales the loss and its scaler may skip
@@ -46,7 +61,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trelm_fast.config import Config
-from trelm_fast.losses import IGNORE_INDEX, cka_loss, mlm_loss, sample_negatives, trelm_loss
+from trelm_fast.data.prepare import is_prepared, prepare_batch
+from trelm_fast.distributed import is_distributed
+from trelm_fast.losses import cka_loss, mlm_loss_at, sample_negatives, trelm_loss_at
 from trelm_fast.model import TrelmModel, build_model
 from trelm_fast.precision import MixedPrecision, autocast, set_tf32
 
@@ -58,20 +75,17 @@ class MethodSpec:
     bank: bool
     routing: Optional[str]  # None, "fused" or "naive"
     objective: str  # "trelm", "hf_full_cka", "hf_stock", "labelled_mlm"
-
-    @property
-    def uses_paths(self) -> bool:
-        return self.routing is not None
-
+    trains: str = "all"  # "all" groups, or "method" (`method.trainable`), or "method+ffn" (plus whole FFNs)
 
 METHOD_SPECS = {
-    "trelm": MethodSpec(True, True, "fused", "trelm"),
-    "trelm_fast": MethodSpec(True, True, "fused", "trelm"),
-    "no_injection": MethodSpec(False, True, "fused", "trelm"),
-    "no_kmb": MethodSpec(True, False, "fused", "trelm"),
+    "trelm": MethodSpec(True, True, "fused", "trelm", "method"),
+    "trelm_fast": MethodSpec(True, True, "fused", "trelm", "method"),
+    "no_injection": MethodSpec(False, True, "fused", "trelm", "method"),
+    "no_kmb": MethodSpec(True, False, "fused", "trelm", "method"),
     "no_routing": MethodSpec(True, True, None, "trelm"),
+    "frozen_dense": MethodSpec(True, True, None, "trelm", "method+ffn"),
     "dense": MethodSpec(True, True, None, "hf_full_cka"),
-    "trelm_naive": MethodSpec(True, True, "naive", "trelm"),
+    "trelm_naive": MethodSpec(True, True, "naive", "trelm", "method+ffn"),
     "hf_dense": MethodSpec(False, False, None, "hf_stock"),
     "dense_opt": MethodSpec(False, False, None, "labelled_mlm"),
 }
@@ -93,21 +107,67 @@ def build_step_model(method: str, cfg: Config, dataset_dir, device="cpu") -> Tre
 
 @dataclass
 class StepResult:
-    """Losses as Python floats (total = theta * MLM + (1 - theta) * CKA, or the method's own; cka_loss
-    is 0.0 for the methods without CKA).
+    """Losses as detached 0-dim tensors on the step's device (total = theta * MLM + (1 - theta) * CKA,
+    or the method's own; cka_loss is 0 for the methods without CKA), ``skipped_nonfinite``, a 0-dim
+    bool tensor, and ``grad_norm``, the gradient norm before clipping (a 0-dim tensor when
+    ``train.max_grad_norm`` > 0, else None). Reading any of them is a host sync: do it at logging
+    steps (`scalars`).
 
-    stats: ``lr``, ``tokens`` (real tokens), ``cka_targets`` (CKA positions), seconds spent in
-    ``time/{forward_backward,optimizer,bank,step}_s``; ``grad_norm`` (before clipping) when
-    ``train.max_grad_norm`` > 0; on refresh steps ``time/attribution_s`` and
-    the router's ``routing/*`` path statistics; with a bank ``kmb/lambda``; on a skipped step
-    ``nonfinite_total``; under fp16 the loss scale ``amp/scale`` and whether the scaler skipped the
-    update, ``amp/skipped`` (this step) and ``amp/skipped_total``.
+    stats (host values only): ``lr``, ``tokens`` (real tokens), ``cka_targets`` (CKA positions),
+    seconds spent in ``time/{forward_backward,optimizer,bank,step}_s`` (host time: on CUDA the
+    launches, not the kernels); on refresh steps ``time/attribution_s`` and the router's
+    ``routing/*`` path statistics; with a bank ``kmb/lambda``; under fp16 the loss scale
+    ``amp/scale`` and whether the scaler skipped the update, ``amp/skipped`` (this step) and
+    ``amp/skipped_total``.
     """
-    loss: float
-    mlm_loss: float
-    cka_loss: float
-    skipped_nonfinite: bool
+    loss: Tensor
+    mlm_loss: Tensor
+    cka_loss: Tensor
+    skipped_nonfinite: Tensor
     stats: dict = field(default_factory=dict)
+    grad_norm: Optional[Tensor] = None
+
+    def scalars(self) -> dict:
+        """{"loss", "mlm_loss", "cka_loss": float, "skipped_nonfinite": bool, and "grad_norm": float when
+        clipping}, read in one host sync."""
+        parts = [self.loss, self.mlm_loss, self.cka_loss, self.skipped_nonfinite]
+        if self.grad_norm is not None:
+            parts.append(self.grad_norm)
+        values = torch.stack([t.float() for t in parts]).tolist()
+        out = {"loss": values[0], "mlm_loss": values[1], "cka_loss": values[2], "skipped_nonfinite": values[3] > 0}
+        if self.grad_norm is not None:
+            out["grad_norm"] = values[4]
+        return out
+
+
+def item_counts(batch: dict) -> tuple[int, int]:
+    """(labelled MLM positions, CKA targets) of a prepared batch (host values: index-field shapes)."""
+    return batch["mlm_targets"].numel(), batch["cka_targets"].numel()
+
+
+def share_of_items(counts: list[tuple[int, int]]) -> list[tuple[float, float]]:
+    """Each micro-batch's share of the step's labelled positions and of its CKA targets
+    (`item_counts`): count_i / sum_j count_j, 0 where the step has none. Losses that are means over a
+    micro-batch's items, weighted by these, sum to the mean over the step's items."""
+    totals = [max(1, sum(c[i] for c in counts)) for i in (0, 1)]
+    return [(c[0] / totals[0], c[1] / totals[1]) for c in counts]
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch's weighted losses and non-finite flag (detached tensors) and what the bank
+    update needs of it: the final hidden states (or None) and the batch on the device."""
+    total: Tensor
+    mlm: Tensor
+    cka: Tensor
+    nonfinite: Tensor
+    hidden: Optional[Tensor]
+    batch: dict
+
+
+def _sum(tensors: list[Tensor]) -> Tensor:
+    """The sum of ``tensors`` (the tensor itself for one: no op)."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum(0)
 
 
 def lr_at(cfg: Config, step_index: int) -> float:
@@ -123,13 +183,9 @@ def lr_at(cfg: Config, step_index: int) -> float:
     return base * (s.min_lr_ratio + (1.0 - s.min_lr_ratio) * decay)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _allreduce_mean(tensors: list[Tensor]) -> None:
     """Average ``tensors`` in place across ranks (one flat all-reduce per dtype)."""
-    if not tensors or not _distributed():
+    if not tensors or not is_distributed():
         return
     world = dist.get_world_size()
     for dtype in dict.fromkeys(t.dtype for t in tensors):
@@ -142,44 +198,32 @@ def _allreduce_mean(tensors: list[Tensor]) -> None:
 
 
 def _any_rank(flag: bool, device) -> bool:
-    if not _distributed():
+    if not is_distributed():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
+def any_rank_flag(flag: Tensor) -> Tensor:
+    """A bool scalar tensor: ``flag`` on any rank (an all-reduce, no host sync)."""
+    if not is_distributed():
+        return flag
+    t = flag.float()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t > 0
+
+
 def move_batch(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    """Tensors of ``batch`` on ``device`` (asynchronous copies; tensors already there untouched)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) and v.device != device else v)
+            for k, v in batch.items()}
 
 
 def _ffn_weights(model: TrelmModel) -> list[tuple[nn.Parameter, Optional[nn.Parameter], nn.Parameter]]:
-    """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not)."""
-    return [(l.intermediate.dense.weight, l.intermediate.dense.bias, l.output.dense.weight)
-            for l in model.encoder_model.encoder.layer]
-
-
-def item_counts(batch: dict) -> Tensor:
-    """[2] int64 on the batch's device: labelled MLM positions and CKA targets of ``batch``."""
-    return torch.stack([batch["mlm_labels"].ne(IGNORE_INDEX).sum(), batch["cka_labels"].ne(IGNORE_INDEX).sum()])
-
-
-def share_of_items(counts: list[Tensor]) -> list[Tensor]:
-    """Each micro-batch's share [2] of the step's labelled positions and CKA targets (`item_counts`):
-    count_i / sum_j count_j, 0 where the step has none. Losses that are means over a micro-batch's
-    items, weighted by these, sum to the mean over the step's items."""
-    total = torch.stack(counts).sum(0).clamp(min=1).to(torch.float32)
-    return [c.to(torch.float32) / total for c in counts]
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch's weighted losses (detached) and what the bank update needs of it."""
-    total: Tensor
-    mlm: Tensor
-    cka: Tensor
-    hidden: Optional[Tensor]
-    batch: dict
+    """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not), from the family adapter."""
+    sites = [model.adapter.ffn_site(layer) for layer in model.adapter.layers(model.mlm)]
+    return [(s.up.linear.weight, s.up.linear.bias, s.down.linear.weight) for s in sites]
 
 
 class TrainStep:
@@ -202,10 +246,12 @@ class TrainStep:
         self.device = next(model.parameters()).device
         self.precision = MixedPrecision(cfg.train.precision, self.device)
         set_tf32(self.device, cfg.train.tf32)
-        rank = dist.get_rank() if _distributed() else 0
+        rank = dist.get_rank() if is_distributed() else 0
         self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + rank)
+        self.negative_q = model.negative_q.detach().double().cpu()  # Q on the host, where negatives are drawn
         self.steps_done = 0
-        self.nonfinite_total = 0
+        self._nonfinite_read = 0  # skipped steps the host has counted
+        self._pending: list[tuple[int, Tensor, Tensor]] = []  # (step index, skipped flag, loss) not read yet
         self.paths: Optional[list[Tensor]] = None  # one sorted index tensor per routed layer
         self.router = None
         if self.spec.routing is not None:
@@ -220,15 +266,16 @@ class TrainStep:
     def _setup_parameters(self) -> None:
         """requires_grad flags and the optimizer of the method.
 
-        Path methods train the `method.trainable` groups (trelm_fast.optim) plus the path slices;
-        `trelm_naive` adds the dense FFN weights (masked after backward); the others train every
-        group. The knowledge projection counts as group "other".
+        `MethodSpec.trains`: "method", the `method.trainable` groups (trelm_fast.optim), plus the path
+        slices of fused routing; "method+ffn" adds the whole FFN weights (`trelm_naive` masks their
+        gradients to the paths, `frozen_dense` does not); "all", every group. The knowledge
+        projection counts as group "other".
         """
         from trelm_fast.optim import DENSE_TRAINABLE, TrelmOptimizer, configure_trainable
 
         model, spec, o = self.model, self.spec, self.cfg.optim
-        trainable = set(self.cfg.method.trainable) if spec.uses_paths else set(DENSE_TRAINABLE)
-        if spec.routing == "naive":
+        trainable = set(DENSE_TRAINABLE) if spec.trains == "all" else set(self.cfg.method.trainable)
+        if spec.trains == "method+ffn":
             trainable.add("ffn")
         configure_trainable(model.mlm, trainable)
         model.injection.requires_grad_(spec.inject and "other" in trainable)
@@ -287,25 +334,40 @@ class TrainStep:
 
     # ------------------------------------------------------------------------- the objective
 
-    def negatives(self, batch: dict) -> Tensor:
-        """CKA negatives [T, loss.num_negatives] for the T targets of ``batch`` (from the step's generator)."""
-        targets = batch["cka_labels"][batch["cka_labels"].ne(IGNORE_INDEX)]
-        k = self.cfg.loss.num_negatives
-        if targets.numel() == 0:
-            return torch.zeros(0, k, dtype=torch.long, device=self.device)
-        return sample_negatives(targets, self.model.negative_q, k, generator=self.generator)
+    def prepare(self, batch: dict) -> dict:
+        """The host batch with the index fields (`prepare_batch`, unless the loader added them) and
+        ``cka_negatives`` [N_cka, K] (drawn from Q with the step's generator, unless present)."""
+        if not is_prepared(batch):
+            batch = prepare_batch(batch)
+        if "cka_negatives" not in batch:
+            negatives = sample_negatives(batch["cka_targets"], self.negative_q, self.cfg.loss.num_negatives,
+                                         generator=self.generator)
+            batch = {**batch, "cka_negatives": negatives}
+        return batch
 
-    def _objective(self, batch: dict, epoch: float, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """(total, mlm, cka, final hidden states or None) for the method's objective."""
-        model, theta, head = self.model, self.theta, self.head
-        kind = self.spec.objective
+    def _encoder_mask(self, batch: dict) -> Optional[Tensor]:
+        """The attention mask the encoder gets: None for a batch without padding; with padding under
+        SDPA attention a 4-D boolean [B, 1, 1, n] (transformers takes a 4-D mask as it is, where from
+        a 2-D one it would ask the device whether it is all ones: a host sync); else the 2-D mask."""
+        if batch["tokens"] == batch["input_ids"].numel():
+            return None
+        mask = batch["attention_mask"]
+        if self.model.mlm.config._attn_implementation == "sdpa":
+            return mask.bool()[:, None, None, :]
+        return mask
+
+    def _objective(self, batch: dict, epoch: float) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """(total, mlm, cka, final hidden states or None) for the method's objective on a prepared batch."""
+        model, theta, head = self.model, self.cfg.loss.theta, self.head
+        kind, negatives = self.spec.objective, batch["cka_negatives"]
         if kind == "trelm":
             hidden = model(batch, epoch)
-            out = trelm_loss(hidden, batch["mlm_labels"], batch["cka_labels"], negatives, head, theta)
+            out = trelm_loss_at(hidden, batch["mlm_positions"], batch["mlm_targets"], batch["cka_positions"],
+                                batch["cka_targets"], negatives, head, theta)
             return out.total, out.mlm, out.cka, hidden
         zero = torch.zeros((), device=self.device)
         if kind == "hf_full_cka":
-            labelled = bool(batch["mlm_labels"].ne(IGNORE_INDEX).any())
+            labelled = batch["mlm_targets"].numel() > 0
             out = model.mlm(inputs_embeds=model.input_embeddings(batch, epoch),
                             attention_mask=batch["attention_mask"],
                             labels=batch["mlm_labels"] if labelled else None, output_hidden_states=True)
@@ -319,19 +381,14 @@ class TrainStep:
             return out.loss, out.loss, zero, None
         hidden = model.encoder_model(input_ids=batch["input_ids"],
                                      attention_mask=batch["attention_mask"]).last_hidden_state
-        mlm = mlm_loss(hidden, batch["mlm_labels"], head)
+        mlm = mlm_loss_at(hidden, batch["mlm_positions"], batch["mlm_targets"], head)
         return mlm, mlm, zero, None
 
-    @property
-    def theta(self) -> float:
-        """The MLM weight of the total loss theta * MLM + (1 - theta) * CKA (1 without CKA)."""
-        return self.cfg.loss.theta if self.spec.objective in ("trelm", "hf_full_cka") else 1.0
-
-    # ------------------------------------------------------------------------- the step's phases
+    # ------------------------------------------------------------------------- the step
 
     def reduce_grads(self) -> None:
         """Under torch.distributed: average dense and slice gradients across ranks (a no-op otherwise)."""
-        if not _distributed():
+        if not is_distributed():
             return
         grads = []
         for p in self.dense_params:
@@ -344,88 +401,130 @@ class TrainStep:
 
             allreduce_slice_grads(self.model.mlm)
 
-    def begin(self, batch: dict, negatives: Tensor, step_index: int, epoch: float) -> dict:
+    # ------------------------------------------------------------------------- the step's phases
+
+    def begin(self, batch: dict, step_index: int, epoch: float) -> dict:
         """Start optimizer step ``step_index``: train mode, no gradients, and a path refresh on
-        ``batch`` (on the device, with its ``negatives``) when one is due. Returns the refresh's stats."""
+        ``batch`` (prepared, on the device) when one is due. Returns the refresh's stats."""
         self.model.train()
         self.optimizer.zero_grad()
-        stats: dict = {}
+        negatives = batch["cka_negatives"]
         if self.router is not None and (self.paths is None or step_index % self.cfg.routing.refresh == 0):
             # a batch without CKA targets on every rank has nothing to attribute: keep the old paths
             if self.paths is None or _any_rank(negatives.shape[0] > 0, self.device):
-                stats.update(self._refresh_paths(batch, step_index, epoch, negatives))
-        return stats
+                return self._refresh_paths(batch, step_index, epoch, negatives)
+        return {}
 
-    def accumulate(self, batch: dict, negatives: Tensor, epoch: float, weights: Tensor,
+    def accumulate(self, batch: dict, epoch: float, weights: tuple[float, float] = (1.0, 1.0),
                    backward: Optional[Callable[[Tensor], None]] = None) -> MicroBatch:
-        """Forward, loss and backward of one micro-batch (on the device), gradients added to those
-        already held. ``weights`` [2] scale its MLM and CKA terms: its share of the labelled
-        positions and CKA targets of the optimizer step (`share_of_items`), so the micro-batches'
-        gradients sum to the gradient of their concatenation. ``backward``: the step's precision
-        (fp16 loss scaling) by default; the HF Trainer passes its accelerator's."""
+        """Forward, loss and backward of one micro-batch (prepared, on the device), its gradients
+        added to those already held. ``weights`` scale its MLM and CKA terms: its share of the step's
+        labelled positions and CKA targets (`share_of_items`), so that the micro-batches' gradients
+        sum to the gradient of their concatenation. ``backward``: the step's precision (fp16 loss
+        scaling) by default; the Hugging Face Trainer passes its accelerator's."""
+        encoder_batch = {**batch, "attention_mask": self._encoder_mask(batch)}
         with self.precision.autocast():
-            _, mlm, cka, hidden = self._objective(batch, epoch, negatives)
-            mlm, cka = mlm * weights[0], cka * weights[1]
-            total = self.theta * mlm + (1.0 - self.theta) * cka
+            total, mlm, cka, hidden = self._objective(encoder_batch, epoch)
+            if weights != (1.0, 1.0):
+                mlm, cka = mlm * weights[0], cka * weights[1]
+                total = self.theta * mlm + (1.0 - self.theta) * cka
         (backward or self.precision.backward)(total)
-        return MicroBatch(total.detach(), mlm.detach(), cka.detach(),
+        return MicroBatch(total.detach(), mlm.detach(), cka.detach(), ~torch.isfinite(total.detach()),
                           None if hidden is None else hidden.detach(), batch)
 
-    def finish(self) -> tuple[bool, dict]:
-        """End the optimizer step: average gradients across ranks, clip (``train.max_grad_norm``) and
-        apply them; returns (whether the update was applied, stats)."""
+    @property
+    def theta(self) -> float:
+        """The MLM weight of the total loss theta * MLM + (1 - theta) * CKA (1 without CKA)."""
+        return self.cfg.loss.theta if self.spec.objective in ("trelm", "hf_full_cka") else 1.0
+
+    def finish(self, skip: Optional[Tensor]) -> tuple[bool, Optional[Tensor], dict]:
+        """End the optimizer step: average gradients across ranks, clip them (``train.max_grad_norm``)
+        and apply them unless ``skip`` (a bool scalar tensor, read on the device). Returns (whether the
+        fp16 scaler applied them, the norm before clipping or None, stats)."""
         if self.spec.routing == "naive":
             self._mask_to_paths()
         self.reduce_grads()
-        stepped, norm = self.precision.step(self.optimizer, self.cfg.train.max_grad_norm)
+        stepped, norm = self.precision.step(self.optimizer, skip, self.cfg.train.max_grad_norm)
         self.optimizer.zero_grad()
-        stats = self.precision.stats(stepped)
-        if norm is not None:
-            stats["grad_norm"] = float(norm)
-        return stepped, stats
+        return stepped, norm, self.precision.stats(stepped)
 
-    def update_bank(self, micro: list[MicroBatch], epoch: float) -> dict:
-        """Memory-bank update (eq. 8) from each micro-batch's final hidden states, in order."""
-        if self.model.bank is None or micro[0].hidden is None:
+    def update_bank(self, micro: list[MicroBatch], epoch: float, skip: Optional[Tensor]) -> dict:
+        """Memory-bank update (eq. 8) from each micro-batch's final hidden states, in order (nothing
+        changes where ``skip`` is true)."""
+        bank = self.model.bank
+        if bank is None or micro[0].hidden is None:
             return {}
         for m in micro:
-            self.model.update_bank(m.hidden, m.batch)
-        return {"kmb/lambda": self.model.bank.lam(epoch)}
+            b = m.batch
+            bank.apply(m.hidden, b["entity_spans"], b["lengths"], b["entity_first"], b["entity_rounds"], skip)
+        return {"kmb/lambda": bank.lam(epoch)}
 
     def step(self, batch: dict | list[dict], step_index: int, epoch: float = 0.0) -> StepResult:
         """Run optimizer step ``step_index`` at ``epoch`` on ``batch`` (the loader's batch contract), or
-        on a list of micro-batches (gradient accumulation, weighted as one batch of all of them).
-
-        A non-finite loss on any rank skips the step: no update, no bank update, gradients dropped.
-        """
+        on a list of micro-batches (gradient accumulation, weighted as one batch of all of them)."""
         t_start = time.perf_counter()
-        batches = [move_batch(b, self.device) for b in (batch if isinstance(batch, list) else [batch])]
-        negatives = [self.negatives(b) for b in batches]
-        stats = self.begin(batches[0], negatives[0], step_index, epoch)
-        stats["lr"] = self.optimizer.lr = lr_at(self.cfg, step_index)
-        t0 = time.perf_counter()
+        batches = [self.prepare(b) for b in (batch if isinstance(batch, list) else [batch])]
         weights = share_of_items([item_counts(b) for b in batches])
-        micro = [self.accumulate(b, neg, epoch, w) for b, neg, w in zip(batches, negatives, weights)]
-        total, mlm, cka = (float(sum(getattr(m, k) for m in micro)) for k in ("total", "mlm", "cka"))
-        stats["time/forward_backward_s"] = time.perf_counter() - t0
-        self.steps_done += 1
-        if _any_rank(not math.isfinite(total), self.device):
-            self.optimizer.zero_grad()
-            self.nonfinite_total += 1
-            stats["nonfinite_total"] = self.nonfinite_total
-            return StepResult(total, mlm, cka, True, stats)
+        stats: dict = {"tokens": sum(b["tokens"] for b in batches),
+                       "cka_targets": sum(b["cka_targets"].numel() for b in batches)}
+        batches = [move_batch(b, self.device) for b in batches]
+        stats.update(self.begin(batches[0], step_index, epoch))
+        stats["lr"] = self.optimizer.lr = lr_at(self.cfg, step_index)
+
         t0 = time.perf_counter()
-        stepped, finish_stats = self.finish()
-        stats.update(finish_stats)
+        micro = [self.accumulate(b, epoch, w) for b, w in zip(batches, weights)]
+        stats["time/forward_backward_s"] = time.perf_counter() - t0
+        total, mlm, cka = (_sum([getattr(m, k) for m in micro]) for k in ("total", "mlm", "cka"))
+        nonfinite = micro[0].nonfinite if len(micro) == 1 else torch.stack([m.nonfinite for m in micro]).any()
+        skip = any_rank_flag(nonfinite)
+        self.steps_done += 1
+        self.record(step_index, skip, total)
+        result = StepResult(total, mlm, cka, skip, stats)
+        if self.precision.scaler is not None:  # fp16: the scaler syncs on its own flag anyway
+            if bool(skip):
+                self.optimizer.zero_grad()
+                return result
+            skip = None
+
+        t0 = time.perf_counter()
+        stepped, result.grad_norm, precision_stats = self.finish(skip)
+        stats.update(precision_stats)
         stats["time/optimizer_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        bank_stats = self.update_bank(micro, epoch)
+        bank_stats = self.update_bank(micro, epoch, skip)
         if bank_stats:
             stats.update(bank_stats, **{"time/bank_s": time.perf_counter() - t0})
-        stats.update({"tokens": int(sum(b["attention_mask"].sum() for b in batches)),
-                      "cka_targets": sum(int(n.shape[0]) for n in negatives),
-                      "time/step_s": time.perf_counter() - t_start})
-        return StepResult(total, mlm, cka, False, stats)
+        stats["time/step_s"] = time.perf_counter() - t_start
+        return result
+
+    # ------------------------------------------------------------------------- skipped steps
+
+    _PENDING_MAX = 256
+    """Unread step flags kept for `nonfinite_events`; older ones are folded into the count."""
+
+    def record(self, step_index: int, skipped: Tensor, loss: Tensor) -> None:
+        """Keep step ``step_index``'s skip flag and loss (device tensors) for `nonfinite_events`."""
+        self._pending.append((step_index, skipped, loss.detach()))
+        if len(self._pending) > self._PENDING_MAX:  # nobody reads the events: keep only the count
+            self._nonfinite_read += int(torch.stack([f for _, f, _ in self._pending]).sum())
+            self._pending.clear()
+
+    def nonfinite_events(self) -> list[tuple[int, bool, float]]:
+        """(step index, skipped for a non-finite loss, loss) of every step since the last call, read
+        in one host sync; the skipped ones are added to `nonfinite_total`."""
+        if not self._pending:
+            return []
+        flat = torch.stack([torch.stack([f.float(), l.float()]) for _, f, l in self._pending]).tolist()
+        events = [(i, skipped > 0, loss) for (i, _, _), (skipped, loss) in zip(self._pending, flat)]
+        self._pending.clear()
+        self._nonfinite_read += sum(skipped for _, skipped, _ in events)
+        return events
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Steps skipped for a non-finite loss so far (a host sync while unread flags are pending)."""
+        pending = int(torch.stack([f for _, f, _ in self._pending]).sum()) if self._pending else 0
+        return self._nonfinite_read + pending
 
     __call__ = step
 
@@ -448,7 +547,7 @@ class TrainStep:
             raise ValueError(f"step state is for method {state.get('method')!r}, this step runs {self.method!r}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_done = int(state["steps_done"])
-        self.nonfinite_total = int(state["nonfinite_total"])
+        self._nonfinite_read, self._pending = int(state["nonfinite_total"]), []
         self.generator.set_state(state["generator"])
         if state.get("precision") is not None:  # absent in checkpoints written before it was kept
             self.precision.load_state_dict(state["precision"])

@@ -427,30 +427,34 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
         busy += time.perf_counter() - t0
         tokens += sum(int(b["attention_mask"].sum()) for b in micro) * d.world_size
 
-        if result.skipped_nonfinite:
-            nonfinite_in_row += 1
-            if d.main:
-                bar.write(f"step {step_index}: non-finite loss ({result.loss}), step skipped "
-                          f"({nonfinite_in_row} in a row, {step.nonfinite_total} in total)")
-            if nonfinite_in_row >= cfg.train.max_nonfinite:
-                metrics.log(step_index + 1, {"nonfinite_total": step.nonfinite_total})
-                metrics.close()
-                bar.close()
-                raise TrainingStopped(f"stopping at step {step_index}: {nonfinite_in_row} non-finite losses in a row "
-                                      f"(train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr or "
-                                      f"resume from an earlier checkpoint in {out_dir / 'checkpoints'}")
-        else:
-            nonfinite_in_row = 0
         done = step_index + 1
         bar.update(1)
 
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            values = {"loss": result.loss, "mlm_loss": result.mlm_loss, "cka_loss": result.cka_loss,
+            t0 = time.perf_counter()  # waiting for the device here is step time (steps do not wait)
+            events, losses = step.nonfinite_events(), result.scalars()
+            busy += time.perf_counter() - t0
+            for index, skipped, loss in events:  # the host reads the step flags only here
+                if not skipped:
+                    nonfinite_in_row = 0
+                    continue
+                nonfinite_in_row += 1
+                if d.main:
+                    bar.write(f"step {index}: non-finite loss ({loss}), step skipped "
+                              f"({nonfinite_in_row} in a row)")
+                if nonfinite_in_row >= cfg.train.max_nonfinite:
+                    metrics.log(index + 1, {"nonfinite_total": step.nonfinite_total})
+                    metrics.close()
+                    bar.close()
+                    raise TrainingStopped(f"stopping at step {index}: {nonfinite_in_row} non-finite losses in a row "
+                                          f"(train.max_nonfinite={cfg.train.max_nonfinite}); lower optim.lr or "
+                                          f"resume from an earlier checkpoint in {out_dir / 'checkpoints'}")
+            values = {**{k: v for k, v in losses.items() if k != "skipped_nonfinite"},  # losses, grad_norm
                       "tokens_per_s": tokens / max(busy, 1e-9), "epoch": epoch,
                       "nonfinite_total": step.nonfinite_total,
                       **{k: v for k, v in result.stats.items() if isinstance(v, (int, float))}}
             metrics.log(done, values)
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
             tokens, busy = 0, 0.0
         if done % cfg.train.eval_every == 0 and done != cfg.train.steps:
             run_probes(done)

@@ -22,6 +22,7 @@ from trelm_fast.config import MASKING, resolve_model_path
 from .build import FORMAT_VERSION, SPAN_COLUMNS
 from .checksums import verify_checksums
 from .formats import DataFormatError, Probe, read_id_list, read_kg_embeddings, read_probes
+from .prepare import prepare_batch
 
 _ARRAYS = ("tokens", "lengths", "spans", "span_offsets", "si")
 
@@ -162,7 +163,9 @@ class MLMCollator:
     it is passed over. Of the chosen tokens 80% become [MASK], 10% a random non-special token, 10%
     stay. The choice uses a generator seeded by (seed, epoch, index) of the sample.
     Output: input_ids, attention_mask, mlm_labels, cka_labels int64 [B, n]; entity_spans [E, 4],
-    target_spans [T, 4] (row, start, end, entity_id); target_triples [T, 2] (head, relation).
+    target_spans [T, 4] (row, start, end, entity_id); target_triples [T, 2] (head, relation); and
+    the index fields of `trelm_fast.data.prepare` (computed here, in the loader's workers, so that
+    the training step asks the device nothing).
     """
 
     def __init__(self, manifest: dict, seed: int = 0, mlm_prob: float = 0.15, masking: str = "token",
@@ -263,7 +266,7 @@ class MLMCollator:
             t = sp[:, 3] == 1
             targets.append(torch.cat([rc[t], sp[t, :3]], 1))
             triples.append(sp[t, 4:6])
-        return {
+        return prepare_batch({
             "input_ids": torch.stack(inputs),
             "attention_mask": torch.stack(att),
             "mlm_labels": torch.stack(mlm),
@@ -271,7 +274,7 @@ class MLMCollator:
             "entity_spans": torch.cat(ents).reshape(-1, 4),
             "target_spans": torch.cat(targets).reshape(-1, 4),
             "target_triples": torch.cat(triples).reshape(-1, 2),
-        }
+        })
 
 
 class ResumableSampler(Sampler):

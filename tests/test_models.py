@@ -1,0 +1,293 @@
+"""Model families through their adapters (trelm_fast.models), on tiny random configs built from each
+family's *Config class: the layer split reproduces the HF forward, swap/unswap is bit-identical with
+no path, slice gradients equal the dense gradients restricted to the path, fused attribution equals
+the reference loop, and a short CPU training run lowers the loss."""
+import copy
+
+import pytest
+import torch
+import transformers
+
+import trelm_fast
+import trelm_fast.models.base
+from trelm_fast.ffn import TrelmFFN, ffn_modules, swap_ffn, unswap_ffn
+from trelm_fast.losses import mlm_loss, sample_negatives
+from trelm_fast.models import adapter_for, supported_model_types
+from trelm_fast.optim import TRELM_TRAINABLE, TrelmOptimizer, configure_trainable, parameter_group
+from trelm_fast.routing import KnowledgeRouter, attribute, attribute_reference
+
+V, D, I, L = 53, 32, 37, 3
+
+
+def _bert_like(cfg_cls, **extra):
+    def make(dropout):
+        return cfg_cls(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=I,
+                       max_position_embeddings=24, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                       **extra)
+    return make
+
+
+def _distilbert(dropout):
+    return transformers.DistilBertConfig(vocab_size=V, dim=D, n_layers=L, n_heads=4, hidden_dim=I,
+                                         max_position_embeddings=24, dropout=dropout, attention_dropout=dropout)
+
+
+def _llama(dropout):
+    return transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
+                                    attention_dropout=dropout)
+
+
+# model_type -> (config maker(dropout), masked-LM / causal-LM class, attention implementations the family has)
+FAMILIES = {
+    "bert": (_bert_like(transformers.BertConfig), transformers.BertForMaskedLM, ("sdpa", "eager")),
+    "roberta": (_bert_like(transformers.RobertaConfig, pad_token_id=1), transformers.RobertaForMaskedLM,
+                ("sdpa", "eager")),
+    "xlm-roberta": (_bert_like(transformers.XLMRobertaConfig, pad_token_id=1), transformers.XLMRobertaForMaskedLM,
+                    ("sdpa", "eager")),
+    "electra": (_bert_like(transformers.ElectraConfig, embedding_size=16), transformers.ElectraForMaskedLM,
+                ("sdpa", "eager")),
+    "distilbert": (_distilbert, transformers.DistilBertForMaskedLM, ("sdpa", "eager")),
+    # DeBERTa-v3 style: relative attention with log buckets, no first-layer convolution
+    "deberta-v2": (_bert_like(transformers.DebertaV2Config, relative_attention=True, position_buckets=8,
+                              max_relative_positions=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                              position_biased_input=False),
+                   transformers.DebertaV2ForMaskedLM, ("eager",)),
+    "llama": (_llama, transformers.LlamaForCausalLM, ("sdpa", "eager")),  # decoder, gated MLP, pre-RMSNorm
+}
+ATTENTION = [(family, attn) for family, (_, _, attns) in FAMILIES.items() for attn in attns]
+
+
+def _model(family, seed=0, dropout=0.1):
+    make_cfg, cls, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    return cls(make_cfg(dropout))
+
+
+def _inputs(b=3, n=9, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+def _labels(ids):
+    labels = torch.full_like(ids, -100)
+    labels[0, 2:4] = ids[0, 2:4]
+    labels[0, 7] = ids[0, 7]
+    labels[1, 4] = ids[1, 4]
+    labels[2, 1] = ids[2, 1]
+    return labels
+
+
+def _loss(model, ids, mask, seed=1):
+    torch.manual_seed(seed)  # the same dropout masks in both models
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return logits.float().pow(2).mean() + logits[..., 3].sum()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_every_family_is_tested():
+    assert set(supported_model_types()) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_split_reproduces_hf_forward(family):
+    """The adapter's layer_context / attention / neurons / ffn_out chain is the HF encoder."""
+    model = _model(family).eval()
+    adapter = adapter_for(model)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        h = adapter.embedding_output(model, model.get_input_embeddings()(ids), mask)
+        ctx = adapter.layer_context(model, mask, h)
+        for layer in adapter.layers(model):
+            a = adapter.attention(layer, h, ctx)
+            h = adapter.ffn_out(layer, adapter.neurons(layer, a), a)
+        h = adapter.final_norm(model, h)
+    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("train", [False, True])
+def test_swap_without_path_is_bit_identical(family, train):
+    ref = _model(family)
+    swapped = trelm_fast.apply_trelm(copy.deepcopy(ref))
+    assert len(ffn_modules(swapped)) == L
+    assert list(ref.state_dict()) == list(swapped.state_dict())
+    ref.train(train), swapped.train(train)
+    ids, mask = _inputs()
+    lr, ls = _loss(ref, ids, mask), _loss(swapped, ids, mask)
+    assert torch.equal(lr, ls)
+    lr.backward(), ls.backward()
+    for (n, p), (n2, p2) in zip(ref.named_parameters(), swapped.named_parameters(), strict=True):
+        assert n == n2 and (p.grad is None) == (p2.grad is None), n
+        assert p.grad is None or torch.equal(p.grad, p2.grad), n
+    unswap_ffn(swapped)
+    assert not any(isinstance(m, TrelmFFN) for m in swapped.modules())
+    assert type(adapter_for(swapped).ffn_site(adapter_for(swapped).layers(swapped)[0]).up.linear) is torch.nn.Linear
+    assert torch.equal(_loss(ref.eval(), ids, mask), _loss(swapped.eval(), ids, mask))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slice_gradients_are_the_dense_gradients_on_the_path(family):
+    ref = _model(family, dropout=0.0)
+    swapped = swap_ffn(copy.deepcopy(ref))
+    paths = [torch.tensor([0, 5, 36]), torch.arange(I), torch.tensor([17])]
+    for f, p in zip(ffn_modules(swapped), paths):
+        f.set_path(p)
+    ids, mask = _inputs()
+    _loss(ref, ids, mask).backward()
+    _loss(swapped, ids, mask).backward()
+    adapter = adapter_for(ref)
+    for f, layer, p in zip(ffn_modules(swapped), adapter.layers(ref), paths):
+        site = adapter.ffn_site(layer)
+        w1, w2 = site.up.linear, site.down.linear
+        assert _rel(f.slices.w1.grad, w1.weight.grad[p]) <= 1e-5
+        assert _rel(f.slices.w2.grad, w2.weight.grad[:, p]) <= 1e-5
+        assert (f.slices.b1 is None) == (w1.bias is None) and (f.gate_slices is None) == (site.gate is None)
+        if w1.bias is not None:
+            assert _rel(f.slices.b1.grad, w1.bias.grad[p]) <= 1e-5
+        if w2.bias is not None:
+            assert _rel(f.down.bias.grad, w2.bias.grad) <= 1e-5
+        if site.gate is not None:  # gated MLP: rows S of the gate too
+            assert _rel(f.gate_slices.wg.grad, site.gate.linear.weight.grad[p]) <= 1e-5
+        assert all(lin.weight.grad is None for lin in f.linears)  # no full-size FFN weight gradient
+    emb_ref, emb = ref.get_input_embeddings().weight.grad, swapped.get_input_embeddings().weight.grad
+    assert _rel(emb, emb_ref) <= 1e-5  # the exact input gradient flows through every layer
+
+
+def _attribution_batch(model, seed=1, K=6):
+    ids, mask = _inputs()
+    labels = _labels(ids)
+    with torch.no_grad():
+        hidden = adapter_for(model).embedding_output(model, model.get_input_embeddings()(ids), mask)
+    targets = labels[labels != -100]
+    neg = sample_negatives(targets, torch.ones(V) / V, K, torch.Generator().manual_seed(seed))
+    return ids, hidden, mask, labels, neg
+
+
+@pytest.mark.parametrize("family,attn", ATTENTION)
+def test_fused_attribution_matches_reference(family, attn):
+    model = swap_ffn(_model(family))
+    model.set_attn_implementation(attn)
+    _, hidden, mask, labels, neg = _attribution_batch(model)
+    fused = attribute(model, hidden, mask, labels, neg, m=4, max_copies=5)
+    ref = attribute_reference(model, hidden, mask, labels, neg, m=4)
+    assert fused.scores.shape == (L, I) and fused.num_targets == 5 and fused.num_sequences == 3
+    assert fused.scores.abs().max() > 0
+    assert _rel(fused.scores, ref.scores) <= 1e-4
+    assert fused.prob == pytest.approx(ref.prob)
+    assert model.training and all(p.requires_grad for p in model.parameters())  # restored
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_short_training_run_lowers_the_loss(family):
+    """Random init, TRELM mode: only the head and the knowledge-path slices learn; 16 steps on one batch.
+    Encoders: MLM loss at the targets; decoders: causal LM loss at the targets (read at t - 1)."""
+    model = swap_ffn(_model(family, dropout=0.0))
+    configure_trainable(model, TRELM_TRAINABLE)
+    adapter = adapter_for(model)
+    def rows_sliced(layer):  # the weights whose rows are neurons: up, and the gate of a gated MLP
+        site = adapter.ffn_site(layer)
+        return [site.up.linear.weight] + ([] if site.gate is None else [site.gate.linear.weight])
+
+    before = [[w.detach().clone() for w in rows_sliced(layer)] for layer in adapter.layers(model)]
+    opt = TrelmOptimizer(model, lr=1e-2)
+    router = KnowledgeRouter(model, m=2, refresh=4, fraction=0.25)
+    ids, hidden, mask, labels, neg = _attribution_batch(model)
+    inputs = ids if adapter.causal else ids.masked_fill(labels != -100, 3)
+    head = adapter.mlm_head(model)
+    losses, selected = [], [set() for _ in range(L)]
+    for step in range(16):
+        if router.due(step):
+            with torch.no_grad():
+                hidden = adapter.embedding_output(model, model.get_input_embeddings()(inputs), mask)
+            for f, p, seen in zip(ffn_modules(model), router.refresh(step, hidden, mask, labels, neg), selected):
+                f.set_path(p)
+                seen.update(p.tolist())
+        h = model.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
+        # decoders: causal LM at the targets, the state at t - 1 predicts the token at t
+        loss = mlm_loss(h[:, :-1], labels[:, 1:], head) if adapter.causal else mlm_loss(h, labels, head)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    for layer, w0s, seen in zip(adapter.layers(model), before, selected):
+        for w, w0 in zip(rows_sliced(layer), w0s):
+            changed = (w != w0).any(1)
+            assert changed.any() and set(changed.nonzero().squeeze(1).tolist()) <= seen  # only path rows moved
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_groups_of_the_family(family):
+    """What TRELM mode freezes is decided right for every family's parameter names."""
+    model = _model(family)
+    adapter = adapter_for(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer in adapter.layers(model):
+        site = adapter.ffn_site(layer)
+        ffn = [site.up.linear.weight, site.up.linear.bias, site.down.linear.weight]
+        ffn += [] if site.gate is None else [site.gate.linear.weight, site.gate.linear.bias]
+        assert {parameter_group(names[id(p)]) for p in ffn if p is not None} == {"ffn"}
+        if site.down.linear.bias is not None:
+            assert parameter_group(names[id(site.down.linear.bias)]) == "ffn_out_bias"
+        assert all(parameter_group(names[id(p)]) in ("attention", "layernorm", "ffn", "ffn_out_bias")
+                   for p in layer.parameters())
+    assert parameter_group(names[id(model.get_input_embeddings().weight)]) == "embeddings"
+    head = adapter.mlm_head(model)
+    assert {parameter_group(names[id(p)]) for p in head.transform.parameters()} <= {"head"}  # Llama: none
+    outside = {n for n, p in model.named_parameters() if parameter_group(n) == "other"}
+    assert not outside, outside  # nothing of the model trains by accident in TRELM mode
+
+
+UNSUPPORTED = {
+    "albert": lambda: transformers.AlbertForMaskedLM(transformers.AlbertConfig(
+        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I,
+        embedding_size=16)),
+    "modernbert": lambda: transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=4)),
+}
+
+
+@pytest.mark.parametrize("model_type", UNSUPPORTED)
+def test_unsupported_family_raises_listing_the_supported_ones(model_type):
+    model = UNSUPPORTED[model_type]()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"swap_ffn: model_type '{model_type}' is not supported \(supported: bert, "):
+        trelm_fast.apply_trelm(model)
+    with pytest.raises(ValueError, match=f"routing: model_type '{model_type}'"):
+        KnowledgeRouter(model)
+    assert not any(isinstance(m, TrelmFFN) for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_transformers_outside_the_supported_range_is_named(monkeypatch):
+    model = _model("bert")
+    monkeypatch.setattr(trelm_fast.models.base.transformers, "__version__", "4.40.0")
+    with pytest.raises(RuntimeError, match=r"transformers 4.40.0 is installed; the bert adapter supports "
+                                           r"transformers >= 5.0, < 6.0"):
+        swap_ffn(model)
+
+
+def test_the_trainer_refuses_decoders():
+    from trelm_fast.model import TrelmModel
+
+    with pytest.raises(ValueError, match="TrelmModel: llama is a decoder family; the trainer supports masked LMs"):
+        TrelmModel(_model("llama"), torch.zeros(3, 4), torch.zeros(2, 4))
+
+
+def test_electra_discriminator_swaps_but_has_no_mlm_head():
+    make_cfg, _, _ = FAMILIES["electra"]
+    disc = transformers.ElectraForPreTraining(make_cfg(0.0))
+    swap_ffn(disc)
+    assert len(ffn_modules(disc)) == L
+    with pytest.raises(TypeError, match="ElectraForPreTraining has no MLM head"):
+        adapter_for(disc).mlm_head(disc)

@@ -1,0 +1,88 @@
+"""Llama (`model_type` "llama"): a decoder with pre-RMSNorm layers and a gated MLP.
+
+a = h + self_attn(input_layernorm(h)) (rotary position embeddings, causal mask); the MLP reads
+x = post_attention_layernorm(a): v = act(gate_proj x) * (up_proj x), a path S takes rows S of
+`gate_proj` and `up_proj` and columns S of `down_proj`; the layer output is a + down_proj(v). The
+final `model.norm` follows the last layer; `lm_head` (no bias) scores tokens. Causal: the hidden
+state at t - 1 predicts the token at t (docs/models.md says what TRELM's targets, injection and
+memory bank mean there). `build_mlm` refuses the family: the trainer's batches and losses are
+masked-LM ones.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from trelm_fast.losses import MLMHead
+from trelm_fast.models.base import FamilyAdapter, FFNSite, Site, register
+
+
+class LlamaContext(NamedTuple):
+    mask: object  # what create_causal_mask returns: None, a 4D tensor or a block mask
+    position_embeddings: tuple[Tensor, Tensor]  # rotary (cos, sin)
+
+
+@register
+class LlamaAdapter(FamilyAdapter):
+    family = "llama"
+    model_types = ("llama",)
+    layer_classes = (LlamaDecoderLayer,)
+    causal = True
+
+    def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        return self.base(model).layers
+
+    def ffn_site(self, layer: nn.Module) -> FFNSite:
+        mlp = layer.mlp
+        return FFNSite(Site(mlp, "up_proj"), Site(mlp, "down_proj"), mlp.act_fn, Site(mlp, "gate_proj"))
+
+    def layer_context(self, model: nn.Module, mask2d: Tensor, like: Tensor) -> LlamaContext:
+        position_ids = torch.arange(like.shape[1], device=like.device)[None]
+        mask = create_causal_mask(config=model.config, inputs_embeds=like, attention_mask=mask2d,
+                                  past_key_values=None, position_ids=position_ids)
+        return LlamaContext(mask, self.base(model).rotary_emb(like, position_ids=position_ids))
+
+    def attention(self, layer: nn.Module, h: Tensor, ctx: LlamaContext) -> Tensor:
+        out, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=ctx.mask,
+                                 position_embeddings=ctx.position_embeddings)
+        return h + out
+
+    def ffn_input(self, layer: nn.Module, a: Tensor) -> Tensor:
+        return layer.post_attention_layernorm(a)
+
+    def layer_output(self, layer: nn.Module, f: Tensor, a: Tensor) -> Tensor:
+        return a + f
+
+    def final_norm(self, model: nn.Module, h: Tensor) -> Tensor:
+        return self.base(model).norm(h)
+
+    def mlm_head(self, model: nn.Module) -> MLMHead:
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is None:
+            raise TypeError(f"trelm_fast.models.{self.family}: {type(model).__name__} has no LM head; "
+                            "use LlamaForCausalLM")
+        bias = lm_head.bias if lm_head.bias is not None else lm_head.weight.new_zeros(lm_head.out_features)
+        return MLMHead(nn.Identity(), lm_head, bias)
+
+    def embedding_output(self, model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return inputs_embeds  # no position or type embeddings: positions enter through the rotary attention
+
+    def set_dropout(self, config, p: float) -> None:
+        config.attention_dropout = p
+
+    def parameter_group(self, parts: list[str]) -> str | None:
+        if parts[0] == "lm_head" or "embed_tokens" in parts:
+            return "embeddings"  # the [V, d] output matrix (tied or not) stays frozen like BERT's decoder
+        if "layers" not in parts:
+            return "layernorm" if parts[-2:] == ["norm", "weight"] else None
+        if parts[-2] in ("input_layernorm", "post_attention_layernorm"):
+            return "layernorm"
+        if "self_attn" in parts:
+            return "attention"
+        if "mlp" in parts:
+            return "ffn_out_bias" if parts[-2:] == ["down_proj", "bias"] else "ffn"
+        return None

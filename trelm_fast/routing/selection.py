@@ -1,0 +1,50 @@
+"""Path selection (eq. 12): scores [layers, I] -> one sorted neuron index tensor per layer, and the
+DDP reduction of the scores that makes every rank select the same paths."""
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+from trelm_fast.distributed import is_distributed
+
+RULES = ("top_fraction", "threshold", "global_budget")
+
+
+def reduce_scores(scores: Tensor) -> Tensor:
+    """Sum of the scores over DDP ranks (a copy), so every rank selects the same paths."""
+    scores = scores.clone()
+    if is_distributed():
+        dist.all_reduce(scores, op=dist.ReduceOp.SUM)
+    return scores
+
+
+def select_paths(
+    scores: Tensor, rule: str = "top_fraction", fraction: float = 0.1, threshold: float = 0.2
+) -> list[Tensor]:
+    """Knowledge paths (eq. 12) from scores [L_attr, I]: one sorted int64 index tensor per row.
+
+    top_fraction: the max(1, round(fraction * I)) highest scores of each layer.
+    threshold: neurons with score > 0 and score >= threshold * (layer max); empty if the max <= 0.
+    global_budget: the max(1, round(fraction * I * L_attr)) highest scores over all layers pooled.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"select_paths: scores must be [layers, I], got {tuple(scores.shape)}")
+    n_layers, width = scores.shape
+    if rule == "top_fraction":
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"routing.fraction must be in (0, 1], got {fraction}")
+        k = max(1, round(fraction * width))
+        return [row.topk(k).indices.sort().values for row in scores]
+    if rule == "threshold":
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"routing.threshold must be in (0, 1], got {threshold}")
+        top = scores.max(dim=1, keepdim=True).values
+        keep = (scores > 0) & (scores >= threshold * top)
+        return [row.nonzero().squeeze(1) for row in keep]
+    if rule == "global_budget":
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"routing.fraction must be in (0, 1], got {fraction}")
+        k = max(1, round(fraction * width * n_layers))
+        flat = scores.reshape(-1).topk(k).indices
+        return [flat[flat // width == i] % width for i in range(n_layers)]
+    raise ValueError(f"routing.rule must be one of {RULES}, got {rule!r}")
