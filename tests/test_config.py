@@ -53,7 +53,7 @@ def test_parse_overrides_forms():
     ("routing.fraction=0", "routing.fraction"),
     ("routing.fraction=1.2", "routing.fraction"),
     ("method.name=magic", "method.name"),
-    ("train.steps=0", "train.steps"),
+    ("train.steps=-1", "train.steps"),  # 0 is allowed: probe and export the start
     ("train.steps=abc", "train.steps"),
     ("train.steps=1.5", "train.steps"),
     ("train.resume=/no/such/dir", "train.resume"),

@@ -180,3 +180,15 @@ def test_readme_snippet_runs(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(shrunk, "README.md", "exec"), {})
     assert (tmp_path / "runs" / "hf" / "model" / "config.json").is_file()
+
+
+def test_bf16_trains(tmp_path, tiny_dir):
+    """bf16=True: the forward runs under bf16 autocast (the step's precision), the update is finite."""
+    trainer = TrelmTrainer(args=trainer_args(tmp_path, tiny_dir, max_steps=3, bf16=True))
+    assert trainer.trelm_step.precision.name == "bf16"
+    losses = recorded(trainer)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    assert trainer.trelm_step.nonfinite_total == 0
