@@ -47,7 +47,8 @@ from trelm_fast.checkpoint import export_pretrained, flatten_state, unflatten_st
 from trelm_fast.config import Config, ConfigError, load_config, validate
 from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset, load_manifest
 from trelm_fast.optim import TrelmOptimizer
-from trelm_fast.step import MicroBatch, TrainStep, any_rank_flag, build_step_model, item_counts, make_step, move_batch
+from trelm_fast.step import (MicroBatch, TrainStep, any_rank_flag, build_step_model, item_counts, item_share,
+                             make_step, move_batch)
 
 TRELM_STATE = "trelm_state"  # trelm_state.safetensors + trelm_state.json in each checkpoint-N
 MODEL_WEIGHTS = "trelm_model.safetensors"
@@ -240,15 +241,14 @@ class TrelmTrainer(Trainer):
         Returns the weighted loss (detached). No host sync (fp32/bf16)."""
         step = self.trelm_step
         batch = move_batch(step.prepare(inputs), step.device)
-        epoch = float(math.floor(self.state.epoch or 0.0))
+        epoch = self._data_epoch
         if not self._micro:
             paths = step.paths
             step.begin(batch, self.state.global_step, epoch)
             if step.paths is not paths:
                 self._optimizer().set_slices()
         counts = item_counts(batch)
-        totals = num_items_in_batch or counts
-        weights = (counts[0] / max(1, totals[0]), counts[1] / max(1, totals[1]))
+        weights = item_share(counts, num_items_in_batch or counts)
         micro = step.accumulate(batch, epoch, weights, backward=self.accelerator.backward)
         self._micro.append(micro)
         parts = torch.stack([micro.mlm, micro.cka]).float()
@@ -260,6 +260,11 @@ class TrelmTrainer(Trainer):
             step.reduce_grads()
             self._optimizer().skip = self._skip
         return micro.total
+
+    @property
+    def _data_epoch(self) -> float:
+        """The epoch of the data being read (whole; the Trainer's `state.epoch` counts fractions)."""
+        return float(math.floor(self.state.epoch or 0.0))
 
     def _optimizer(self) -> TrelmTorchOptimizer:
         opt = self.optimizer
@@ -273,7 +278,7 @@ class TrelmTrainer(Trainer):
         """Bank update from the step's micro-batches (no change after a non-finite loss); a new step
         begins."""
         step = self.trelm_step
-        step.update_bank(self._micro, float(math.floor(self.state.epoch or 0.0)), self._skip)
+        step.update_bank(self._micro, self._data_epoch, self._skip)
         step.steps_done += 1
         self._steps_since_log += 1
         self._micro = []

@@ -145,12 +145,17 @@ def item_counts(batch: dict) -> tuple[int, int]:
     return batch["mlm_targets"].numel(), batch["cka_targets"].numel()
 
 
+def item_share(counts: tuple[int, int], totals: tuple[int, int]) -> tuple[float, float]:
+    """One micro-batch's share of the step's labelled positions and of its CKA targets
+    (`item_counts` over the step's ``totals``), 0 where the step has none. Losses that are means over
+    a micro-batch's items, weighted by these, sum to the mean over the step's items."""
+    return counts[0] / max(1, totals[0]), counts[1] / max(1, totals[1])
+
+
 def share_of_items(counts: list[tuple[int, int]]) -> list[tuple[float, float]]:
-    """Each micro-batch's share of the step's labelled positions and of its CKA targets
-    (`item_counts`): count_i / sum_j count_j, 0 where the step has none. Losses that are means over a
-    micro-batch's items, weighted by these, sum to the mean over the step's items."""
-    totals = [max(1, sum(c[i] for c in counts)) for i in (0, 1)]
-    return [(c[0] / totals[0], c[1] / totals[1]) for c in counts]
+    """`item_share` of each of a step's micro-batches, from their `item_counts`."""
+    totals = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+    return [item_share(c, totals) for c in counts]
 
 
 @dataclass
@@ -464,9 +469,9 @@ class TrainStep:
         on a list of micro-batches (gradient accumulation, weighted as one batch of all of them)."""
         t_start = time.perf_counter()
         batches = [self.prepare(b) for b in (batch if isinstance(batch, list) else [batch])]
-        weights = share_of_items([item_counts(b) for b in batches])
-        stats: dict = {"tokens": sum(b["tokens"] for b in batches),
-                       "cka_targets": sum(b["cka_targets"].numel() for b in batches)}
+        counts = [item_counts(b) for b in batches]
+        weights = share_of_items(counts)
+        stats: dict = {"tokens": sum(b["tokens"] for b in batches), "cka_targets": sum(c[1] for c in counts)}
         batches = [move_batch(b, self.device) for b in batches]
         stats.update(self.begin(batches[0], step_index, epoch))
         stats["lr"] = self.optimizer.lr = lr_at(self.cfg, step_index)

@@ -341,16 +341,10 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
                     keep=Path(resume) if resume is not None else None)
     data_dir = ensure_dataset(cfg, d)
     from trelm_fast.data.base_model import load_tokenizer
-    from trelm_fast.data.loader import load_probes
+    from trelm_fast.data.loader import load_probe_splits
 
     tokenizer = load_tokenizer(str(resolve_model_path(cfg.model.path)))
-    probes = {}  # "stated": facts the corpus states; "heldout": KG facts it never states
-    for split in ("stated", "heldout"):
-        try:
-            probes[split] = load_probes(data_dir, split)
-        except FileNotFoundError:
-            continue
-    probes = {split: facts for split, facts in probes.items() if facts}
+    probes = load_probe_splits(data_dir)  # "stated": facts the corpus states; "heldout": KG facts it never states
     if d.main and not probes:
         print(f"no probe facts in {data_dir}: probing is skipped", flush=True)
 

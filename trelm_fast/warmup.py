@@ -27,14 +27,13 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trelm_fast.checkpoint import export_pretrained
 from trelm_fast.config import ModelConfig, resolve_model_path
 from trelm_fast.data.base_model import load_tokenizer
 from trelm_fast.data.checksums import sha256_file
-from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset, check_tokenizer, load_probes
-from trelm_fast.losses import MLMHead
+from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset, check_tokenizer, load_probe_splits
+from trelm_fast.losses import MLMHead, mlm_loss_at
 from trelm_fast.model import build_mlm
 from trelm_fast.optim import configure_trainable
 from trelm_fast.probe import evaluate_probes
@@ -91,19 +90,10 @@ def _batches(ds: TrelmDataset, wcfg: WarmupConfig):
 
 
 def _mlm_loss(mlm, head: MLMHead, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy at the labelled positions; the encoder runs without gradient."""
+    """Mean cross-entropy at the labelled positions (`mlm_loss_at`); the encoder runs without gradient."""
     with torch.no_grad():
         hidden = mlm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    labelled = batch["mlm_labels"].ne(-100)
-    return F.cross_entropy(head.logits(hidden[labelled]), batch["mlm_labels"][labelled])
-
-
-def _probes(dataset_dir, split: str) -> list:
-    """The probe facts of ``split`` ([] when the dataset has none)."""
-    try:
-        return load_probes(dataset_dir, split)
-    except FileNotFoundError:
-        return []
+    return mlm_loss_at(hidden, batch["mlm_positions"], batch["mlm_targets"], head)
 
 
 def warm_up_head(model_path: str, dataset_dir: str | os.PathLike, out_root: str | os.PathLike,
@@ -124,7 +114,7 @@ def warm_up_head(model_path: str, dataset_dir: str | os.PathLike, out_root: str 
     optimizer = torch.optim.AdamW(params, lr=wcfg.lr)
     valid_batches = list(islice(_batches(valid, replace(wcfg, batch_size=min(wcfg.batch_size, len(valid)))),
                                 wcfg.valid_batches))
-    probes = {split: facts for split in ("stated", "heldout") if (facts := _probes(dataset_dir, split))}
+    probes = load_probe_splits(dataset_dir)
 
     def measure() -> dict:
         with torch.no_grad():

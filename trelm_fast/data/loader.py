@@ -91,6 +91,17 @@ def load_probes(directory: str | Path, split: str = "stated") -> list[Probe]:
     return read_probes(Path(directory) / names[split])
 
 
+def load_probe_splits(directory: str | Path) -> dict[str, list[Probe]]:
+    """{split: facts} of every probe split the dataset has with at least one fact ("stated" first)."""
+    splits = {}
+    for split in ("stated", "heldout"):
+        try:
+            splits[split] = load_probes(directory, split)
+        except FileNotFoundError:
+            continue
+    return {split: facts for split, facts in splits.items() if facts}
+
+
 class TrelmDataset(Dataset):
     """Sequences of one split, memory-mapped (cheap to pickle into DataLoader workers).
 
