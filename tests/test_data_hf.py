@@ -1,7 +1,6 @@
 """The ``hf`` source: a corpus as a `datasets` dataset on disk (save_to_disk, parquet, arrow, JSON lines)."""
 import json
 
-import datasets
 import numpy as np
 import pytest
 
@@ -9,6 +8,8 @@ from trelm_fast.data.__main__ import main as cli
 from trelm_fast.data.formats import BadRecords, DataFormatError, read_corpus
 from trelm_fast.data.loader import load_entities
 from trelm_fast.data.sources.hf import read_hf_corpus
+
+datasets = pytest.importorskip("datasets")  # the `hf` extra; a GPU machine as it comes lacks it
 
 ROWS = [
     {"text": "Bob met Ann in Paris.", "entities": [{"start": 0, "end": 3, "id": "e:bob"},
