@@ -20,12 +20,13 @@ Kernels, called as their production callers call them:
 """
 from __future__ import annotations
 
-import contextlib
 import traceback
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from trelm_fast.precision import ieee_fp32
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.int64: 0.0}
 """max_rel_err allowed per output dtype: fp32 results (fp32 accumulation, also of bf16 inputs) differ
@@ -148,16 +149,6 @@ CHECKS: dict[str, Callable] = {
 }
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     got, want = got.detach().double().cpu(), want.detach().double().cpu()
     if got.shape != want.shape:
@@ -178,7 +169,7 @@ def run_checks(device: torch.device, kernels=tuple(CHECKS), dtypes=DTYPES) -> li
             for dtype in dtypes:
                 base = {"kernel": kernel, "shape": shape.name, "dtype": str(dtype).removeprefix("torch.")}
                 try:
-                    with _no_tf32():
+                    with ieee_fp32():
                         outputs = check(shape, dtype, device, torch.Generator().manual_seed(0))
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)

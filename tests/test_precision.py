@@ -10,7 +10,7 @@ from test_ffn import D, I, L, MODELS, _loss, _pair, _rel
 from test_model import make_batch, setup_step, tiny_config
 from trelm_fast.config import ConfigError, load_config
 from trelm_fast.ffn import ffn_modules
-from trelm_fast.precision import MixedPrecision, resolve_precision, set_tf32
+from trelm_fast.precision import MixedPrecision, ieee_fp32, resolve_precision, set_tf32
 from trelm_fast.step import build_step_model, make_step
 
 
@@ -265,3 +265,15 @@ def test_trainer_logs_and_checkpoints_the_fp16_scaler(tmp_path, tiny_dir):
     assert ck.config["train"]["precision"] == "fp16"
     scaler = ck.state["step"]["precision"]["grad_scaler"]
     assert scaler["scale"] == 2.0 ** 16 and scaler["_growth_tracker"] == 2
+
+
+def test_ieee_fp32_forces_and_restores_the_mode():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        set_tf32(torch.device("cuda"), True)
+        with ieee_fp32():
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

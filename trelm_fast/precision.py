@@ -58,6 +58,20 @@ def set_tf32(device: torch.device, enabled: bool) -> None:
     torch.backends.cudnn.conv.fp32_precision = mode
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """Within: fp32 matmuls and cuDNN convolutions in full IEEE fp32 (no TF32); the modes before are
+    restored after. Uses the `fp32_precision` API only, as `set_tf32` does: torch refuses to read the
+    legacy `allow_tf32` flags once the new API has set them."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+
+
 class _ScalerView:
     """What torch.amp.GradScaler needs of an optimizer, for a TrelmOptimizer: ``param_groups`` over
     the dense parameters and the slice leaves (their grads are unscaled and checked together) and
