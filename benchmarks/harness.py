@@ -179,14 +179,16 @@ def _percentiles(samples: list[float]) -> tuple[float, float, float]:
 
 
 def time_quantiles(fns: dict[str, Callable[[], object]], settings: Settings, warmup: int | None = None,
-                   repeats: int | None = None) -> dict[str, tuple[float, float, float]]:
-    """(p20, p50, p80) wall-clock in ms of one call of each of `fns`, timed interleaved on CPU.
+                   repeats: int | None = None, interleave: bool = False) -> dict[str, tuple[float, float, float]]:
+    """(p20, p50, p80) wall-clock in ms of one call of each of `fns`, timed interleaved.
 
-    The calls go round-robin (a, b, c, a, b, c, ...), so a change in the load of a shared machine
-    hits every variant alike and ratios within one run stay fair. `warmup` / `repeats` override
-    the settings (calls of many seconds each). CUDA: `triton.testing.do_bench` per function.
+    The calls go round-robin (a, b, c, a, b, c, ...), each ended by a device synchronize, so a
+    change in the load of a shared machine hits every variant alike and ratios within one run stay
+    fair. `warmup` / `repeats` override the settings (calls of many seconds each). CUDA, unless
+    `interleave`: `triton.testing.do_bench` per function (kernels: no host sync per call; its 100 ms
+    budget makes few samples of calls of tens of ms, so whole training steps pass `interleave`).
     """
-    if settings.device.type == "cuda":
+    if settings.device.type == "cuda" and not interleave:
         import triton.testing
 
         return {name: tuple(float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES)))
@@ -289,16 +291,16 @@ def count_and_profile(fn: Callable[[], object], device: torch.device) -> tuple[f
 
 
 def measure_many(settings: Settings, fns: dict[str, Callable[[], object]], tokens: int | None = None,
-                 memory: bool = True, quantiles: bool = False) -> dict[str, dict[str, float]]:
+                 memory: bool = True, quantiles: bool = False, interleave: bool = False) -> dict[str, dict[str, float]]:
     """{name: {metric: value}} for each of `fns`: flops, peak_mem_mb (if `memory`), wall_ms (the
-    median, timed interleaved, see `time_quantiles`), tokens_per_s (if `tokens`), and with
+    median, see `time_quantiles`, which gets `interleave`), tokens_per_s (if `tokens`), and with
     `quantiles` also "quantiles_ms": (p20, p50, p80) (not a metric: the caller makes tags of it).
     The counted and profiled calls come first and count as warm-up calls."""
     values = {name: {"flops": float(count_flops(fn))} for name, fn in fns.items()}
     if memory:
         for name, fn in fns.items():
             values[name]["peak_mem_mb"] = peak_mem_mb(fn, settings.device)
-    walls = time_quantiles(fns, settings, warmup=max(0, settings.warmup - 1 - memory))
+    walls = time_quantiles(fns, settings, warmup=max(0, settings.warmup - 1 - memory), interleave=interleave)
     for name, wall in walls.items():
         values[name]["wall_ms"] = wall[1]
         if quantiles:

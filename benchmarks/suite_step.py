@@ -35,9 +35,10 @@ SUITE = "step"
 VARIANTS = ("hf_dense", "dense_opt", "frozen_dense", "trelm_naive", "trelm_fast")
 REFRESHES = 3
 """Refreshes with paths set whose median attribution time is reported (--quick: 2)."""
-PHASES = ("forward", "backward", "optimizer", "bank")
+PHASES = ("forward_backward", "optimizer", "bank")
 """The step's own timers (`time/<phase>_s` in its stats; `other` = the rest of `time/step_s`:
-negative sampling, moving the batch), reported as a breakdown in the notes."""
+negative sampling, moving the batch), reported as a breakdown in the notes. Host time: on CUDA the
+launches, not the kernels."""
 
 
 def _check_finite(step) -> None:
@@ -135,7 +136,8 @@ def run(settings: Settings, results: Results) -> None:
         if not settings.wants(case):
             continue
         variants = [Variant(settings, shape, name, data_dir, batch_size, seq_len) for name in names]
-        measured = measure_many(settings, {v.name: v.plain_step for v in variants}, tokens, quantiles=True)
+        measured = measure_many(settings, {v.name: v.plain_step for v in variants}, tokens, quantiles=True,
+                                interleave=True)
         for v in variants:
             _check_finite(v.step)
             values, percentiles, note = v.amortized(measured[v.name], tokens)

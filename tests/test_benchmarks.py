@@ -132,6 +132,11 @@ def test_step_suite_precision_batch_size_seq_len_and_variants(tmp_path):
     assert got[("hf_dense", "tokens_per_s")] == pytest.approx(3 * 40 / (got[("hf_dense", "wall_ms")] / 1e3))
     assert data["meta"]["step_precision"] == "bf16"
     assert "batch 3 x 40 full-length sequences, bf16" in (tmp_path / "summary.md").read_text()
+    for variant in ("hf_dense", "trelm_fast"):  # the step's own phase timers, named as the step names them
+        note = next(n for n in data["meta"]["notes"]["step"] if n.startswith(f"tiny-bf16 {variant}:"))
+        shares = dict(part.rsplit(" ", 1) for part in note[note.rindex("(") + 1:-1].split(", "))
+        assert set(shares) == {"forward_backward", "optimizer", "bank", "other"}
+        assert int(shares["forward_backward"].rstrip("%")) > 20
 
 
 def test_a_failing_suite_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
