@@ -1,5 +1,6 @@
 """`python benchmarks/run.py [--suite all|kernels|step|convergence|limit] [--quick] [--device cpu|cuda] --out DIR
-[--precision fp32|bf16|fp16] [--batch-size B] [--seq-len N] [--variant NAME ...]` (the last four: step suite)
+[--precision fp32|bf16|fp16] [--batch-size B] [--seq-len N] [--variant NAME ...]` (the last four: step suite;
+--precision, --batch-size and --seq-len also size the kernels suite's sparse_ffn cases)
 
 Runs the suites, then writes DIR/results.json (`{"meta", "records"}`), DIR/summary.md, DIR/curves.json
 (convergence curves) and the PNG plots. A suite whose part of trelm_fast is missing, or that fails,
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the trainer's embedded default config uses 0.0)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="training precision of the step suite (the trainer's train.precision; default fp32); "
-                        "its cases are named <shape>-<precision> unless fp32")
+                        "its cases are named <shape>-<precision> unless fp32; also the operand dtype of the "
+                        "kernels suite's sparse_ffn_wgrad cases")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step-suite batch (default 8, --quick 2)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per step-suite sequence (default 128)")

@@ -5,13 +5,14 @@ Cases (issue 7's names):
   `entity_table` (the C++ table), `python_dict` (a dict lookup per id over `ids.tolist()`, back to
   an int32 array) and `torch_searchsorted` (sorted keys + slot permutation). All three must agree.
 - `sparse_ffn-<shape>-p<percent>`: one FFN forward + backward (`trelm_fast.ffn.trelm_ffn`, GELU)
-  on 8 x 128 tokens; `sparse`: knowledge path of percent% of I (random sorted neurons), slice
+  on --batch-size x --seq-len tokens (default 8 x 128), fp32; `sparse`: knowledge path of percent% of I (random sorted neurons), slice
   gradients + exact dX, b2 frozen (the TRELM default); `dense`: autograd over W1, b1, W2, b2 + dX.
   `sparse_ffn_wgrad-<shape>-p<percent>`: the weight-gradient part of that backward alone, on the
-  same tensors: `sparse` = the two `kernels.sparse_ffn` calls TrelmFFN makes (`gathered_tn_matmul`:
-  dW1[S], db1[S] from dPre; `column_slice_grad`: dW2[:, S] from A[:, S] kept by the forward);
-  `dense` = dPre^T X, sum_t dPre, dY^T A. `max_rel_err`: slice gradients and dX against dense
-  autograd restricted to S.
+  same tensors cast to --precision's dtype: `sparse` = the two `kernels.sparse_ffn` calls TrelmFFN
+  makes (`gathered_tn_matmul`: dW1[S], db1[S] from dPre; `column_slice_grad`: dW2[:, S] from A[:, S]
+  kept by the forward), as dispatched; on CUDA also `triton` and `gather_cublas`, the two paths the
+  dispatch chooses between, each forced; `dense` = dPre^T X, sum_t dPre, dY^T A. `max_rel_err`:
+  slice gradients and dX against dense autograd restricted to S.
 - `attribution-minilm`: see `attribution_case`.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from harness import Results, Settings, measure_heavy, measure_many, rel_err, require, time_many
 
 SUITE = "kernels"
+WGRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Operand dtype of the sparse_ffn_wgrad cases per --precision (what autocast hands the backward)."""
 CHOICES = (("riemann", 4, 0), ("gauss_legendre", 4, 0), ("gauss_legendre", 8, 0), ("riemann", 20, 4), ("riemann", 20, 2))
 """Attribution settings measured one at a time: (quadrature, m, sequences; 0 = all)."""
 
@@ -85,16 +88,18 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
     FFNSlices, gather_index, trelm_ffn = require("trelm_fast.ffn", "FFNSlices", "gather_index", "trelm_ffn")
     column_slice_grad, gather_columns, gathered_tn_matmul = require(
         "trelm_fast.kernels.sparse_ffn", "column_slice_grad", "gather_columns", "gathered_tn_matmul")
-    dev, tokens = settings.device, 8 * 128
+    kernel_backend = require("trelm_fast.kernels", "kernel_backend")
+    dev, (batch, seq_len) = settings.device, (settings.batch_size or 8, settings.seq_len)
+    tokens, wdtype = batch * seq_len, WGRAD_DTYPES[settings.precision]
     for shape in dict.fromkeys(s for s, _ in wanted):
         d, inter = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"]
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(8, 128, d, generator=g).to(dev).requires_grad_(True)
+        x = torch.randn(batch, seq_len, d, generator=g).to(dev).requires_grad_(True)
         w1 = (torch.randn(inter, d, generator=g) * d**-0.5).to(dev)
         b1 = (torch.randn(inter, generator=g) * 0.1).to(dev)
         w2 = (torch.randn(d, inter, generator=g) * inter**-0.5).to(dev)
         b2 = (torch.randn(d, generator=g) * 0.1).to(dev)
-        dy = torch.randn(8, 128, d, generator=g).to(dev)
+        dy = torch.randn(batch, seq_len, d, generator=g).to(dev)
         dense_params = [p.clone().requires_grad_(True) for p in (w1, b1, w2, b2)]
 
         def dense_step():
@@ -110,7 +115,7 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
         pre = (xf @ w1.t() + b1).requires_grad_(True)
         act = F.gelu(pre)
         (d_pre,) = torch.autograd.grad(act, pre, dyf @ w2)
-        act = act.detach()
+        xf, dyf, d_pre, act = (t.detach().to(wdtype) for t in (xf, dyf, d_pre, act))
 
         def dense_wgrad():
             return d_pre.t() @ xf, d_pre.sum(0), dyf.t() @ act
@@ -132,6 +137,16 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
             def sparse_wgrad():
                 return gathered_tn_matmul(d_pre, xf, a_idx=idx, colsum=True), column_slice_grad(dyf, act_s)
 
+            def sparse_wgrad_on(backend: str):
+                def run():
+                    with kernel_backend(backend):
+                        return sparse_wgrad()
+                return run
+
+            wgrad = {"sparse": sparse_wgrad, "dense": dense_wgrad}
+            if dev.type == "cuda":  # both paths the dispatch chooses between, each forced
+                wgrad |= {"triton": sparse_wgrad_on("triton"), "gather_cublas": sparse_wgrad_on("reference")}
+
             case, wcase = f"sparse_ffn-{shape}-p{percent}", f"sparse_ffn_wgrad-{shape}-p{percent}"
             if settings.wants(case):
                 sparse_step()
@@ -143,9 +158,10 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
                 ))
                 add_all(results, case, measure_many(settings, {"sparse": sparse_step, "dense": dense_step}, tokens))
             if settings.wants(wcase):
-                add_all(results, wcase, measure_many(settings, {"sparse": sparse_wgrad, "dense": dense_wgrad}, memory=False))
-        results.note(SUITE, f"sparse_ffn-{shape}: d={d}, I={inter}, 8 x 128 tokens, fp32, GELU; sparse and dense "
-                            "timed interleaved in every row")
+                add_all(results, wcase, measure_many(settings, wgrad, memory=False))
+        results.note(SUITE, f"sparse_ffn-{shape}: d={d}, I={inter}, {batch} x {seq_len} tokens, fp32, GELU "
+                            f"(sparse_ffn_wgrad: {settings.precision} operands); sparse and dense timed "
+                            "interleaved in every row")
 
 
 def attribution_case(settings: Settings, results: Results) -> None:

@@ -4,7 +4,8 @@
   operands' device (a `unbind` view has stride > 1 and would be read as if contiguous), or a
   ValueError naming the op and the argument.
 - `use_triton(t)`: the dispatch rule of every op: the Triton kernel for CUDA tensors, the PyTorch
-  reference elsewhere (backend "auto"). Inside `kernel_backend("triton")` every op takes its kernel,
+  reference elsewhere (backend "auto"; an op whose reference measured faster on the GPU keeps it
+  there too, `auto_on_cuda=False`). Inside `kernel_backend("triton")` every op takes its kernel,
   CPU tensors too (under `TRITON_INTERPRET=1`: how tests drive production callers through the
   kernels); inside `kernel_backend("reference")` every op takes its reference, CUDA tensors too.
 - `autotune(configs, key, restore_value)`: `triton.autotune` with the project's rules: an in-place
@@ -59,9 +60,10 @@ def kernel_flops() -> int:
     return _kernel_flops
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """True when an op on `t` launches its Triton kernel under the current backend."""
-    return _backend == "triton" or (_backend == "auto" and t.is_cuda)
+def use_triton(t: torch.Tensor, auto_on_cuda: bool = True) -> bool:
+    """True when an op on `t` launches its Triton kernel under the current backend. An op whose
+    reference measured faster on the GPU passes `auto_on_cuda=False`: its kernel runs only when forced."""
+    return _backend == "triton" or (_backend == "auto" and auto_on_cuda and t.is_cuda)
 
 
 @contextlib.contextmanager

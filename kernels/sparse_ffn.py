@@ -12,12 +12,15 @@ For T tokens, one product covers both slice gradients of a knowledge path S:
      gathered in the forward (what TrelmFFN does: only |S| columns of A stay alive).
 
 Only the [|S|, d] / [d, |S|] results are materialized, always in fp32 (fp32 accumulation of fp16/bf16
-inputs). `gathered_tn_matmul_reference` is the plain PyTorch form (column gather + matmul);
-`gathered_tn_matmul_triton` is one Triton kernel that gathers while loading, reduces over tokens and
-adds the column sums in the same pass; `gathered_tn_matmul` dispatches (`_launch.use_triton`: Triton
-on CUDA, the reference elsewhere). The kernel is autotuned on the bucketed sizes (`_launch.bucket`:
-|S| and the token count change from batch to batch). Tests run the kernel on CPU under
-TRITON_INTERPRET=1.
+inputs). `gathered_tn_matmul_reference` is the plain PyTorch form (column gather + matmul; on CUDA
+fp16/bf16 operands go to cuBLAS with an fp32 result); `gathered_tn_matmul_triton` is one Triton
+kernel that gathers while loading, reduces over tokens and adds the column sums in the same pass.
+`gathered_tn_matmul` takes the reference on every device and the kernel only inside
+`kernel_backend("triton")`: on the H100 at 64 x 128 tokens gather + cuBLAS beat the kernel at every
+path size, shape and dtype measured (docs/gpu.md: the kernel tiles only the small [|S|, d] output,
+a few dozen programs each reducing all tokens, with no split over tokens). The kernel is autotuned on
+the bucketed sizes (`_launch.bucket`: |S| and the token count change from batch to batch). Tests run
+it on CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -109,8 +112,10 @@ def gathered_tn_matmul_reference(
     _check(a, b, a_idx, b_idx)
     a_g = a if a_idx is None else gather_columns(a, a_idx)
     b_g = b if b_idx is None else gather_columns(b, b_idx)
-    a_g, b_g = a_g.float(), b_g.float()
-    return a_g.t() @ b_g, (a_g.sum(0) if colsum else None)
+    sums = a_g.sum(0, dtype=torch.float32) if colsum else None
+    if a_g.is_cuda and a_g.dtype == b_g.dtype and a_g.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a_g.t(), b_g, out_dtype=torch.float32), sums  # cuBLAS: fp32 accumulation and result
+    return a_g.float().t() @ b_g.float(), sums
 
 
 def gathered_tn_matmul_triton(
@@ -145,8 +150,8 @@ def gathered_tn_matmul(
     a: Tensor, b: Tensor, a_idx: Tensor | None = None, b_idx: Tensor | None = None,
     colsum: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Dispatch (`_launch.use_triton`): the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
-    if use_triton(a):
+    """Dispatch (`_launch.use_triton`): the reference (gather + BLAS), the kernel only when forced."""
+    if use_triton(a, auto_on_cuda=False):
         return gathered_tn_matmul_triton(a, b, a_idx, b_idx, colsum)
     return gathered_tn_matmul_reference(a, b, a_idx, b_idx, colsum)
 

@@ -166,3 +166,19 @@ def test_flops_inside_triton_kernels_are_counted_like_their_references():
     ref = count_flops(lambda: attribution_scores_reference(grads, weights, w2, v))
     assert ref == 2 * 3 * 5 * 16 + 2 * 5 * 16 * 32
     assert count_flops(lambda: attribution_scores_triton(grads, weights, w2, v)) == ref
+
+
+def test_profile_step_reports_where_a_step_goes(tmp_path):
+    import profile_step
+
+    assert profile_step.main(["--out", str(tmp_path), "--device", "cpu", "--shape", "tiny", "--precision", "fp32",
+                              "--variant", "dense_opt", "--variant", "trelm_fast", "--batch-size", "2",
+                              "--seq-len", "32", "--steps", "2", "--refresh"]) == 0
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["device"].startswith("CPU") and set(report["variants"]) == {"dense_opt", "trelm_fast"}
+    fast, dense = report["variants"]["trelm_fast"], report["variants"]["dense_opt"]
+    assert fast["wall_ms"] > 0 and fast["ops"] > 100 and dense["ops"] > 100
+    assert fast["launches"] == fast["syncs"] == fast["device_ms"] == 0  # CUDA-only figures
+    assert fast["refresh_ops"] > fast["ops"] and "refresh_ops" not in dense  # a refresh attributes: more ops
+    text = (tmp_path / "tiny-trelm_fast.txt").read_text()
+    assert "top ops by host self time" in text and "one refresh step with paths set" in text

@@ -10,6 +10,7 @@ the H100 (issue 11). On a CUDA machine the same tests run on the GPU.
 """
 import contextlib
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from test_model import make_batch, tiny_config
 from trelm_fast.ffn import ffn_modules, swap_ffn
 from trelm_fast.kernels import attribution, slice_adamw, sparse_ffn
 from trelm_fast.kernels import kernel_backend
-from trelm_fast.kernels._launch import bucket, index_arg
+from trelm_fast.kernels._launch import bucket, index_arg, use_triton
 from trelm_fast.optim import TrelmOptimizer
 from trelm_fast.step import build_step_model, make_step
 
@@ -47,6 +48,32 @@ def full_autotune(monkeypatch, module, name):
     assert len(full.configs) > 1
     monkeypatch.setattr(module, name, full)
     yield rounds
+
+
+def test_dispatch_rule_per_backend():
+    """auto: kernels on CUDA tensors, except an op that opts out (its reference measured faster on the
+    GPU: the sparse FFN weight gradients); forced backends win over both."""
+    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)  # use_triton reads is_cuda only
+    table = {backend: [use_triton(t, auto_on_cuda=a) for t in (cuda, cpu) for a in (True, False)]
+             for backend in ("auto", "triton", "reference")}
+    for backend in ("triton", "reference"):
+        with kernel_backend(backend):
+            table[backend] = [use_triton(t, auto_on_cuda=a) for t in (cuda, cpu) for a in (True, False)]
+    assert table == {"auto": [True, False, False, False], "triton": [True] * 4, "reference": [False] * 4}
+
+
+def test_sparse_weight_gradients_take_the_kernel_only_when_forced(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sparse_ffn, "gathered_tn_matmul_triton", lambda *a, **k: calls.append(1) or (None, None))
+    a, b, idx = torch.randn(5, 7), torch.randn(5, 3), torch.tensor([1, 4])
+    monkeypatch.setattr(sparse_ffn, "use_triton", lambda t, auto_on_cuda=True: use_triton(
+        SimpleNamespace(is_cuda=True), auto_on_cuda))  # as if a were on the GPU
+    out, sums = sparse_ffn.gathered_tn_matmul(a, b, a_idx=idx, colsum=True)
+    torch.testing.assert_close(out, a[:, idx].t() @ b)
+    assert calls == []
+    with kernel_backend("triton"):
+        sparse_ffn.gathered_tn_matmul(a, b, a_idx=idx)
+    assert calls == [1]
 
 
 def test_index_arg_makes_views_contiguous_int64_and_names_bad_input():
