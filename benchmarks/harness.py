@@ -110,6 +110,8 @@ class Settings:
     """Tokens per step-suite sequence."""
     variants: list[str] | None = None
     """Step-suite variants to run (None: all of them)."""
+    model_type: str = "bert"
+    """Model family of the step suite and the attribution case (`workload.family_base_model`)."""
 
     @classmethod
     def make(cls, device: str, quick: bool, out: Path, **options) -> "Settings":

@@ -1,5 +1,5 @@
 """`python benchmarks/profile_step.py --out DIR [--shape bert-base] [--precision bf16] [--variant NAME ...]
-[--batch-size 64] [--seq-len 128] [--steps 10] [--refresh]`
+[--batch-size 64] [--seq-len 128] [--steps 10] [--refresh] [--model-type bert]`
 
 Where a step's time goes, per step-suite variant (the same step objects and batches as suite_step):
 `--steps` plain steps (after a warm-up) under `torch.profiler`, CPU and (on a GPU) CUDA activities.
@@ -69,7 +69,8 @@ def profile_variant(settings: Settings, shape: str, name: str, steps: int, refre
         walls.append((time.perf_counter() - start) * 1e3)
     prof = _profiled(variant.plain_step, steps, cuda)
     figures = {"wall_ms": statistics.median(walls), **_figures(prof, steps)}
-    text = f"# {suite_step.case_name(shape, settings.precision)} {name}: plain step x {steps}\n\n" + _tables(prof, cuda)
+    case = suite_step.case_name(shape, settings.precision, settings.model_type)
+    text = f"# {case} {name}: plain step x {steps}\n\n" + _tables(prof, cuda)
     if refresh and variant.routed:
         index = 10 * variant.routing.refresh  # a refresh step with paths set
         start = time.perf_counter()
@@ -79,7 +80,7 @@ def profile_variant(settings: Settings, shape: str, name: str, steps: int, refre
         prof = _profiled(lambda: variant.step(variant.batch, index + variant.routing.refresh), 1, cuda)
         figures.update({f"refresh_{k}": v for k, v in _figures(prof, 1).items()})
         text += "\n# one refresh step with paths set\n\n" + _tables(prof, cuda)
-    (out / f"{suite_step.case_name(shape, settings.precision)}-{name}.txt").write_text(text)
+    (out / f"{case}-{name}.txt").write_text(text)
     return figures
 
 
@@ -97,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="plain steps timed, then as many profiled (default 10)")
     p.add_argument("--refresh", action="store_true", help="also profile one refresh step with paths set")
+    p.add_argument("--model-type", default="bert", help="model family (as benchmarks/run.py; default bert)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.variant or ["hf_dense", "dense_opt", "frozen_dense", "trelm_fast"]
     settings = Settings.make(args.device, False, args.out, shapes=[args.shape], precision=args.precision,
-                             batch_size=args.batch_size, seq_len=args.seq_len, variants=names)
-    report = {"device": describe_device(settings.device), "shape": args.shape, "precision": args.precision,
+                             batch_size=args.batch_size, seq_len=args.seq_len, variants=names,
+                             model_type=args.model_type)
+    report = {"device": describe_device(settings.device), "shape": args.shape, "model_type": args.model_type,
+              "precision": args.precision,
               "batch": [args.batch_size, args.seq_len], "steps": args.steps, "variants": {}}
     for name in names:
         report["variants"][name] = profile_variant(settings, args.shape, name, args.steps, args.refresh, args.out)

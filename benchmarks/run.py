@@ -1,6 +1,7 @@
 """`python benchmarks/run.py [--suite all|kernels|step|convergence|limit] [--quick] [--device cpu|cuda] --out DIR
-[--precision fp32|bf16|fp16] [--batch-size B] [--seq-len N] [--variant NAME ...]` (the last four: step suite;
---precision, --batch-size and --seq-len also size the kernels suite's sparse_ffn cases)
+[--precision fp32|bf16|fp16] [--batch-size B] [--seq-len N] [--variant NAME ...] [--model-type TYPE]` (the last
+five: step suite; --precision, --batch-size and --seq-len also size the kernels suite's sparse_ffn cases,
+--model-type its attribution case)
 
 Runs the suites, then writes DIR/results.json (`{"meta", "records"}`), DIR/summary.md, DIR/curves.json
 (convergence curves) and the PNG plots. A suite whose part of trelm_fast is missing, or that fails,
@@ -49,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per step-suite sequence (default 128)")
     p.add_argument("--variant", action="append", default=None, choices=VARIANTS,
                    help="step-suite variants to run (repeatable; default all)")
+    p.add_argument("--model-type", default="bert", metavar="TYPE",
+                   help="model family of the step suite and the kernels suite's attribution case, any encoder "
+                        "trelm_fast has an adapter for (bert, roberta, distilbert, ...; default bert): the "
+                        "generated base model with that family's config at the chosen shapes, random init; "
+                        "cases are named <shape>-<type> unless bert")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     args = p.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
@@ -57,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seq_len < 26:
         p.error(f"--seq-len must be >= 26 (six mentions per sequence), got {args.seq_len}")
+    if args.model_type != "bert":
+        import workload
+
+        if args.model_type not in workload.encoder_types():
+            p.error(f"--model-type must be one of {', '.join(workload.encoder_types())}, got {args.model_type!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.make(args.device, args.quick, args.out, cases=args.case, shapes=args.shape,
                              dropout=args.dropout, precision=args.precision, batch_size=args.batch_size,
-                             seq_len=args.seq_len, variants=args.variant)
+                             seq_len=args.seq_len, variants=args.variant, model_type=args.model_type)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = Results()
     info = meta(settings, suites)  # the commit and date of the code that runs

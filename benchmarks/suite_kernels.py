@@ -165,7 +165,8 @@ def sparse_ffn_cases(settings: Settings, results: Results) -> None:
 
 
 def attribution_case(settings: Settings, results: Results) -> None:
-    """`attribution-minilm`: fused batched IG vs the Knowledge Neurons per-layer loop, and the default config.
+    """`attribution-minilm[-<model_type>]`: fused batched IG vs the Knowledge Neurons per-layer loop, and
+    the default config, for the family of --model-type (BERT by default).
 
     Both attribute every FFN layer of a random-init MiniLM-shape model at m = 20 (Riemann, eq. 11)
     on 8 x 128 full-length sequences (quick: 1 x 64), CKA targets and negatives as the trelm step
@@ -176,7 +177,7 @@ def attribution_case(settings: Settings, results: Results) -> None:
     Riemann scores under the same selection rule. Not in --quick: one variant per entry of
     CHOICES (one setting changed from the exact attribution), with its time and path_jaccard.
     """
-    case = "attribution-minilm"
+    case = "attribution-minilm" + (f"-{settings.model_type}" if settings.model_type != "bert" else "")
     if not settings.wants(case):
         return
     attribute, attribute_reference, select_paths, path_jaccard = require(
@@ -185,7 +186,7 @@ def attribution_case(settings: Settings, results: Results) -> None:
     import workload
 
     data_dir = workload.generated_dir()
-    step, model = workload.build_step("trelm", "minilm", data_dir, settings.device)
+    step, model = workload.build_step("trelm", "minilm", data_dir, settings.device, model_type=settings.model_type)
     cfg = step.cfg
     batch_size, seq_len = (1, 64) if settings.quick else (8, 128)
     batch = {k: v.to(settings.device) for k, v in workload.full_batch(data_dir, batch_size, seq_len).items()}

@@ -54,12 +54,13 @@ class Variant:
         import workload
 
         self.name = name
-        self.routing = workload.config(shape, name, data_dir).routing  # as configured, before any override
+        self.routing = workload.config(shape, name, data_dir, model_type=settings.model_type).routing  # as configured
         sequences = min(batch_size, self.routing.sequences or batch_size)
         self.naive_scaled = name == "trelm_naive" and shape != "minilm" and sequences > 1
         overrides = [f"model.dropout={settings.dropout}", f"train.precision={settings.precision}"]
         overrides += ["routing.sequences=1"] if self.naive_scaled else []
-        self.step, self.model = workload.build_step(name, shape, data_dir, settings.device, overrides)
+        self.step, self.model = workload.build_step(name, shape, data_dir, settings.device, overrides,
+                                                    model_type=settings.model_type)
         self.batch = workload.full_batch(data_dir, batch_size, seq_len)
         self.routed = self.step.router is not None
         if self.routed and self.routing.refresh == 1:
@@ -115,9 +116,10 @@ class Variant:
         return values, tags, note
 
 
-def case_name(shape: str, precision: str) -> str:
-    """The step case of a shape at a precision: the shape itself at fp32, else `<shape>-<precision>`."""
-    return shape if precision == "fp32" else f"{shape}-{precision}"
+def case_name(shape: str, precision: str, model_type: str = "bert") -> str:
+    """The step case of a shape at a precision and family: `<shape>[-<model_type>][-<precision>]`, the
+    family unless BERT, the precision unless fp32."""
+    return "-".join([shape] + [model_type] * (model_type != "bert") + [precision] * (precision != "fp32"))
 
 
 def run(settings: Settings, results: Results) -> None:
@@ -132,7 +134,7 @@ def run(settings: Settings, results: Results) -> None:
     data_dir = workload.generated_dir()
     tf32 = workload.config(None, "hf_dense", data_dir).train.tf32
     for shape in settings.model_shapes():
-        case = case_name(shape, settings.precision)
+        case = case_name(shape, settings.precision, settings.model_type)
         if not settings.wants(case):
             continue
         variants = [Variant(settings, shape, name, data_dir, batch_size, seq_len) for name in names]

@@ -16,12 +16,15 @@
   random non-special tokens between [CLS] and [SEP], `spans_per_seq` linked mentions of 1-3 tokens
   of which `targets_per_seq` are injection targets (CKA labels, KG triples drawn from the
   dataset's entities and relations), and 15% of the other positions MLM-masked (80/10/10).
-- `build_step(...)`: the trainer's own `build_step_model` + `make_step` for a method at a shape.
+- `build_step(...)`: the trainer's own `build_step_model` + `make_step` for a method at a shape, of
+  a model family (`--model-type`: `family_base_model` gives the generated base model another
+  family's config.json; the shapes' sizes apply to every family).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,19 +42,52 @@ DATASET = ROOT / "data_cache" / "bench-synthetic-tiny"
 GENERATED = ROOT / "data_cache" / "bench-generated"
 
 
-def config(shape: str | None, method: str, data_dir: Path, overrides: list[str] = ()):
+def config(shape: str | None, method: str, data_dir: Path, overrides: list[str] = (), model_type: str = "bert"):
     """The trainer's Config for `method`: the embedded default, the model sized to `shape`
     (None keeps the default's small model), random init, the benchmark dataset (and, for a
-    generated dataset, its generated base model directory as `model.path`)."""
+    generated dataset, its generated base model directory of family `model_type` as `model.path`)."""
     load_config = require("trelm_fast.config", "load_config")
     base_model = Path(data_dir) / require("trelm_fast.data.generated", "BASE_MODEL")
     args = [f"method.name={method}", f"data.dir={data_dir}"]
     if base_model.is_dir():
-        args.append(f"model.path={base_model}")
+        args.append(f"model.path={family_base_model(model_type, data_dir)}")
+    elif model_type != "bert":
+        raise ValueError(f"--model-type {model_type} needs the generated dataset's base model; {data_dir} has none")
     if shape is not None:
         args += [f"model.{k}={v}" for k, v in SHAPES[shape].items()]
         args += ["model.max_position_embeddings=512", "model.dropout=0.1"]
     return load_config(None, args + list(overrides))
+
+
+def encoder_types() -> tuple[str, ...]:
+    """The model families the trainer can train (masked-LM encoders with an adapter)."""
+    supported, adapter_for_type = require("trelm_fast.models", "supported_model_types", "adapter_for_type")
+    return tuple(t for t in supported() if not adapter_for_type(t).causal)
+
+
+def family_base_model(model_type: str, data_dir: Path) -> Path:
+    """The generated base model of family `model_type`: for `bert` the dataset's own; else, built once
+    beside it as `base_model-<model_type>`, the same tokenizer with `AutoConfig.for_model(model_type)`
+    given its vocabulary size and special ids (sizes come from the shape; random init)."""
+    from transformers import AutoConfig
+
+    base = Path(data_dir) / require("trelm_fast.data.generated", "BASE_MODEL")
+    if model_type == "bert":
+        return base
+    if model_type not in encoder_types():
+        raise ValueError(f"--model-type must be one of {', '.join(encoder_types())}, got {model_type!r}")
+    out = base.with_name(f"{base.name}-{model_type}")
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base, tmp)
+        bert = AutoConfig.from_pretrained(str(base), local_files_only=True)
+        cls_id, sep_id = (require("trelm_fast.data.generated", "SPECIAL")[t] for t in ("[CLS]", "[SEP]"))
+        AutoConfig.for_model(model_type, vocab_size=bert.vocab_size, pad_token_id=bert.pad_token_id,
+                             bos_token_id=cls_id, eos_token_id=sep_id).save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
 
 
 def dataset_dir() -> Path:
@@ -122,10 +158,10 @@ def full_batch(data_dir: Path, batch: int, seq_len: int, seed: int = 0, spans_pe
 
 
 def build_step(method: str, shape: str | None, data_dir: Path, device: torch.device, overrides: list[str] = (),
-               seed: int = 0):
-    """(step object, model) of the trainer for `method` at `shape`, seeded like train.py."""
+               seed: int = 0, model_type: str = "bert"):
+    """(step object, model) of the trainer for `method` at `shape` and family `model_type`, seeded like train.py."""
     build_step_model, make_step = require("trelm_fast.step", "build_step_model", "make_step")
-    cfg = config(shape, method, data_dir, overrides)
+    cfg = config(shape, method, data_dir, overrides, model_type)
     torch.manual_seed(seed)
     model = build_step_model(method, cfg, data_dir, device=device)
     return make_step(method, model, cfg), model

@@ -182,3 +182,32 @@ def test_profile_step_reports_where_a_step_goes(tmp_path):
     assert fast["refresh_ops"] > fast["ops"] and "refresh_ops" not in dense  # a refresh attributes: more ops
     text = (tmp_path / "tiny-trelm_fast.txt").read_text()
     assert "top ops by host self time" in text and "one refresh step with paths set" in text
+
+
+def test_model_type_builds_each_encoder_family_on_the_generated_base_model():
+    import workload
+
+    data_dir = workload.generated_dir()
+    types = workload.encoder_types()
+    assert {"bert", "roberta", "distilbert", "deberta-v2"} <= set(types)
+    for model_type in types:
+        if model_type == "electra":  # embedding_size 128 by default, hidden 64 at the tiny shape
+            with pytest.raises(ValueError, match="word embeddings are 128 wide and its hidden states 64"):
+                workload.build_step("trelm_fast", "tiny", data_dir, torch.device("cpu"), model_type=model_type)
+            continue
+        step, model = workload.build_step("trelm_fast", "tiny", data_dir, torch.device("cpu"), model_type=model_type)
+        assert model.mlm.config.model_type == model_type
+        assert model.mlm.config.vocab_size == 30522 and model.mlm.config.pad_token_id == 0
+    with pytest.raises(ValueError, match="--model-type must be one of .*roberta"):
+        workload.family_base_model("gpt2-xl", data_dir)
+
+
+def test_step_suite_runs_another_family(tmp_path):
+    rc, data, err = run_bench(tmp_path, "--suite", "step", "--shape", "tiny", "--model-type", "distilbert",
+                              "--variant", "dense_opt", "--variant", "trelm_fast")
+    assert rc == 0, err
+    got = values(data, suite="step", case="tiny-distilbert")
+    assert got[("trelm_fast", "wall_ms")] > 0 and got[("dense_opt", "wall_ms")] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--suite", "step", "--model-type",
+                          "albert", "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--model-type must be one of bert, " in bad.stderr

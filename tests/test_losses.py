@@ -6,6 +6,7 @@ import transformers
 
 from trelm_fast.losses import (
     MLMHead,
+    NegativeSampler,
     cka_correct_prob,
     cka_loss,
     mlm_loss,
@@ -109,6 +110,21 @@ def test_negative_sampling_follows_q_and_resamples():
     only[4] = 1.0
     stuck = sample_negatives(torch.tensor([4]), only, 2)
     assert stuck.eq(4).all()  # cannot resample away: left for masking
+
+
+def test_negative_sampler_draws_q_exactly_and_reuses_its_cdf():
+    q = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0, 0.0, 4.0, 0.0])  # zero mass first, between and last
+    sampler = NegativeSampler(q)
+    draws = sampler.draw(80_000, torch.Generator().manual_seed(0))
+    assert draws.dtype == torch.int64
+    freq = torch.bincount(draws, minlength=8).double() / draws.numel()
+    assert freq[[0, 2, 4, 5, 7]].eq(0).all()  # never a token without mass
+    torch.testing.assert_close(freq, q.double() / q.sum(), atol=0.01, rtol=0)
+    a = sampler(torch.tensor([3, 6]), 4, torch.Generator().manual_seed(1))
+    b = sample_negatives(torch.tensor([3, 6]), q, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)  # the one-off function is the same draw
+    with pytest.raises(ValueError, match="num_negatives"):
+        sampler(torch.tensor([1]), 0)
 
 
 def test_empty_and_bad_inputs():

@@ -12,7 +12,9 @@ import trelm_fast
 import trelm_fast.models.base
 from trelm_fast.ffn import TrelmFFN, ffn_modules, swap_ffn, unswap_ffn
 from trelm_fast.losses import mlm_loss, sample_negatives
-from trelm_fast.models import adapter_for, supported_model_types
+from trelm_fast.config import ModelConfig
+from trelm_fast.model import build_mlm
+from trelm_fast.models import adapter_for, adapter_for_type, supported_model_types
 from trelm_fast.optim import TRELM_TRAINABLE, TrelmOptimizer, configure_trainable, parameter_group
 from trelm_fast.routing import KnowledgeRouter, attribute, attribute_reference
 
@@ -275,6 +277,20 @@ def test_transformers_outside_the_supported_range_is_named(monkeypatch):
     with pytest.raises(RuntimeError, match=r"transformers 4.40.0 is installed; the bert adapter supports "
                                            r"transformers >= 5.0, < 6.0"):
         swap_ffn(model)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not adapter_for_type(f).causal])
+def test_random_init_takes_every_size_field(family, tmp_path):
+    """build_mlm sets model.* sizes through the family's own config attributes (DistilBERT's FFN width
+    is `hidden_dim`, outside its attribute_map: setting `intermediate_size` there changed nothing)."""
+    FAMILIES[family][0](0.0).save_pretrained(tmp_path)  # the family's config.json, other sizes
+    sizes = {"hidden_size": 24, "num_layers": 2, "num_heads": 2, "intermediate_size": 29, "max_position_embeddings": 40}
+    mlm = build_mlm(ModelConfig(path=str(tmp_path), init="random", **sizes))
+    adapter = adapter_for_type(family)
+    layers = adapter.layers(mlm)
+    site = adapter.ffn_site(layers[0])
+    assert (len(layers), site.up.linear.out_features, site.up.linear.in_features) == (2, 29, 24)
+    assert mlm.get_input_embeddings().num_embeddings == V
 
 
 def test_the_trainer_refuses_decoders():

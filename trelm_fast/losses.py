@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -127,39 +128,51 @@ def negative_distribution(token_ids: Tensor, vocab_size: int, power: float = 1.0
     return (counts / counts.sum()).float()
 
 
-def sample_negatives(
-    targets: Tensor,
-    q: Tensor,
-    num_negatives: int,
-    generator: torch.Generator | None = None,
-    max_resample: int = 16,
-) -> Tensor:
-    """K negatives per target, y' ~ Q, [N] -> [N, K] int64; collisions with the target are resampled.
+class NegativeSampler:
+    """Draws K negatives per target from a fixed Q [V] by inverse CDF: uniforms searched into the
+    cumulative Q, built once here (``torch.multinomial`` rebuilt it from Q at every call: 1.5 ms per
+    step for V = 30522 on the host, where a GPU step is bound). Host tensors, float64 CDF."""
 
-    After `max_resample` rounds any remaining collision is left in place; the scoring functions
-    mask collisions out (so a Q concentrated on one token cannot loop forever).
-    """
-    if q.dim() != 1 or bool((q < 0).any()) or float(q.sum()) <= 0:
-        raise ValueError("sample_negatives: q must be a non-negative [V] probability vector with positive mass")
-    if num_negatives < 1:
-        raise ValueError(f"sample_negatives: num_negatives must be >= 1, got {num_negatives}")
-    n = targets.numel()
-    if n == 0:
-        return torch.zeros(0, num_negatives, dtype=torch.long, device=targets.device)
-    q_cpu = q.detach().double().cpu()
+    def __init__(self, q: Tensor):
+        if q.dim() != 1 or bool((q < 0).any()) or float(q.sum()) <= 0:
+            raise ValueError("sample_negatives: q must be a non-negative [V] probability vector with positive mass")
+        cdf = q.detach().double().cpu().cumsum(0)
+        self.cdf = (cdf / cdf[-1]).numpy()  # last entry exactly 1, so an index past V - 1 cannot come out
 
-    def draw(k: int) -> Tensor:
-        return torch.multinomial(q_cpu, k, replacement=True, generator=generator)
+    def draw(self, count: int, generator: torch.Generator | None = None) -> Tensor:
+        """``count`` i.i.d. draws from Q, int64: P(i) = cdf[i] - cdf[i - 1] = Q_i / sum Q. The uniforms
+        come from torch's ``generator``; numpy searches them (torch.searchsorted on CPU took 12 ms for
+        3072 draws into V = 30522, numpy 0.2 ms)."""
+        u = torch.rand(count, dtype=torch.float64, generator=generator)
+        return torch.from_numpy(np.searchsorted(self.cdf, u.numpy(), side="right"))
 
-    neg = draw(n * num_negatives).view(n, num_negatives)
-    tgt = targets.detach().cpu().view(n, 1)
-    for _ in range(max_resample):
-        clash = neg.eq(tgt)
-        count = int(clash.sum())
-        if count == 0:
-            break
-        neg[clash] = draw(count)
-    return neg.to(targets.device)
+    def __call__(self, targets: Tensor, num_negatives: int, generator: torch.Generator | None = None,
+                 max_resample: int = 16) -> Tensor:
+        """K negatives per target, y' ~ Q, [N] -> [N, K] int64 on the targets' device; collisions
+        with the target are resampled. After ``max_resample`` rounds any remaining collision is left
+        in place; the scoring functions mask collisions out (so a Q concentrated on one token cannot
+        loop forever)."""
+        if num_negatives < 1:
+            raise ValueError(f"sample_negatives: num_negatives must be >= 1, got {num_negatives}")
+        n = targets.numel()
+        if n == 0:
+            return torch.zeros(0, num_negatives, dtype=torch.long, device=targets.device)
+        neg = self.draw(n * num_negatives, generator).view(n, num_negatives)
+        tgt = targets.detach().cpu().view(n, 1)
+        for _ in range(max_resample):
+            clash = neg.eq(tgt)
+            count = int(clash.sum())
+            if count == 0:
+                break
+            neg[clash] = self.draw(count, generator)
+        return neg.to(targets.device)
+
+
+def sample_negatives(targets: Tensor, q: Tensor, num_negatives: int, generator: torch.Generator | None = None,
+                     max_resample: int = 16) -> Tensor:
+    """One-off `NegativeSampler(q)(targets, num_negatives, generator, max_resample)`; a step that draws
+    from the same Q every time keeps a NegativeSampler."""
+    return NegativeSampler(q)(targets, num_negatives, generator, max_resample)
 
 
 def cka_logits(hidden_at: Tensor, targets: Tensor, negatives: Tensor, head: MLMHead) -> Tensor:

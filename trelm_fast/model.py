@@ -33,14 +33,6 @@ from trelm_fast.config import Config, ModelConfig, resolve_model_path
 from trelm_fast.losses import MLMHead, negative_distribution
 from trelm_fast.models import adapter_for
 
-_SIZE_FIELDS = {  # ModelConfig field -> Hugging Face config attribute
-    "hidden_size": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "intermediate_size": "intermediate_size",
-    "max_position_embeddings": "max_position_embeddings",
-}
-
 
 @contextlib.contextmanager
 def _quiet_transformers():
@@ -85,7 +77,7 @@ def build_mlm(mcfg: ModelConfig) -> nn.Module:
     if mcfg.dropout is not None:
         adapter.set_dropout(hf_cfg, mcfg.dropout)
     hf_cfg.tie_word_embeddings = True
-    overridden = [f for f in _SIZE_FIELDS if getattr(mcfg, f) is not None]
+    overridden = [f for f in adapter.size_attrs if getattr(mcfg, f) is not None]
     init = mcfg.init if mcfg.init != "auto" else ("random" if overridden else "pretrained")
     if init == "pretrained":
         if overridden:
@@ -94,7 +86,7 @@ def build_mlm(mcfg: ModelConfig) -> nn.Module:
         with _quiet_transformers():
             model = cls.from_pretrained(str(path), config=hf_cfg, local_files_only=True)
     else:
-        for field, attr in _SIZE_FIELDS.items():
+        for field, attr in adapter.size_attrs.items():
             value = getattr(mcfg, field)
             if value is not None:
                 setattr(hf_cfg, attr, value)
@@ -265,6 +257,11 @@ def build_model(cfg: Config, dataset_dir, inject: bool = True, use_bank: bool = 
     from trelm_fast.data.base_model import load_tokenizer
 
     mlm = build_mlm(cfg.model)
+    d, d_emb = mlm.config.hidden_size, mlm.get_input_embeddings().embedding_dim
+    if d_emb != d and (inject or use_bank):
+        raise ValueError(f"model.path {cfg.model.path}: its word embeddings are {d_emb} wide and its hidden states "
+                         f"{d}; the knowledge injection and the memory bank put hidden-size vectors into the "
+                         "word-embedding stream, so they need equal widths (ELECTRA: embedding_size == hidden_size)")
     if swap:
         from trelm_fast.ffn import swap_ffn
 

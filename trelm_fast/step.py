@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from trelm_fast.config import Config
 from trelm_fast.data.prepare import is_prepared, prepare_batch
 from trelm_fast.distributed import is_distributed
-from trelm_fast.losses import cka_loss, mlm_loss_at, sample_negatives, trelm_loss_at
+from trelm_fast.losses import NegativeSampler, cka_loss, mlm_loss_at, trelm_loss_at
 from trelm_fast.model import TrelmModel, build_model
 from trelm_fast.precision import MixedPrecision, autocast, set_tf32
 
@@ -253,7 +253,7 @@ class TrainStep:
         set_tf32(self.device, cfg.train.tf32)
         rank = dist.get_rank() if is_distributed() else 0
         self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + rank)
-        self.negative_q = model.negative_q.detach().double().cpu()  # Q on the host, where negatives are drawn
+        self.negatives = NegativeSampler(model.negative_q)  # draws on the host, from Q's cumulative sums
         self.steps_done = 0
         self._nonfinite_read = 0  # skipped steps the host has counted
         self._pending: list[tuple[int, Tensor, Tensor]] = []  # (step index, skipped flag, loss) not read yet
@@ -345,8 +345,7 @@ class TrainStep:
         if not is_prepared(batch):
             batch = prepare_batch(batch)
         if "cka_negatives" not in batch:
-            negatives = sample_negatives(batch["cka_targets"], self.negative_q, self.cfg.loss.num_negatives,
-                                         generator=self.generator)
+            negatives = self.negatives(batch["cka_targets"], self.cfg.loss.num_negatives, generator=self.generator)
             batch = {**batch, "cka_negatives": negatives}
         return batch
 

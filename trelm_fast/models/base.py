@@ -73,6 +73,10 @@ class FamilyAdapter:
     model_types: tuple[str, ...] = ()
     layer_classes: tuple[type, ...] = ()
     causal: bool = False  # decoders: the hidden state at t - 1 predicts the token at t
+    size_attrs: dict[str, str] = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                                  "num_heads": "num_attention_heads", "intermediate_size": "intermediate_size",
+                                  "max_position_embeddings": "max_position_embeddings"}
+    """`ModelConfig` size field -> the family's config attribute (what `build_mlm` sets for a random init)."""
 
     # ------------------------------------------------------------------ structure
 

@@ -35,6 +35,7 @@ class DistilBertAdapter(FamilyAdapter):
     model_types = ("distilbert",)
     layer_classes = (TransformerBlock,)
     mlm_class = DistilBertForMaskedLM
+    size_attrs = {**FamilyAdapter.size_attrs, "intermediate_size": "hidden_dim"}  # not in its attribute_map
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return self.base(model).transformer.layer
