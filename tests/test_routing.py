@@ -248,3 +248,24 @@ def test_router_from_config_and_autocast():
     full = attribute(model, hidden, mask, labels, neg, m=4, quadrature_rule="gauss_legendre")
     low = attribute(model, hidden, mask, labels, neg, m=4, quadrature_rule="gauss_legendre", autocast=torch.bfloat16)
     assert _rel(low.scores, full.scores) < 0.05 and low.scores.dtype == torch.float32
+
+
+def test_max_copies_auto_is_64_on_cpu_and_config_checked():
+    from trelm_fast.config import ConfigError, load_config
+    from trelm_fast.routing.fused import CPU_MAX_COPIES, auto_max_copies
+
+    assert auto_max_copies(torch.zeros(2, 5, 8), layers_above=3) == CPU_MAX_COPIES == 64
+    assert load_config(None, []).routing.max_copies == 0
+    with pytest.raises(ConfigError, match="routing.max_copies"):
+        load_config(None, ["routing.max_copies=-1"])
+
+
+@pytest.mark.cuda
+def test_max_copies_auto_on_cuda_fits_half_the_free_memory():
+    from trelm_fast.routing.fused import ACTIVATIONS_PER_LAYER, auto_max_copies
+
+    hidden = torch.zeros(4, 128, 768, device="cuda", dtype=torch.bfloat16)
+    copies = auto_max_copies(hidden, layers_above=11)
+    free, _ = torch.cuda.mem_get_info()
+    per_copy = ACTIVATIONS_PER_LAYER * 128 * 768 * 11 * 2
+    assert copies >= 1 and copies * per_copy <= 0.5 * free + per_copy

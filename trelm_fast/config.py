@@ -112,6 +112,8 @@ class RoutingConfig:
     Defaults are the measured choice of docs/routing.md (3-point Gauss-Legendre on all sequences,
     R = 50, top 10% per layer); eq. 11 exactly is ``m: 20, quadrature: riemann``.
     ``sequences``: how many sequences of the batch are attributed (0 = all); ``layers``: null = all.
+    ``max_copies``: sequence copies per attribution forward/backward (0 = auto: 64 on CPU; on CUDA
+    what half the free GPU memory holds, `routing.fused.auto_max_copies`); it bounds memory, not the result.
     """
     m: int = 3
     quadrature: str = "gauss_legendre"
@@ -121,6 +123,7 @@ class RoutingConfig:
     rule: str = "top_fraction"
     threshold: float = 0.2
     sequences: int = 0
+    max_copies: int = 0
 
 
 @dataclass
@@ -405,6 +408,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if not 0.0 < r.threshold <= 1.0:
         raise ConfigError(f"{s}: routing.threshold must be in (0, 1], got {r.threshold}")
     _positive(r.sequences, "routing.sequences", s, allow_zero=True)
+    _positive(r.max_copies, "routing.max_copies", s, allow_zero=True)
     if r.layers is not None and not all(isinstance(x, int) and x >= 0 for x in r.layers):
         raise ConfigError(f"{s}: routing.layers must be null or a list of layer indices >= 0, got {r.layers}")
 

@@ -30,7 +30,7 @@ class KnowledgeRouter:
         rule: str = "top_fraction",
         threshold: float = 0.2,
         sequences: int = 0,
-        max_copies: int = 64,
+        max_copies: int = 0,
         autocast: torch.dtype | None = None,
     ):
         if refresh < 1:
@@ -56,7 +56,7 @@ class KnowledgeRouter:
         return cls(
             model, m=cfg.m, quadrature=cfg.quadrature, layers=cfg.layers, refresh=cfg.refresh,
             fraction=cfg.fraction, rule=cfg.rule, threshold=cfg.threshold, sequences=cfg.sequences,
-            autocast=autocast,
+            max_copies=cfg.max_copies, autocast=autocast,
         )
 
     def due(self, step: int) -> bool:
