@@ -1,4 +1,5 @@
 """TrelmTrainer: TRELM steps inside transformers.Trainer (parity with train.py, resume, datasets input)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from test_train import TINY, metrics
 from trelm_fast import train as train_mod
+from trelm_fast.checkpoint import CheckpointError
 from trelm_fast.hf import TrelmArguments, TrelmTrainer, to_hf_dataset
 
 STEPS = 20
@@ -86,6 +88,27 @@ def test_incomplete_checkpoint_is_refused(tmp_path, tiny_dir):
     again = TrelmTrainer(args=trainer_args(tmp_path, tiny_dir, max_steps=4))
     with pytest.raises(FileNotFoundError, match=r"checkpoint-2: not a complete TrelmTrainer checkpoint "
                                                 r"\(missing trelm_state.json\)"):
+        again.train(resume_from_checkpoint=str(ck))
+
+
+def test_changed_checkpoint_file_is_named(tmp_path, tiny_dir):
+    """Every file of checkpoint-N (the Trainer's optimizer state too) is checked against
+    trelm_checksums.json before anything is loaded."""
+    trainer = TrelmTrainer(args=trainer_args(tmp_path, tiny_dir, max_steps=2, save_strategy="steps", save_steps=2))
+    trainer.train()
+    ck = tmp_path / "hf" / "checkpoint-2"
+    listed = json.loads((ck / "trelm_checksums.json").read_text())
+    assert {"optimizer.pt", "trainer_state.json", "trelm_model.safetensors", "trelm_state.safetensors"} <= set(listed)
+    with open(ck / "optimizer.pt", "r+b") as f:  # one byte changed after the save
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    again = TrelmTrainer(args=trainer_args(tmp_path, tiny_dir, max_steps=4))
+    with pytest.raises(CheckpointError, match=r"optimizer.pt.*checksum mismatch with .*trelm_checksums.json"):
+        again.train(resume_from_checkpoint=str(ck))
+    (ck / "trelm_checksums.json").unlink()
+    with pytest.raises(CheckpointError, match=r"trelm_checksums.json is missing: .* earlier trelm_fast"):
         again.train(resume_from_checkpoint=str(ck))
 
 

@@ -192,16 +192,22 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
 def verify_checkpoint(path: str | os.PathLike) -> None:
     """Raise CheckpointError unless every file of checkpoint `path` matches its checksums.json."""
     path = Path(path)
-    listing = path / CHECKSUMS_FILE
+    verify_listed_files(path, path / CHECKSUMS_FILE, {MODEL_FILE, TENSORS_FILE, STATE_FILE, CONFIG_FILE},
+                        f"earlier version (format < {FORMAT_VERSION})")
+
+
+def verify_listed_files(path: Path, listing: Path, required: set[str], older: str) -> None:
+    """Raise CheckpointError unless `listing` (sizes and sha256 by file name, `file_checksums`) exists,
+    lists at least `required`, and every file it lists in `path` matches. `older`: what wrote a
+    checkpoint without a listing (named in the error)."""
     if not listing.is_file():
-        raise CheckpointError(f"checkpoint: {listing} is missing: {path} is incomplete or was written by an "
-                              f"earlier version (format < {FORMAT_VERSION})")
+        raise CheckpointError(f"checkpoint: {listing} is missing: {path} is incomplete or was written by an {older}")
     try:
         files = json.loads(listing.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint: {listing} is not valid JSON ({err})") from None
-    if not isinstance(files, dict) or set(files) != {MODEL_FILE, TENSORS_FILE, STATE_FILE, CONFIG_FILE}:
-        raise CheckpointError(f"checkpoint: {listing} does not list the four checkpoint files")
+    if not isinstance(files, dict) or not required <= set(files):
+        raise CheckpointError(f"checkpoint: {listing} does not list the checkpoint files ({', '.join(sorted(required))})")
     try:
         verify_checksums(path, files, listing)
     except DataFormatError as err:

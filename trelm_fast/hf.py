@@ -43,14 +43,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from trelm_fast.checkpoint import export_pretrained, flatten_state, unflatten_state
+from trelm_fast.checkpoint import export_pretrained, flatten_state, unflatten_state, verify_listed_files
 from trelm_fast.config import Config, ConfigError, load_config, validate
+from trelm_fast.data.checksums import file_checksums
 from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset, load_manifest
 from trelm_fast.optim import TrelmOptimizer
 from trelm_fast.step import (MicroBatch, TrainStep, any_rank_flag, build_step_model, item_counts, item_share,
                              make_step, move_batch)
 
 TRELM_STATE = "trelm_state"  # trelm_state.safetensors + trelm_state.json in each checkpoint-N
+CHECKSUMS = "trelm_checksums.json"  # size and sha256 of every file of checkpoint-N, written last
 MODEL_WEIGHTS = "trelm_model.safetensors"
 DATASET_COLUMNS = ("input_ids", "length", "spans", "si")
 
@@ -324,6 +326,7 @@ class TrelmTrainer(Trainer):
         skeleton, tensors = flatten_state(state)
         save_file(tensors, str(out / f"{TRELM_STATE}.safetensors"))
         (out / f"{TRELM_STATE}.json").write_text(json.dumps(skeleton))
+        (out / CHECKSUMS).write_text(json.dumps(file_checksums(out), indent=1))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Weights and TRELM state of a checkpoint written by `_save_checkpoint` (the Trainer loads the
@@ -335,6 +338,7 @@ class TrelmTrainer(Trainer):
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{ck}: not a complete TrelmTrainer checkpoint (missing {', '.join(missing)})")
+        verify_listed_files(ck, ck / CHECKSUMS, {f.name for f in files}, "earlier trelm_fast (no checksums)")
         load_model(self.accelerator.unwrap_model(model or self.model), str(files[0]))
         state = unflatten_state(json.loads(files[2].read_text()), load_file(str(files[1])))
         step = self.trelm_step
