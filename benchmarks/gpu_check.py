@@ -12,8 +12,12 @@ others (the exit status is 1 if any failed):
 4. `step-bf16`, `step-fp32`: the step suite (suite_step.py) on the generated dataset (no tokenizer
    package, no weights): GPU: shapes minilm and bert-base, 64 x 128 tokens; CPU: shape tiny, 2 x 32;
    variants hf_dense, dense_opt, frozen_dense, trelm_fast.
+5. `kernel-speed`: from the kernels suite (suite_kernels.py), the sparse FFN weight gradients at a
+   10% path against dense (bf16 operands, the step's tokens and shapes; on CUDA also each path the
+   dispatch chooses between) and the fused attribution against the per-layer loop (MiniLM shape).
 Then DIR/results.json (`{"meta", "parts", "cuda_tests", "kernel_checks", "records"}`; step records
-as in benchmarks/run.py, with `device` and `precision`) and DIR/summary.md.
+as in benchmarks/run.py, with `device` and `precision`) and DIR/summary.md, which opens with issue
+12's targets (`targets`), each figure met or not.
 """
 from __future__ import annotations
 
@@ -41,6 +45,33 @@ STEP = {  # what the step part runs per device type
     "cpu": {"shapes": ["tiny"], "batch_size": 2, "seq_len": 32, "quick": True},
 }
 CUDA_TESTS_TIMEOUT_S = 300
+STEP_TARGET_VS_HF = {"minilm": 0.50, "bert-base": 0.65, "tiny": 0.50}
+"""Issue 12: trelm_fast / hf_dense per shape (bf16, refresh amortized); the CPU smoke version's tiny
+shape takes MiniLM's bar."""
+
+
+def targets(shapes: list[str]) -> list:
+    """Issue 12's targets as report.TARGETS rows, for the step shapes of this run."""
+    from report import ratio
+
+    rows = []
+    for shape in shapes:
+        case = f"{shape}-bf16"
+        rows += [
+            (f"step {case}: trelm_fast / hf_dense", lambda r, c=case: ratio(r, "step", c, "trelm_fast", "hf_dense"),
+             "<=", STEP_TARGET_VS_HF[shape]),
+            (f"step {case}: trelm_fast / dense_opt", lambda r, c=case: ratio(r, "step", c, "trelm_fast", "dense_opt"),
+             "<=", 0.80),
+            (f"step {case}: trelm_fast / frozen_dense",
+             lambda r, c=case: ratio(r, "step", c, "trelm_fast", "frozen_dense"), "<", 1.0),
+            (f"step {case}: refresh share of the amortized step",
+             lambda r, c=case: r.get("step", c, "trelm_fast", "attribution_share"), "<=", 0.05),
+            (f"kernels {shape}: sparse / dense weight gradients at 10% (bf16)",
+             lambda r, s=shape: ratio(r, "kernels", f"sparse_ffn_wgrad-{s}-p10", "sparse", "dense"), "<=", 0.25),
+        ]
+    rows.append(("kernels: fused attribution / per-layer loop (m = 20)",
+                 lambda r: ratio(r, "kernels", "attribution-minilm", "fused", "naive"), "<=", 0.5))
+    return rows
 
 
 class Check:
@@ -115,6 +146,23 @@ class Check:
         return not bad, (f"{len(self.kernel_rows) - len(bad)} of {len(self.kernel_rows)} outputs within tolerance "
                          f"({', '.join(kernels)})" + (f"; failed: {', '.join(failed)}" if failed else ""))
 
+    def kernel_speed(self) -> tuple[bool, str]:
+        import suite_kernels
+
+        step = STEP[self.device.type]
+        settings = Settings.make(self.device.type, step["quick"], self.out, shapes=step["shapes"], precision="bf16",
+                                 batch_size=step["batch_size"], seq_len=step["seq_len"],
+                                 cases=[f"sparse_ffn_wgrad-{s}-p10" for s in step["shapes"]] + ["attribution-minilm"])
+        before = len(self.results.records)
+        suite_kernels.sparse_ffn_cases(settings, self.results)
+        suite_kernels.attribution_case(settings, self.results)
+        from report import ratio
+
+        walls = [f"wgrad {s} p10 sparse/dense {ratio(self.results, 'kernels', f'sparse_ffn_wgrad-{s}-p10', 'sparse', 'dense'):.3f}"
+                 for s in step["shapes"]]
+        walls.append(f"attribution fused/naive {ratio(self.results, 'kernels', 'attribution-minilm', 'fused', 'naive'):.3f}")
+        return len(self.results.records) > before, "; ".join(walls)
+
     def step(self, precision: str) -> tuple[bool, str]:
         import suite_step
 
@@ -139,7 +187,7 @@ class Check:
 
     def summary_lines(self, info: dict) -> list[str]:
         import kernel_check
-        from report import suite_table
+        from report import suite_table, targets_table
 
         failed = [n for n, p in self.parts.items() if not p["passed"]]
         lines = ["# trelm-fast GPU check", "", f"- device: **{info['device']}**"]
@@ -149,7 +197,8 @@ class Check:
                   + (f", CUDA {torch.version.cuda}" if self.device.type == "cuda" else ""),
                   f"- commit: {info['commit']}{' (dirty)' if info['dirty'] else ''}, date: {info['date']}",
                   f"- result: **{'FAILED: ' + ', '.join(failed) if failed else 'all parts passed'}**",
-                  "", "## Parts", "", "| part | passed | seconds | summary |", "|---|---|---|---|"]
+                  "", "## Targets (issue 12)", ""] + targets_table(self.results, targets(STEP[self.device.type]["shapes"]))
+        lines += ["", "## Parts", "", "| part | passed | seconds | summary |", "|---|---|---|---|"]
         lines += [f"| {n} | {'yes' if p['passed'] else '**no**'} | {p['seconds']} | {p['summary']} |"
                   for n, p in self.parts.items()]
         for name, p in self.parts.items():
@@ -160,9 +209,10 @@ class Check:
             lines += ["", "```", self.cuda_tests["output_tail"].strip(), "```"]
         if self.kernel_rows:
             lines += ["", "## Kernels against their references", ""] + kernel_check.markdown(self.kernel_rows)
-        if self.results.records:
-            lines += ["", "## Step", ""] + [f"- {n}" for n in self.results.notes.get("step", [])]
-            lines += [""] + suite_table(self.results, "step")
+        for suite, title in (("step", "Step"), ("kernels", "Kernel speed")):
+            if any(r["suite"] == suite for r in self.results.records):
+                lines += ["", f"## {title}", ""] + [f"- {n}" for n in self.results.notes.get(suite, [])]
+                lines += [""] + suite_table(self.results, suite)
         return lines
 
 
@@ -179,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     check.run("kernels", check.kernel_checks)
     for precision in STEP_PRECISIONS:
         check.run(f"step-{precision}", functools.partial(check.step, precision))
+    check.run("kernel-speed", check.kernel_speed)
     summary = check.write()
     failed = [n for n, part in check.parts.items() if not part["passed"]]
     print(f"[gpu-check] wrote {args.out / 'results.json'} and {summary}", flush=True)
