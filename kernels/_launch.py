@@ -7,7 +7,8 @@
   reference elsewhere (backend "auto"; an op whose reference measured faster on the GPU keeps it
   there too, `auto_on_cuda=False`). Inside `kernel_backend("triton")` every op takes its kernel,
   CPU tensors too (under `TRITON_INTERPRET=1`: how tests drive production callers through the
-  kernels); inside `kernel_backend("reference")` every op takes its reference, CUDA tensors too.
+  kernels); inside `kernel_backend("reference")` every op takes its reference, CUDA tensors too;
+  inside `kernel_backend("gpu")` every op dispatches as "auto" does CUDA tensors, CPU tensors too.
 - `autotune(configs, key, restore_value)`: `triton.autotune` with the project's rules: an in-place
   kernel names what it writes in `restore_value` (the autotuner runs every config on the real
   arguments and would otherwise apply the update once per benchmark run); keys hold only sizes that
@@ -32,7 +33,7 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "gpu")
 _backend = "auto"
 
 
@@ -63,12 +64,13 @@ def kernel_flops() -> int:
 def use_triton(t: torch.Tensor, auto_on_cuda: bool = True) -> bool:
     """True when an op on `t` launches its Triton kernel under the current backend. An op whose
     reference measured faster on the GPU passes `auto_on_cuda=False`: its kernel runs only when forced."""
-    return _backend == "triton" or (_backend == "auto" and auto_on_cuda and t.is_cuda)
+    return _backend == "triton" or (auto_on_cuda and (_backend == "gpu" or (_backend == "auto" and t.is_cuda)))
 
 
 @contextlib.contextmanager
 def kernel_backend(name: str) -> Iterator[None]:
-    """Within the block every dispatching op uses `name`: "auto", "triton" or "reference"."""
+    """Within the block every dispatching op uses `name`: "auto", "triton", "reference", or "gpu" (as
+    "auto" dispatches CUDA tensors, whatever the device: how tests count the GPU's launches on CPU)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"kernel_backend: {name!r} is not one of {BACKENDS}")

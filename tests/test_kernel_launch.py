@@ -52,14 +52,15 @@ def full_autotune(monkeypatch, module, name):
 
 def test_dispatch_rule_per_backend():
     """auto: kernels on CUDA tensors, except an op that opts out (its reference measured faster on the
-    GPU: the sparse FFN weight gradients); forced backends win over both."""
+    GPU: the sparse FFN weight gradients); gpu: as auto on CUDA, any device; forced backends win over both."""
     cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)  # use_triton reads is_cuda only
     table = {backend: [use_triton(t, auto_on_cuda=a) for t in (cuda, cpu) for a in (True, False)]
              for backend in ("auto", "triton", "reference")}
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "reference", "gpu"):
         with kernel_backend(backend):
             table[backend] = [use_triton(t, auto_on_cuda=a) for t in (cuda, cpu) for a in (True, False)]
-    assert table == {"auto": [True, False, False, False], "triton": [True] * 4, "reference": [False] * 4}
+    assert table == {"auto": [True, False, False, False], "triton": [True] * 4, "reference": [False] * 4,
+                     "gpu": [True, False, True, False]}
 
 
 def test_sparse_weight_gradients_take_the_kernel_only_when_forced(monkeypatch):
