@@ -58,12 +58,36 @@ class Site(NamedTuple):
 
 class FFNSite(NamedTuple):
     """Where one layer's FFN is: up W1 [I, d], down W2 [d, I], the activation, and for gated MLPs
-    the gate G [I, d] (v = act(G x) * (W1 x + b1)), else None."""
+    the gate G [I, d] (v = act(G x) * (W1 x + b1)), else None.
+
+    Two storage layouts besides one nn.Linear per projection: `fused_gate` (ModernBERT's `Wi`): the
+    up projection stacks [G; W1] as one Linear [2I, d] and v = act(first half) * second half, so a
+    path S takes its rows S and I + S; `transposed` (GPT-2's `Conv1D`): every weight is stored
+    [in, out], W1 as [d, I] and W2 as [I, d].
+    """
 
     up: Site
     down: Site
     act: Callable[[Tensor], Tensor]
     gate: Site | None = None
+    fused_gate: bool = False
+    transposed: bool = False
+
+    @property
+    def width(self) -> int:
+        """I, the FFN's neurons: the down projection's input features."""
+        return self.down.linear.weight.shape[0 if self.transposed else 1]
+
+    def projections(self) -> list[tuple[Site, int, int]]:
+        """(site, axis, blocks) of each projection: axis 0 where neurons are output features (up,
+        gate), 1 where they are input features (down); blocks: stacked [I]-feature blocks (2 for a
+        fused gate), a path S takes features b * I + S of each."""
+        out = [(self.up, 0, 2 if self.fused_gate else 1), (self.down, 1, 1)]
+        return out if self.gate is None else out + [(self.gate, 0, 1)]
+
+    def neuron_dim(self, axis: int) -> int:
+        """The dim of a projection's stored weight that holds its features along `axis`."""
+        return 1 - axis if self.transposed else axis
 
 
 class FamilyAdapter:
@@ -96,6 +120,13 @@ class FamilyAdapter:
     def ffn_site(self, layer: nn.Module) -> FFNSite:
         raise NotImplementedError
 
+    def sliced_class(self) -> type:
+        """The path-sliced module class `swap_ffn` puts in place of each FFN projection (a
+        `trelm_fast.ffn.PathSliced`): `SliceLinear` for nn.Linear projections."""
+        from trelm_fast.ffn import SliceLinear  # ffn imports this module
+
+        return SliceLinear
+
     # ------------------------------------------------------------------ one layer, split at the FFN
 
     def layer_context(self, model: nn.Module, mask2d: Tensor, like: Tensor) -> Any:
@@ -113,6 +144,9 @@ class FamilyAdapter:
         site = self.ffn_site(layer)
         x = self.ffn_input(layer, a)
         up = site.up.linear(x)
+        if site.fused_gate:
+            g, up = up.chunk(2, dim=-1)
+            return site.act(g) * up
         return site.act(up) if site.gate is None else site.act(site.gate.linear(x)) * up
 
     def final_norm(self, model: nn.Module, h: Tensor) -> Tensor:
