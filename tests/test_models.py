@@ -32,6 +32,14 @@ def _distilbert(dropout):
                                          max_position_embeddings=24, dropout=dropout, attention_dropout=dropout)
 
 
+def _modernbert(dropout):  # layers 0 and 2 full attention, layer 1 a sliding window of 4; MLP biases on
+    return transformers.ModernBertConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
+                                         num_attention_heads=4, max_position_embeddings=24, global_attn_every_n_layers=2,
+                                         local_attention=4, mlp_bias=True, pad_token_id=0, bos_token_id=1,
+                                         eos_token_id=2, cls_token_id=1, sep_token_id=2, embedding_dropout=dropout,
+                                         attention_dropout=dropout, mlp_dropout=dropout)
+
+
 def _llama(dropout):
     return transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
@@ -53,6 +61,8 @@ FAMILIES = {
                               max_relative_positions=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
                               position_biased_input=False),
                    transformers.DebertaV2ForMaskedLM, ("eager",)),
+    # pre-LayerNorm, rotary, alternating global/sliding-window attention, fused gated MLP Wi = [G; W1]
+    "modernbert": (_modernbert, transformers.ModernBertForMaskedLM, ("sdpa", "eager")),
     "llama": (_llama, transformers.LlamaForCausalLM, ("sdpa", "eager")),  # decoder, gated MLP, pre-RMSNorm
 }
 ATTENTION = [(family, attn) for family, (_, _, attns) in FAMILIES.items() for attn in attns]
@@ -89,6 +99,16 @@ def _loss(model, ids, mask, seed=1):
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _on_path(site, axis, blocks, t, p):
+    """The part of a projection's weight- or bias-shaped tensor t that path p selects, as the slice
+    leaves hold it: nn.Linear layout (a transposed weight turned back), features b * I + p of each
+    of the `blocks` stacked blocks along `axis` (the bias: its only axis)."""
+    if site.transposed and t.dim() == 2:
+        t = t.t()
+    idx = torch.cat([p + b * site.width for b in range(blocks)])
+    return t.index_select(axis if t.dim() == 2 else 0, idx)
 
 
 def test_every_family_is_tested():
@@ -129,7 +149,8 @@ def test_swap_without_path_is_bit_identical(family, train):
         assert p.grad is None or torch.equal(p.grad, p2.grad), n
     unswap_ffn(swapped)
     assert not any(isinstance(m, TrelmFFN) for m in swapped.modules())
-    assert type(adapter_for(swapped).ffn_site(adapter_for(swapped).layers(swapped)[0]).up.linear) is torch.nn.Linear
+    adapter = adapter_for(swapped)
+    assert type(adapter.ffn_site(adapter.layers(swapped)[0]).up.linear) is adapter.sliced_class().wraps
     assert torch.equal(_loss(ref.eval(), ids, mask), _loss(swapped.eval(), ids, mask))
 
 
@@ -147,15 +168,16 @@ def test_slice_gradients_are_the_dense_gradients_on_the_path(family):
     for f, layer, p in zip(ffn_modules(swapped), adapter.layers(ref), paths):
         site = adapter.ffn_site(layer)
         w1, w2 = site.up.linear, site.down.linear
-        assert _rel(f.slices.w1.grad, w1.weight.grad[p]) <= 1e-5
-        assert _rel(f.slices.w2.grad, w2.weight.grad[:, p]) <= 1e-5
+        up_blocks = 2 if site.fused_gate else 1  # a fused gate [G; W1]: rows S and I + S
+        assert _rel(f.slices.w1.grad, _on_path(site, 0, up_blocks, w1.weight.grad, p)) <= 1e-5
+        assert _rel(f.slices.w2.grad, _on_path(site, 1, 1, w2.weight.grad, p)) <= 1e-5
         assert (f.slices.b1 is None) == (w1.bias is None) and (f.gate_slices is None) == (site.gate is None)
         if w1.bias is not None:
-            assert _rel(f.slices.b1.grad, w1.bias.grad[p]) <= 1e-5
+            assert _rel(f.slices.b1.grad, _on_path(site, 0, up_blocks, w1.bias.grad, p)) <= 1e-5
         if w2.bias is not None:
             assert _rel(f.down.bias.grad, w2.bias.grad) <= 1e-5
         if site.gate is not None:  # gated MLP: rows S of the gate too
-            assert _rel(f.gate_slices.wg.grad, site.gate.linear.weight.grad[p]) <= 1e-5
+            assert _rel(f.gate_slices.wg.grad, _on_path(site, 0, 1, site.gate.linear.weight.grad, p)) <= 1e-5
         assert all(lin.weight.grad is None for lin in f.linears)  # no full-size FFN weight gradient
     emb_ref, emb = ref.get_input_embeddings().weight.grad, swapped.get_input_embeddings().weight.grad
     assert _rel(emb, emb_ref) <= 1e-5  # the exact input gradient flows through every layer
@@ -192,11 +214,11 @@ def test_short_training_run_lowers_the_loss(family):
     model = swap_ffn(_model(family, dropout=0.0))
     configure_trainable(model, TRELM_TRAINABLE)
     adapter = adapter_for(model)
-    def rows_sliced(layer):  # the weights whose rows are neurons: up, and the gate of a gated MLP
+    def rows_sliced(layer):  # (weight, its neuron dim) where features are neurons: up and a gate
         site = adapter.ffn_site(layer)
-        return [site.up.linear.weight] + ([] if site.gate is None else [site.gate.linear.weight])
+        return [(proj.linear.weight, site.neuron_dim(axis)) for proj, axis, _ in site.projections() if axis == 0]
 
-    before = [[w.detach().clone() for w in rows_sliced(layer)] for layer in adapter.layers(model)]
+    before = [[w.detach().clone() for w, _ in rows_sliced(layer)] for layer in adapter.layers(model)]
     opt = TrelmOptimizer(model, lr=1e-2)
     router = KnowledgeRouter(model, m=2, refresh=4, fraction=0.25)
     ids, hidden, mask, labels, neg = _attribution_batch(model)
@@ -219,9 +241,10 @@ def test_short_training_run_lowers_the_loss(family):
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
     for layer, w0s, seen in zip(adapter.layers(model), before, selected):
-        for w, w0 in zip(rows_sliced(layer), w0s):
-            changed = (w != w0).any(1)
-            assert changed.any() and set(changed.nonzero().squeeze(1).tolist()) <= seen  # only path rows moved
+        for (w, dim), w0 in zip(rows_sliced(layer), w0s):
+            changed = (w != w0).any(1 - dim)
+            neurons = changed.nonzero().squeeze(1) % I  # a fused gate's feature I + s is neuron s
+            assert changed.any() and set(neurons.tolist()) <= seen  # only path rows moved
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -250,9 +273,6 @@ UNSUPPORTED = {
     "albert": lambda: transformers.AlbertForMaskedLM(transformers.AlbertConfig(
         vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I,
         embedding_size=16)),
-    "modernbert": lambda: transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
-        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=4)),
 }
 

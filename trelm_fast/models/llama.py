@@ -77,12 +77,12 @@ class LlamaAdapter(FamilyAdapter):
     def parameter_group(self, parts: list[str]) -> str | None:
         if parts[0] == "lm_head" or "embed_tokens" in parts:
             return "embeddings"  # the [V, d] output matrix (tied or not) stays frozen like BERT's decoder
-        if "layers" not in parts:
-            return "layernorm" if parts[-2:] == ["norm", "weight"] else None
+        if "layers" not in parts:  # the final norm: `model.norm` (other families' `*.norm` are theirs)
+            return "layernorm" if parts[:-1] in (["norm"], ["model", "norm"]) else None
         if parts[-2] in ("input_layernorm", "post_attention_layernorm"):
             return "layernorm"
         if "self_attn" in parts:
             return "attention"
-        if "mlp" in parts:
+        if parts[-3] == "mlp" and parts[-2] in ("gate_proj", "up_proj", "down_proj"):
             return "ffn_out_bias" if parts[-2:] == ["down_proj", "bias"] else "ffn"
         return None
