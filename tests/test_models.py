@@ -40,6 +40,11 @@ def _modernbert(dropout):  # layers 0 and 2 full attention, layer 1 a sliding wi
                                          attention_dropout=dropout, mlp_dropout=dropout)
 
 
+def _gpt2(dropout):
+    return transformers.GPT2Config(vocab_size=V, n_embd=D, n_inner=I, n_layer=L, n_head=4, n_positions=24,
+                                   resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+
+
 def _llama(dropout):
     return transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
@@ -64,6 +69,7 @@ FAMILIES = {
     # pre-LayerNorm, rotary, alternating global/sliding-window attention, fused gated MLP Wi = [G; W1]
     "modernbert": (_modernbert, transformers.ModernBertForMaskedLM, ("sdpa", "eager")),
     "llama": (_llama, transformers.LlamaForCausalLM, ("sdpa", "eager")),  # decoder, gated MLP, pre-RMSNorm
+    "gpt2": (_gpt2, transformers.GPT2LMHeadModel, ("sdpa", "eager")),  # decoder, Conv1D weights stored [in, out]
 }
 ATTENTION = [(family, attn) for family, (_, _, attns) in FAMILIES.items() for attn in attns]
 
@@ -136,8 +142,10 @@ def test_layer_split_reproduces_hf_forward(family):
 @pytest.mark.parametrize("train", [False, True])
 def test_swap_without_path_is_bit_identical(family, train):
     ref = _model(family)
-    swapped = trelm_fast.apply_trelm(copy.deepcopy(ref))
-    assert len(ffn_modules(swapped)) == L
+    swapped = copy.deepcopy(ref)
+    params = [id(p) for p in swapped.parameters()]
+    trelm_fast.apply_trelm(swapped)
+    assert len(ffn_modules(swapped)) == L and [id(p) for p in swapped.parameters()] == params  # shared, not copied
     assert list(ref.state_dict()) == list(swapped.state_dict())
     ref.train(train), swapped.train(train)
     ids, mask = _inputs()
@@ -151,6 +159,7 @@ def test_swap_without_path_is_bit_identical(family, train):
     assert not any(isinstance(m, TrelmFFN) for m in swapped.modules())
     adapter = adapter_for(swapped)
     assert type(adapter.ffn_site(adapter.layers(swapped)[0]).up.linear) is adapter.sliced_class().wraps
+    assert [id(p) for p in swapped.parameters()] == params
     assert torch.equal(_loss(ref.eval(), ids, mask), _loss(swapped.eval(), ids, mask))
 
 
@@ -273,7 +282,6 @@ UNSUPPORTED = {
     "albert": lambda: transformers.AlbertForMaskedLM(transformers.AlbertConfig(
         vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I,
         embedding_size=16)),
-    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=4)),
 }
 
 
@@ -297,11 +305,12 @@ def test_transformers_outside_the_supported_range_is_named(monkeypatch):
         swap_ffn(model)
 
 
-def test_the_trainer_refuses_decoders():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_trainer_refuses_decoders(family):
     from trelm_fast.model import TrelmModel
 
-    with pytest.raises(ValueError, match="TrelmModel: llama is a decoder family; the trainer supports masked LMs"):
-        TrelmModel(_model("llama"), torch.zeros(3, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=f"TrelmModel: {family} is a decoder family; the trainer supports masked LMs"):
+        TrelmModel(_model(family), torch.zeros(3, 4), torch.zeros(2, 4))
 
 
 def test_electra_discriminator_swaps_but_has_no_mlm_head():

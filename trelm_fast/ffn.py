@@ -28,14 +28,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trelm_fast.kernels.sparse_ffn import column_slice_grad, gather_columns, gathered_tn_matmul
-from trelm_fast.models.base import Site
+
+if TYPE_CHECKING:  # trelm_fast.models imports this module (family PathSliced classes)
+    from trelm_fast.models.base import Site
 
 
 def _flat(t: Tensor) -> Tensor:

@@ -7,7 +7,9 @@ family module of this package; the rest of trelm-fast talks to a model through i
 - `ffn_site(layer)`: where the FFN is. Up projection W1 [I, d] (rows are neurons), activation,
   down projection W2 [d, I] (columns are neurons), each projection as the module that owns the
   nn.Linear and the attribute name, so `swap_ffn` can replace it in place; gated MLPs add a gate
-  projection G [I, d] whose rows are sliced like W1's.
+  projection G [I, d] whose rows are sliced like W1's, or fuse it into the up projection
+  (`fused_gate`); `transposed` marks weights stored [in, out] (GPT-2's Conv1D), and
+  `sliced_class()` names the `trelm_fast.ffn.PathSliced` class that replaces the projections.
 - One layer split at its FFN, what the attribution needs, for hidden states h [B, n, d]:
   `layer_context(model, mask2d, like)` (whatever one layer needs besides h: the attention mask the
   family builds from a [B, n] padding mask), `attention(layer, h, ctx)` -> a (the state the FFN
@@ -46,7 +48,8 @@ def check_transformers_version(family: str) -> None:
 
 
 class Site(NamedTuple):
-    """One projection of the FFN: `getattr(owner, name)` is the nn.Linear (or SliceLinear)."""
+    """One projection of the FFN: `getattr(owner, name)` is the nn.Linear (or the family's
+    projection module), or its sliced counterpart once swapped."""
 
     owner: nn.Module
     name: str
@@ -84,6 +87,11 @@ class FFNSite(NamedTuple):
         fused gate), a path S takes features b * I + S of each."""
         out = [(self.up, 0, 2 if self.fused_gate else 1), (self.down, 1, 1)]
         return out if self.gate is None else out + [(self.gate, 0, 1)]
+
+    def linear_weight(self, site: Site) -> Tensor:
+        """A projection's weight in nn.Linear layout [out, in] (a view of a transposed weight)."""
+        w = site.linear.weight
+        return w.t() if self.transposed else w
 
     def neuron_dim(self, axis: int) -> int:
         """The dim of a projection's stored weight that holds its features along `axis`."""
@@ -194,6 +202,22 @@ class FamilyAdapter:
         """The `trelm_fast.optim` group of a parameter name split at '.', or None when this
         family's naming does not decide it."""
         return None
+
+
+class CausalLMAdapter(FamilyAdapter):
+    """Base of the decoder families: causal, scored by the `*ForCausalLM` model's `lm_head` (no
+    transform; a zero bias when it has none). Subclasses set `lm_class`."""
+
+    causal = True
+    lm_class: type | None = None
+
+    def mlm_head(self, model: nn.Module) -> MLMHead:
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is None:
+            raise TypeError(f"trelm_fast.models.{self.family}: {type(model).__name__} has no LM head; "
+                            f"use {self.lm_class.__name__}")
+        bias = lm_head.bias if lm_head.bias is not None else lm_head.weight.new_zeros(lm_head.out_features)
+        return MLMHead(nn.Identity(), lm_head, bias)
 
 
 _REGISTRY: dict[str, FamilyAdapter] = {}

@@ -15,10 +15,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask
+from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from trelm_fast.losses import MLMHead
-from trelm_fast.models.base import FamilyAdapter, FFNSite, Site, register
+from trelm_fast.models.base import CausalLMAdapter, FFNSite, Site, register
 
 
 class LlamaContext(NamedTuple):
@@ -27,11 +27,11 @@ class LlamaContext(NamedTuple):
 
 
 @register
-class LlamaAdapter(FamilyAdapter):
+class LlamaAdapter(CausalLMAdapter):
     family = "llama"
     model_types = ("llama",)
     layer_classes = (LlamaDecoderLayer,)
-    causal = True
+    lm_class = LlamaForCausalLM
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return self.base(model).layers
@@ -59,14 +59,6 @@ class LlamaAdapter(FamilyAdapter):
 
     def final_norm(self, model: nn.Module, h: Tensor) -> Tensor:
         return self.base(model).norm(h)
-
-    def mlm_head(self, model: nn.Module) -> MLMHead:
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is None:
-            raise TypeError(f"trelm_fast.models.{self.family}: {type(model).__name__} has no LM head; "
-                            "use LlamaForCausalLM")
-        bias = lm_head.bias if lm_head.bias is not None else lm_head.weight.new_zeros(lm_head.out_features)
-        return MLMHead(nn.Identity(), lm_head, bias)
 
     def embedding_output(self, model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return inputs_embeds  # no position or type embeddings: positions enter through the rotary attention
