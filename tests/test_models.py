@@ -107,14 +107,20 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _linear_view(site, t):
+    """A projection's stored weight (or bias) in nn.Linear layout: GPT-2's Conv1D weights transposed back."""
+    return t.t() if site.transposed and t.dim() == 2 else t
+
+
+def _path_features(site, blocks, p):
+    """The features of path p along a projection's neuron axis: b * I + p in each of its `blocks`."""
+    return torch.cat([p + b * site.width for b in range(blocks)])
+
+
 def _on_path(site, axis, blocks, t, p):
     """The part of a projection's weight- or bias-shaped tensor t that path p selects, as the slice
-    leaves hold it: nn.Linear layout (a transposed weight turned back), features b * I + p of each
-    of the `blocks` stacked blocks along `axis` (the bias: its only axis)."""
-    if site.transposed and t.dim() == 2:
-        t = t.t()
-    idx = torch.cat([p + b * site.width for b in range(blocks)])
-    return t.index_select(axis if t.dim() == 2 else 0, idx)
+    leaves hold it (nn.Linear layout; along `axis`, the bias along its only axis)."""
+    return _linear_view(site, t).index_select(axis if t.dim() == 2 else 0, _path_features(site, blocks, p))
 
 
 def test_every_family_is_tested():
@@ -214,6 +220,57 @@ def test_fused_attribution_matches_reference(family, attn):
     assert _rel(fused.scores, ref.scores) <= 1e-4
     assert fused.prob == pytest.approx(ref.prob)
     assert model.training and all(p.requires_grad for p in model.parameters())  # restored
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slice_optimizer_is_lazy_adamw_per_neuron(family):
+    """Two steps with changing paths: TrelmOptimizer's update of every FFN projection (a fused gate's
+    two halves, GPT-2's transposed weights) equals torch AdamW over one tensor per (neuron, weight or
+    bias) that steps only while its neuron is on the path (no decay, no moments otherwise)."""
+    hp = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.05)
+    ref = _model(family, dropout=0.0)
+    model = swap_ffn(copy.deepcopy(ref))
+    configure_trainable(model, set())  # the path slices alone train
+    configure_trainable(ref, {"ffn"})
+    opt = TrelmOptimizer(model, **hp)
+    adapter = adapter_for(ref)
+    per_neuron = []  # (layer, neuron, stored weight or bias, axis, blocks, site, its lazy copy)
+    for l, site in enumerate(adapter.ffn_site(layer) for layer in adapter.layers(ref)):
+        for proj, axis, blocks in site.projections():
+            lin = proj.linear
+            for t in [lin.weight] + ([lin.bias] if axis == 0 and lin.bias is not None else []):
+                for i in range(I):
+                    copy_i = torch.nn.Parameter(_on_path(site, axis, blocks, t, torch.tensor([i])).detach().clone())
+                    per_neuron.append((l, i, t, axis, blocks, site, copy_i))
+    lazy = torch.optim.AdamW([{"params": [e[-1] for e in per_neuron if e[2].dim() == 2]},
+                              {"params": [e[-1] for e in per_neuron if e[2].dim() == 1], "weight_decay": 0.0}],
+                             foreach=False, **hp)
+    steps = [[torch.tensor([0, 5, 36]), torch.arange(I), torch.tensor([17])],
+             [torch.tensor([5, 6]), torch.tensor([2]), torch.tensor([0, 17, 30])]]
+    ids, mask = _inputs()
+    for paths in steps:
+        for f, p in zip(ffn_modules(model), paths):
+            f.set_path(p)
+        _loss(model, ids, mask).backward()
+        _loss(ref, ids, mask).backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for l, i, t, axis, blocks, site, copy_i in per_neuron:
+                on = i in paths[l].tolist()
+                copy_i.grad = _on_path(site, axis, blocks, t.grad, torch.tensor([i])).clone() if on else None
+            lazy.step()
+            for l, i, t, axis, blocks, site, copy_i in per_neuron:
+                dim = axis if t.dim() == 2 else 0
+                _linear_view(site, t).index_copy_(dim, _path_features(site, blocks, torch.tensor([i])), copy_i)
+        ref.zero_grad(set_to_none=True)
+    init = _model(family).state_dict()
+    trained = dict(model.named_parameters())
+    moved = 0
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(p, init[name])
+    assert moved == len({id(e[2]) for e in per_neuron})  # every sliced weight and bias, nothing else
 
 
 @pytest.mark.parametrize("family", FAMILIES)
