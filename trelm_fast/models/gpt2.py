@@ -102,13 +102,14 @@ class GPT2Adapter(CausalLMAdapter):
         """`wte`/`wpe`/`lm_head` (embeddings), `ln_f` (layernorm); in `h.{i}`: `ln_1`/`ln_2`
         (layernorm), `attn.*` (attention), `mlp.c_fc.*` and `mlp.c_proj.weight` (ffn),
         `mlp.c_proj.bias` (ffn_out_bias)."""
-        if parts[0] == "lm_head" or parts[-2] in ("wte", "wpe"):
+        owner = parts[-2:-1]  # the module holding the parameter ([] for a top-level one)
+        if parts[0] == "lm_head" or owner in (["wte"], ["wpe"]):
             return "embeddings"
-        if parts[-2] == "ln_f":
+        if owner == ["ln_f"]:
             return "layernorm"
         if "h" not in parts:
             return None
-        if parts[-2] in ("ln_1", "ln_2"):
+        if owner in (["ln_1"], ["ln_2"]):
             return "layernorm"
         if "attn" in parts:
             return "attention"

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_causal_mask
 from transformers import LlamaForCausalLM
+from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from trelm_fast.models.base import CausalLMAdapter, FFNSite, Site, register
@@ -71,10 +71,10 @@ class LlamaAdapter(CausalLMAdapter):
             return "embeddings"  # the [V, d] output matrix (tied or not) stays frozen like BERT's decoder
         if "layers" not in parts:  # the final norm: `model.norm` (other families' `*.norm` are theirs)
             return "layernorm" if parts[:-1] in (["norm"], ["model", "norm"]) else None
-        if parts[-2] in ("input_layernorm", "post_attention_layernorm"):
+        if parts[-2:-1] in (["input_layernorm"], ["post_attention_layernorm"]):
             return "layernorm"
         if "self_attn" in parts:
             return "attention"
-        if parts[-3] == "mlp" and parts[-2] in ("gate_proj", "up_proj", "down_proj"):
+        if parts[-3:-1] in (["mlp", "gate_proj"], ["mlp", "up_proj"], ["mlp", "down_proj"]):
             return "ffn_out_bias" if parts[-2:] == ["down_proj", "bias"] else "ffn"
         return None

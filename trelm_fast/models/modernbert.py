@@ -92,7 +92,7 @@ class ModernBertAdapter(FamilyAdapter):
             return "layernorm"
         if "layers" not in parts:
             return None
-        if parts[-2] in ("attn_norm", "mlp_norm"):
+        if parts[-2:-1] in (["attn_norm"], ["mlp_norm"]):
             return "layernorm"
         if "attn" in parts:
             return "attention"
