@@ -335,6 +335,12 @@ def test_parameter_groups_of_the_family(family):
     assert not outside, outside  # nothing of the model trains by accident in TRELM mode
 
 
+def test_names_of_no_family_are_other():
+    """Top-level and short names (the trainer's own parameters) fall through every family's rules."""
+    for name in ("lambda0", "h", "layers", "norm_scale", "injection.weight", "head_bias"):
+        assert parameter_group(name) == "other", name
+
+
 UNSUPPORTED = {
     "albert": lambda: transformers.AlbertForMaskedLM(transformers.AlbertConfig(
         vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I,
