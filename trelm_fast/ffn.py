@@ -158,11 +158,13 @@ class PathSliced:
         """I, the neurons along `axis` (features per block)."""
         return self.linear_weight.shape[self.axis] // self.blocks
 
-    def neuron_blocks(self, t: Tensor) -> tuple[Tensor, ...]:
-        """Views of `t` (shaped like the stored weight or bias) in nn.Linear layout, one per block
-        of `num_neurons` features along `axis` (the bias: its only axis)."""
-        t = self.linear_layout(t)
-        return t.chunk(self.blocks, dim=self.axis if t.dim() == 2 else 0)
+    def neuron_blocks(self, t: Tensor, stored: bool = True) -> tuple[Tensor, ...]:
+        """Views of `t` in nn.Linear layout, one per block of features along `axis` (a bias: its
+        only axis); `t` is shaped like the stored weight or bias (`stored`), or is in nn.Linear
+        layout already (a slice leaf). No op at all for one block in nn.Linear layout."""
+        if stored:
+            t = self.linear_layout(t)
+        return (t,) if self.blocks == 1 else t.chunk(self.blocks, dim=self.axis if t.dim() == 2 else 0)
 
     def _gather_index(self) -> Tensor | None:
         """The features of the path along `axis` (every block), None when that is all of them."""

@@ -182,12 +182,12 @@ class TrelmOptimizer:
             st["step"].index_add_(0, idx, ones)
             for name, proj, p, leaf, wd in self._targets(f):
                 g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                dim = proj.axis if p.dim() == 2 else 0
                 m, v = st[f"exp_avg_{name}"], st[f"exp_avg_sq_{name}"]
                 # nn.Linear-layout views, one per block of I neurons (two for a fused gate's halves)
                 for p_b, m_b, v_b, g_b in zip(proj.neuron_blocks(p), proj.neuron_blocks(m), proj.neuron_blocks(v),
-                                              g.chunk(proj.blocks, dim)):
-                    slice_adamw(p_b, g_b, m_b, v_b, st["step"], idx, dim, self._lr, b1, b2, self.eps, wd, skip)
+                                              proj.neuron_blocks(g, stored=False)):
+                    slice_adamw(p_b, g_b, m_b, v_b, st["step"], idx, proj.axis if p.dim() == 2 else 0,
+                                self._lr, b1, b2, self.eps, wd, skip)
 
     def zero_grad(self) -> None:
         """Drop dense and slice gradients (set to None)."""
