@@ -34,6 +34,19 @@ def _distilbert(dropout):
                                          max_position_embeddings=24, dropout=dropout, attention_dropout=dropout)
 
 
+def _modernbert(dropout):  # layers 0 and 2 full attention, layer 1 a sliding window of 4; MLP biases on
+    return transformers.ModernBertConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
+                                         num_attention_heads=4, max_position_embeddings=24, global_attn_every_n_layers=2,
+                                         local_attention=4, mlp_bias=True, pad_token_id=0, bos_token_id=1,
+                                         eos_token_id=2, cls_token_id=1, sep_token_id=2, embedding_dropout=dropout,
+                                         attention_dropout=dropout, mlp_dropout=dropout)
+
+
+def _gpt2(dropout):
+    return transformers.GPT2Config(vocab_size=V, n_embd=D, n_inner=I, n_layer=L, n_head=4, n_positions=24,
+                                   resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+
+
 def _llama(dropout):
     return transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
@@ -55,7 +68,10 @@ FAMILIES = {
                               max_relative_positions=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
                               position_biased_input=False),
                    transformers.DebertaV2ForMaskedLM, ("eager",)),
+    # pre-LayerNorm, rotary, alternating global/sliding-window attention, fused gated MLP Wi = [G; W1]
+    "modernbert": (_modernbert, transformers.ModernBertForMaskedLM, ("sdpa", "eager")),
     "llama": (_llama, transformers.LlamaForCausalLM, ("sdpa", "eager")),  # decoder, gated MLP, pre-RMSNorm
+    "gpt2": (_gpt2, transformers.GPT2LMHeadModel, ("sdpa", "eager")),  # decoder, Conv1D weights stored [in, out]
 }
 ATTENTION = [(family, attn) for family, (_, _, attns) in FAMILIES.items() for attn in attns]
 
@@ -93,6 +109,22 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _linear_view(site, t):
+    """A projection's stored weight (or bias) in nn.Linear layout: GPT-2's Conv1D weights transposed back."""
+    return t.t() if site.transposed and t.dim() == 2 else t
+
+
+def _path_features(site, blocks, p):
+    """The features of path p along a projection's neuron axis: b * I + p in each of its `blocks`."""
+    return torch.cat([p + b * site.width for b in range(blocks)])
+
+
+def _on_path(site, axis, blocks, t, p):
+    """The part of a projection's weight- or bias-shaped tensor t that path p selects, as the slice
+    leaves hold it (nn.Linear layout; along `axis`, the bias along its only axis)."""
+    return _linear_view(site, t).index_select(axis if t.dim() == 2 else 0, _path_features(site, blocks, p))
+
+
 def test_every_family_is_tested():
     assert set(supported_model_types()) == set(FAMILIES)
 
@@ -118,8 +150,10 @@ def test_layer_split_reproduces_hf_forward(family):
 @pytest.mark.parametrize("train", [False, True])
 def test_swap_without_path_is_bit_identical(family, train):
     ref = _model(family)
-    swapped = trelm_fast.apply_trelm(copy.deepcopy(ref))
-    assert len(ffn_modules(swapped)) == L
+    swapped = copy.deepcopy(ref)
+    params = [id(p) for p in swapped.parameters()]
+    trelm_fast.apply_trelm(swapped)
+    assert len(ffn_modules(swapped)) == L and [id(p) for p in swapped.parameters()] == params  # shared, not copied
     assert list(ref.state_dict()) == list(swapped.state_dict())
     ref.train(train), swapped.train(train)
     ids, mask = _inputs()
@@ -131,7 +165,9 @@ def test_swap_without_path_is_bit_identical(family, train):
         assert p.grad is None or torch.equal(p.grad, p2.grad), n
     unswap_ffn(swapped)
     assert not any(isinstance(m, TrelmFFN) for m in swapped.modules())
-    assert type(adapter_for(swapped).ffn_site(adapter_for(swapped).layers(swapped)[0]).up.linear) is torch.nn.Linear
+    adapter = adapter_for(swapped)
+    assert type(adapter.ffn_site(adapter.layers(swapped)[0]).up.linear) is adapter.sliced_class().wraps
+    assert [id(p) for p in swapped.parameters()] == params
     assert torch.equal(_loss(ref.eval(), ids, mask), _loss(swapped.eval(), ids, mask))
 
 
@@ -149,15 +185,16 @@ def test_slice_gradients_are_the_dense_gradients_on_the_path(family):
     for f, layer, p in zip(ffn_modules(swapped), adapter.layers(ref), paths):
         site = adapter.ffn_site(layer)
         w1, w2 = site.up.linear, site.down.linear
-        assert _rel(f.slices.w1.grad, w1.weight.grad[p]) <= 1e-5
-        assert _rel(f.slices.w2.grad, w2.weight.grad[:, p]) <= 1e-5
+        up_blocks = 2 if site.fused_gate else 1  # a fused gate [G; W1]: rows S and I + S
+        assert _rel(f.slices.w1.grad, _on_path(site, 0, up_blocks, w1.weight.grad, p)) <= 1e-5
+        assert _rel(f.slices.w2.grad, _on_path(site, 1, 1, w2.weight.grad, p)) <= 1e-5
         assert (f.slices.b1 is None) == (w1.bias is None) and (f.gate_slices is None) == (site.gate is None)
         if w1.bias is not None:
-            assert _rel(f.slices.b1.grad, w1.bias.grad[p]) <= 1e-5
+            assert _rel(f.slices.b1.grad, _on_path(site, 0, up_blocks, w1.bias.grad, p)) <= 1e-5
         if w2.bias is not None:
             assert _rel(f.down.bias.grad, w2.bias.grad) <= 1e-5
         if site.gate is not None:  # gated MLP: rows S of the gate too
-            assert _rel(f.gate_slices.wg.grad, site.gate.linear.weight.grad[p]) <= 1e-5
+            assert _rel(f.gate_slices.wg.grad, _on_path(site, 0, 1, site.gate.linear.weight.grad, p)) <= 1e-5
         assert all(lin.weight.grad is None for lin in f.linears)  # no full-size FFN weight gradient
     emb_ref, emb = ref.get_input_embeddings().weight.grad, swapped.get_input_embeddings().weight.grad
     assert _rel(emb, emb_ref) <= 1e-5  # the exact input gradient flows through every layer
@@ -188,17 +225,68 @@ def test_fused_attribution_matches_reference(family, attn):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_slice_optimizer_is_lazy_adamw_per_neuron(family):
+    """Two steps with changing paths: TrelmOptimizer's update of every FFN projection (a fused gate's
+    two halves, GPT-2's transposed weights) equals torch AdamW over one tensor per (neuron, weight or
+    bias) that steps only while its neuron is on the path (no decay, no moments otherwise)."""
+    hp = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.05)
+    ref = _model(family, dropout=0.0)
+    model = swap_ffn(copy.deepcopy(ref))
+    configure_trainable(model, set())  # the path slices alone train
+    configure_trainable(ref, {"ffn"})
+    opt = TrelmOptimizer(model, **hp)
+    adapter = adapter_for(ref)
+    per_neuron = []  # (layer, neuron, stored weight or bias, axis, blocks, site, its lazy copy)
+    for l, site in enumerate(adapter.ffn_site(layer) for layer in adapter.layers(ref)):
+        for proj, axis, blocks in site.projections():
+            lin = proj.linear
+            for t in [lin.weight] + ([lin.bias] if axis == 0 and lin.bias is not None else []):
+                for i in range(I):
+                    copy_i = torch.nn.Parameter(_on_path(site, axis, blocks, t, torch.tensor([i])).detach().clone())
+                    per_neuron.append((l, i, t, axis, blocks, site, copy_i))
+    lazy = torch.optim.AdamW([{"params": [e[-1] for e in per_neuron if e[2].dim() == 2]},
+                              {"params": [e[-1] for e in per_neuron if e[2].dim() == 1], "weight_decay": 0.0}],
+                             foreach=False, **hp)
+    steps = [[torch.tensor([0, 5, 36]), torch.arange(I), torch.tensor([17])],
+             [torch.tensor([5, 6]), torch.tensor([2]), torch.tensor([0, 17, 30])]]
+    ids, mask = _inputs()
+    for paths in steps:
+        for f, p in zip(ffn_modules(model), paths):
+            f.set_path(p)
+        _loss(model, ids, mask).backward()
+        _loss(ref, ids, mask).backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for l, i, t, axis, blocks, site, copy_i in per_neuron:
+                on = i in paths[l].tolist()
+                copy_i.grad = _on_path(site, axis, blocks, t.grad, torch.tensor([i])).clone() if on else None
+            lazy.step()
+            for l, i, t, axis, blocks, site, copy_i in per_neuron:
+                dim = axis if t.dim() == 2 else 0
+                _linear_view(site, t).index_copy_(dim, _path_features(site, blocks, torch.tensor([i])), copy_i)
+        ref.zero_grad(set_to_none=True)
+    init = _model(family).state_dict()
+    trained = dict(model.named_parameters())
+    moved = 0
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(p, init[name])
+    assert moved == len({id(e[2]) for e in per_neuron})  # every sliced weight and bias, nothing else
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_short_training_run_lowers_the_loss(family):
     """Random init, TRELM mode: only the head and the knowledge-path slices learn; 16 steps on one batch.
     Encoders: MLM loss at the targets; decoders: causal LM loss at the targets (read at t - 1)."""
     model = swap_ffn(_model(family, dropout=0.0))
     configure_trainable(model, TRELM_TRAINABLE)
     adapter = adapter_for(model)
-    def rows_sliced(layer):  # the weights whose rows are neurons: up, and the gate of a gated MLP
+    def rows_sliced(layer):  # (weight, its neuron dim) where features are neurons: up and a gate
         site = adapter.ffn_site(layer)
-        return [site.up.linear.weight] + ([] if site.gate is None else [site.gate.linear.weight])
+        return [(proj.linear.weight, site.neuron_dim(axis)) for proj, axis, _ in site.projections() if axis == 0]
 
-    before = [[w.detach().clone() for w in rows_sliced(layer)] for layer in adapter.layers(model)]
+    before = [[w.detach().clone() for w, _ in rows_sliced(layer)] for layer in adapter.layers(model)]
     opt = TrelmOptimizer(model, lr=1e-2)
     router = KnowledgeRouter(model, m=2, refresh=4, fraction=0.25)
     ids, hidden, mask, labels, neg = _attribution_batch(model)
@@ -221,9 +309,10 @@ def test_short_training_run_lowers_the_loss(family):
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
     for layer, w0s, seen in zip(adapter.layers(model), before, selected):
-        for w, w0 in zip(rows_sliced(layer), w0s):
-            changed = (w != w0).any(1)
-            assert changed.any() and set(changed.nonzero().squeeze(1).tolist()) <= seen  # only path rows moved
+        for (w, dim), w0 in zip(rows_sliced(layer), w0s):
+            changed = (w != w0).any(1 - dim)
+            neurons = changed.nonzero().squeeze(1) % I  # a fused gate's feature I + s is neuron s
+            assert changed.any() and set(neurons.tolist()) <= seen  # only path rows moved
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -248,14 +337,16 @@ def test_parameter_groups_of_the_family(family):
     assert not outside, outside  # nothing of the model trains by accident in TRELM mode
 
 
+def test_names_of_no_family_are_other():
+    """Top-level and short names (the trainer's own parameters) fall through every family's rules."""
+    for name in ("lambda0", "h", "layers", "norm_scale", "injection.weight", "head_bias"):
+        assert parameter_group(name) == "other", name
+
+
 UNSUPPORTED = {
     "albert": lambda: transformers.AlbertForMaskedLM(transformers.AlbertConfig(
         vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I,
         embedding_size=16)),
-    "modernbert": lambda: transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
-        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=I, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
-    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=4)),
 }
 
 
@@ -288,16 +379,17 @@ def test_random_init_takes_every_size_field(family, tmp_path):
     mlm = build_mlm(ModelConfig(path=str(tmp_path), init="random", **sizes))
     adapter = adapter_for_type(family)
     layers = adapter.layers(mlm)
-    site = adapter.ffn_site(layers[0])
-    assert (len(layers), site.up.linear.out_features, site.up.linear.in_features) == (2, 29, 24)
+    down = adapter.ffn_site(layers[0]).down.linear  # W2 [d, I] (a fused gate's up projection is [2I, d])
+    assert (len(layers), down.in_features, down.out_features) == (2, 29, 24)
     assert mlm.get_input_embeddings().num_embeddings == V
 
 
-def test_the_trainer_refuses_decoders():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_trainer_refuses_decoders(family):
     from trelm_fast.model import TrelmModel
 
-    with pytest.raises(ValueError, match="TrelmModel: llama is a decoder family; the trainer supports masked LMs"):
-        TrelmModel(_model("llama"), torch.zeros(3, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=f"TrelmModel: {family} is a decoder family; the trainer supports masked LMs"):
+        TrelmModel(_model(family), torch.zeros(3, 4), torch.zeros(2, 4))
 
 
 def test_electra_discriminator_swaps_but_has_no_mlm_head():

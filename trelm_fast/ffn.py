@@ -13,11 +13,13 @@ never exist: W1, b1, W2 enter the autograd Functions detached, and small zero-va
 gradients in their `.grad` (summed over micro-batches like any leaf). The leaves are not module
 parameters, so DDP never sees them; `trelm_fast.optim.allreduce_slice_grads` reduces them.
 
-Gated MLPs, Y = (act(X G^T) * (X W1^T + b1)) W2^T + b2, take rows S of the gate G too (`TrelmFFN.gate_slices`).
+Gated MLPs, Y = (act(X G^T) * (X W1^T + b1)) W2^T + b2, take rows S of the gate G too (`TrelmFFN.gate_slices`);
+a fused gate ([G; W1] as one Linear [2I, d], ModernBERT) takes its rows S and I + S.
 
 `swap_ffn(model)` replaces the up, down (and gate) nn.Linear of every layer with `SliceLinear` (an
 nn.Linear subclass holding the same Parameter objects, so parameter names and state dicts are
-unchanged) and adds a parameter-free `TrelmFFN` child `layer.trelm_ffn` that owns the path.
+unchanged; families with other projection modules give their own `PathSliced` class, GPT-2 its
+Conv1D's) and adds a parameter-free `TrelmFFN` child `layer.trelm_ffn` that owns the path.
 Everything else of the layer (activation, LayerNorm, dropout, hooks) stays the Hugging Face
 module. With no path set a swapped model computes exactly what the original computes (same ops),
 gradients included.
@@ -26,14 +28,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trelm_fast.kernels.sparse_ffn import column_slice_grad, gather_columns, gathered_tn_matmul
-from trelm_fast.models.base import Site
+
+if TYPE_CHECKING:  # trelm_fast.models imports this module (family PathSliced classes)
+    from trelm_fast.models.base import Site
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -105,74 +109,140 @@ class ColSliceLinear(torch.autograd.Function):
         return da, None, db, None, dw
 
 
-class SliceLinear(nn.Linear):
-    """An nn.Linear whose weight gradient, while `path` is set, is a slice along `axis`.
+class PathSliced:
+    """Mixin of an FFN projection module whose weight gradient, while `path` is set, is a slice.
 
-    axis 0 (up projection): rows `path` of the weight and of the bias -> leaves
-    `weight_slice` [k, in_features], `bias_slice` [k]. axis 1 (down projection): columns `path`
-    -> leaf `weight_slice` [out_features, k]; the bias keeps its own requires_grad. With
-    `path is None` this is exactly nn.Linear.
+    In nn.Linear terms (weight [out, in], `linear_weight`): axis 0 (up, gate projections): output
+    features `path` -> leaves `weight_slice` [blocks * k, in], `bias_slice` [blocks * k]; axis 1
+    (down projection): input features `path` -> leaf `weight_slice` [out, k], the bias keeps its
+    own requires_grad. `blocks` (axis 0 only): the output features stack that many blocks of
+    `num_neurons` (a fused GLU projection: 2), a path S takes features b * num_neurons + S of each.
+    With `path is None` the module is exactly its plain class (`dense_forward`). Subclasses:
+    `SliceLinear` (nn.Linear) here, a family's own types in its adapter module (GPT-2's Conv1D);
+    `wraps` is the plain class, `from_plain` / `to_plain` convert sharing the Parameter objects.
     """
 
-    def __init__(self, in_features: int, out_features: int, axis: int, bias: bool = True,
-                 device=None, dtype=None):
+    wraps: type = nn.Module
+
+    def _init_slicing(self, axis: int, blocks: int) -> None:
         if axis not in (0, 1):
-            raise ValueError(f"SliceLinear: axis must be 0 (rows) or 1 (columns), got {axis}")
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.axis = axis
+            raise ValueError(f"{type(self).__name__}: axis must be 0 (rows) or 1 (columns), got {axis}")
+        if blocks < 1 or (axis == 1 and blocks != 1):
+            raise ValueError(f"{type(self).__name__}: blocks must be >= 1, and 1 for axis 1, got {blocks}")
+        self.axis, self.blocks = axis, blocks
         self.path: Tensor | None = None
         self.weight_slice: Tensor | None = None
         self.bias_slice: Tensor | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, axis: int) -> "SliceLinear":
-        """A SliceLinear sharing `linear`'s Parameter objects (no copy)."""
-        new = cls(linear.in_features, linear.out_features, axis, bias=linear.bias is not None,
-                  device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        new.train(linear.training)
-        return new
+    def from_plain(cls, module: nn.Module, axis: int, blocks: int = 1) -> "PathSliced":
+        raise NotImplementedError
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear sharing this module's Parameter objects."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        lin.weight, lin.bias = self.weight, self.bias
-        lin.train(self.training)
-        return lin
+    def to_plain(self) -> nn.Module:
+        raise NotImplementedError
+
+    def linear_layout(self, t: Tensor) -> Tensor:
+        """A tensor shaped like the stored weight (or bias), as nn.Linear lays it out (a view)."""
+        return t
+
+    @property
+    def linear_weight(self) -> Tensor:
+        """The weight as nn.Linear's [out, in] (a view)."""
+        return self.linear_layout(self.weight)
+
+    def dense_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_neurons(self) -> int:
+        """I, the neurons along `axis` (features per block)."""
+        return self.linear_weight.shape[self.axis] // self.blocks
+
+    def neuron_blocks(self, t: Tensor, stored: bool = True) -> tuple[Tensor, ...]:
+        """Views of `t` in nn.Linear layout, one per block of features along `axis` (a bias: its
+        only axis); `t` is shaped like the stored weight or bias (`stored`), or is in nn.Linear
+        layout already (a slice leaf). No op at all for one block in nn.Linear layout."""
+        if stored:
+            t = self.linear_layout(t)
+        return (t,) if self.blocks == 1 else t.chunk(self.blocks, dim=self.axis if t.dim() == 2 else 0)
+
+    def _gather_index(self) -> Tensor | None:
+        """The features of the path along `axis` (every block), None when that is all of them."""
+        n = self.num_neurons
+        idx = gather_index(self.path, n)
+        if idx is None or self.blocks == 1:
+            return idx
+        return torch.cat([idx + b * n for b in range(self.blocks)])
 
     def _set_path(self, idx: Tensor | None) -> None:
         """Install a validated path and fresh zero slice leaves (or clear them)."""
         self.path, self.weight_slice, self.bias_slice = idx, None, None
         if idx is None:
             return
-        w = self.weight
-        k = idx.numel()
-        shape = (k, self.in_features) if self.axis == 0 else (self.out_features, k)
+        w = self.linear_weight
+        k = idx.numel() * self.blocks
+        shape = (k, w.shape[1]) if self.axis == 0 else (w.shape[0], k)
         self.weight_slice = torch.zeros(shape, device=w.device, dtype=w.dtype, requires_grad=True)
         if self.axis == 0 and self.bias is not None:
             self.bias_slice = torch.zeros(k, device=w.device, dtype=self.bias.dtype, requires_grad=True)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.path is None:
-            return F.linear(x, self.weight, self.bias)
+            return self.dense_forward(x)
         if self.path.device != self.weight.device:
             raise RuntimeError(
-                f"SliceLinear: path is on {self.path.device} but the weight is on {self.weight.device}; "
+                f"{type(self).__name__}: path is on {self.path.device} but the weight is on {self.weight.device}; "
                 "set paths after moving the model"
             )
-        idx = gather_index(self.path, self.weight.shape[self.axis])
+        idx = self._gather_index()
+        w = self.linear_weight.detach()
         if self.axis == 0:
             bias = None if self.bias is None else self.bias.detach()
-            return RowSliceLinear.apply(x, self.weight.detach(), bias, idx, self.weight_slice, self.bias_slice)
-        return ColSliceLinear.apply(x, self.weight.detach(), self.bias, idx, self.weight_slice)
+            return RowSliceLinear.apply(x, w, bias, idx, self.weight_slice, self.bias_slice)
+        return ColSliceLinear.apply(x, w, self.bias, idx, self.weight_slice)
+
+    def slicing_repr(self) -> str:
+        k = "None" if self.path is None else str(self.path.numel())
+        return f"axis={self.axis}, blocks={self.blocks}, path_size={k}"
+
+
+class SliceLinear(PathSliced, nn.Linear):
+    """An nn.Linear whose weight gradient, while `path` is set, is a slice along `axis` (`PathSliced`)."""
+
+    wraps = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, axis: int, bias: bool = True,
+                 device=None, dtype=None, blocks: int = 1):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_slicing(axis, blocks)
+
+    @classmethod
+    def from_plain(cls, linear: nn.Linear, axis: int, blocks: int = 1) -> "SliceLinear":
+        """A SliceLinear sharing `linear`'s Parameter objects (no copy)."""
+        new = cls(linear.in_features, linear.out_features, axis, bias=linear.bias is not None,
+                  device="meta", blocks=blocks)
+        new.weight, new.bias = linear.weight, linear.bias
+        new.train(linear.training)
+        return new
+
+    def to_plain(self) -> nn.Linear:
+        """A plain nn.Linear sharing this module's Parameter objects."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight, lin.bias = self.weight, self.bias
+        lin.train(self.training)
+        return lin
+
+    def dense_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        k = "None" if self.path is None else str(self.path.numel())
-        return f"{super().extra_repr()}, axis={self.axis}, path_size={k}"
+        return f"{nn.Linear.extra_repr(self)}, {self.slicing_repr()}"
 
 
 class FFNSlices(NamedTuple):
-    """Slice leaves of one layer's path S: w1 [|S|, d], b1 [|S|] (None without bias), w2 [d, |S|]."""
+    """Slice leaves of one layer's path S: w1 [|S|, d], b1 [|S|] (None without bias), w2 [d, |S|]
+    (nn.Linear layout whatever the storage; a fused gate's up projection: w1 [2|S|, d], b1 [2|S|],
+    its rows S then I + S)."""
 
     w1: Tensor
     b1: Tensor | None
@@ -190,44 +260,44 @@ class TrelmFFN(nn.Module):
     """Path controller of one layer's FFN (registered as `layer.trelm_ffn`).
 
     Holds no parameters: `up` (W1 [I, d], b1), `down` (W2 [d, I], b2) and, in gated MLPs, `gate`
-    (G [I, d], rows sliced like W1) are the layer's own SliceLinears, referenced but not registered
-    here (no parameter has two names); `sites` says which module owns each under which attribute
-    name (what `unswap_ffn` restores).
+    (G [I, d], rows sliced like W1) are the layer's own `PathSliced` modules (SliceLinear, or the
+    family's type), referenced but not registered here (no parameter has two names); `sites` says
+    which module owns each under which attribute name (what `unswap_ffn` restores).
     """
 
     def __init__(self, up: Site, down: Site, layer_idx: int, gate: Site | None = None):
         super().__init__()
         sites = (up, down) if gate is None else (up, down, gate)
         for name, site in zip(("up", "down", "gate"), sites):
-            if not isinstance(site.linear, SliceLinear):
-                raise TypeError(f"TrelmFFN: the {name} projection must be a SliceLinear, got "
+            if not isinstance(site.linear, PathSliced):
+                raise TypeError(f"TrelmFFN: the {name} projection must be PathSliced, got "
                                 f"{type(site.linear).__name__}")
         object.__setattr__(self, "sites", sites)
         self.layer_idx = layer_idx
 
     @property
-    def up(self) -> SliceLinear:
+    def up(self) -> PathSliced:
         """W1 [I, d], b1 [I]: the up projection."""
         return self.sites[0].linear
 
     @property
-    def down(self) -> SliceLinear:
+    def down(self) -> PathSliced:
         """W2 [d, I], b2 [d]: the down projection."""
         return self.sites[1].linear
 
     @property
-    def gate(self) -> SliceLinear | None:
+    def gate(self) -> PathSliced | None:
         """G [I, d]: the gate projection of a gated MLP, else None."""
         return self.sites[2].linear if len(self.sites) > 2 else None
 
     @property
-    def linears(self) -> tuple[SliceLinear, ...]:
-        """Every SliceLinear of the layer's FFN (up, down[, gate])."""
+    def linears(self) -> tuple[PathSliced, ...]:
+        """Every sliced projection of the layer's FFN (up, down[, gate])."""
         return tuple(site.linear for site in self.sites)
 
     @property
     def intermediate_size(self) -> int:
-        return self.up.out_features
+        return self.down.num_neurons
 
     @property
     def path(self) -> Tensor | None:
@@ -300,23 +370,24 @@ def swap_ffn(model: nn.Module) -> nn.Module:
     for i, layer in enumerate(adapter.layers(model)):
         if isinstance(getattr(layer, "trelm_ffn", None), TrelmFFN):
             continue
-        site = adapter.ffn_site(layer)
-        projections = ((site.up, 0), (site.down, 1)) + (() if site.gate is None else ((site.gate, 0),))
-        for proj, _ in projections:
-            if type(proj.linear) is not nn.Linear:
+        site, sliced = adapter.ffn_site(layer), adapter.sliced_class()
+        projections = site.projections()
+        for proj, _, _ in projections:
+            if type(proj.linear) is not sliced.wraps:
                 raise TypeError(f"swap_ffn: layer {i} {type(proj.owner).__name__}.{proj.name} is "
-                                f"{type(proj.linear).__name__}, expected torch.nn.Linear")
-        for proj, axis in projections:
-            setattr(proj.owner, proj.name, SliceLinear.from_linear(proj.linear, axis))
+                                f"{type(proj.linear).__name__}, expected {sliced.wraps.__module__}."
+                                f"{sliced.wraps.__qualname__}")
+        for proj, axis, blocks in projections:
+            setattr(proj.owner, proj.name, sliced.from_plain(proj.linear, axis, blocks))
         layer.trelm_ffn = TrelmFFN(site.up, site.down, i, site.gate)
     return model
 
 
 def unswap_ffn(model: nn.Module) -> nn.Module:
-    """Undo swap_ffn in place (plain nn.Linear back, paths dropped); returns `model`."""
+    """Undo swap_ffn in place (the plain nn.Linear / family modules back, paths dropped); returns `model`."""
     for layer in [m for m in model.modules() if isinstance(getattr(m, "trelm_ffn", None), TrelmFFN)]:
         for site in layer.trelm_ffn.sites:
-            setattr(site.owner, site.name, site.linear.to_linear())
+            setattr(site.owner, site.name, site.linear.to_plain())
         del layer.trelm_ffn
     return model
 
@@ -330,7 +401,7 @@ def ffn_modules(model: nn.Module) -> list[TrelmFFN]:
 def suspended_paths(model: nn.Module) -> Iterator[None]:
     """Run `model` as if no path were set (e.g. attribution passes that need only input gradients).
 
-    Inside, every SliceLinear is a plain linear, so autograd computes no slice gradients; the
+    Inside, every sliced projection is its plain module, so autograd computes no slice gradients; the
     paths, slice leaves and any gradients they hold are restored on exit.
     """
     linears = [lin for f in ffn_modules(model) for lin in f.linears]

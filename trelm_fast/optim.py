@@ -27,7 +27,9 @@ of W2 with their own Adam moments. A neuron's step counter counts the steps in w
 path; bias correction uses that count, so a neuron's update is exactly AdamW run over the steps in
 which it was selected, and unselected neurons see no momentum drift and no weight decay. W1 rows and
 W2 columns are decayed, b1 is not. In gated MLPs rows S of the gate (and its bias) are updated like
-W1's (and b1's). Paths may change between steps: state is kept for all I neurons.
+W1's (and b1's); a fused gate (ModernBERT's [G; W1]) gets rows S and I + S, and weights stored
+transposed (GPT-2's Conv1D) are updated through their nn.Linear-layout views. Paths may change
+between steps: state is kept for all I neurons.
 
 `step(skip)`: with a bool scalar tensor, the whole update (dense and slices, step counters included)
 is dropped on the device when it is true (the fused AdamW's `found_inf`), so a step with a
@@ -133,16 +135,16 @@ class TrelmOptimizer:
         return dense + [t for f in self.ffns for t in f.leaves]
 
     def _targets(self, f: TrelmFFN):
-        """(name, parameter, slice leaf, dim, weight decay) of one layer's sliced tensors."""
+        """(name, projection, parameter, slice leaf, weight decay) of one layer's sliced tensors."""
         s = f.slices
-        out = [("w1", f.up.weight, s.w1, 0, self.weight_decay), ("w2", f.down.weight, s.w2, 1, self.weight_decay)]
+        out = [("w1", f.up, f.up.weight, s.w1, self.weight_decay), ("w2", f.down, f.down.weight, s.w2, self.weight_decay)]
         if s.b1 is not None:
-            out.append(("b1", f.up.bias, s.b1, 0, 0.0))
+            out.append(("b1", f.up, f.up.bias, s.b1, 0.0))
         g = f.gate_slices
         if g is not None:
-            out.append(("wg", f.gate.weight, g.wg, 0, self.weight_decay))
+            out.append(("wg", f.gate, f.gate.weight, g.wg, self.weight_decay))
             if g.bg is not None:
-                out.append(("bg", f.gate.bias, g.bg, 0, 0.0))
+                out.append(("bg", f.gate, f.gate.bias, g.bg, 0.0))
         return out
 
     def _state_for(self, i: int) -> dict[str, Tensor]:
@@ -178,10 +180,14 @@ class TrelmOptimizer:
             st, idx = self._state_for(i), f.path
             ones = torch.ones_like(idx) if skip is None else (~skip).long().expand(idx.numel())
             st["step"].index_add_(0, idx, ones)
-            for name, p, leaf, dim, wd in self._targets(f):
+            for name, proj, p, leaf, wd in self._targets(f):
                 g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                slice_adamw(p, g, st[f"exp_avg_{name}"], st[f"exp_avg_sq_{name}"], st["step"], idx, dim,
-                            self._lr, b1, b2, self.eps, wd, skip)
+                m, v = st[f"exp_avg_{name}"], st[f"exp_avg_sq_{name}"]
+                # nn.Linear-layout views, one per block of I neurons (two for a fused gate's halves)
+                for p_b, m_b, v_b, g_b in zip(proj.neuron_blocks(p), proj.neuron_blocks(m), proj.neuron_blocks(v),
+                                              proj.neuron_blocks(g, stored=False)):
+                    slice_adamw(p_b, g_b, m_b, v_b, st["step"], idx, proj.axis if p.dim() == 2 else 0,
+                                self._lr, b1, b2, self.eps, wd, skip)
 
     def zero_grad(self) -> None:
         """Drop dense and slice gradients (set to None)."""

@@ -58,7 +58,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from trelm_fast.config import Config
 from trelm_fast.data.prepare import is_prepared, prepare_batch
@@ -225,12 +225,6 @@ def move_batch(batch: dict, device) -> dict:
             for k, v in batch.items()}
 
 
-def _ffn_weights(model: TrelmModel) -> list[tuple[nn.Parameter, Optional[nn.Parameter], nn.Parameter]]:
-    """(W1 [I, d], b1 [I], W2 [d, I]) of every layer, in layer order (swapped or not), from the family adapter."""
-    sites = [model.adapter.ffn_site(layer) for layer in model.adapter.layers(model.mlm)]
-    return [(s.up.linear.weight, s.up.linear.bias, s.down.linear.weight) for s in sites]
-
-
 class TrainStep:
     """One training step of ``method`` on a TrelmModel; see the module docstring.
 
@@ -329,13 +323,19 @@ class TrainStep:
     def _mask_to_paths(self) -> None:
         """trelm_naive: keep only the path rows/columns of the dense FFN gradients."""
         routed = dict(zip(self.router.layers, self.paths))
-        for i, (w1, b1, w2) in enumerate(_ffn_weights(self.model)):
-            keep = torch.zeros(w1.shape[0], dtype=torch.bool, device=w1.device)
-            if i in routed:
-                keep[routed[i].to(w1.device)] = True
-            for p, mask in ((w1, keep[:, None]), (b1, keep), (w2, keep[None, :])):
-                if p is not None and p.grad is not None:
-                    p.grad.mul_(mask.to(p.grad.dtype))
+        adapter = self.model.adapter
+        for i, layer in enumerate(adapter.layers(self.model.mlm)):
+            site = adapter.ffn_site(layer)
+            for proj, axis, blocks in site.projections():  # W1, b1, W2 (and the gate), as stored
+                w, b = proj.linear.weight, proj.linear.bias if axis == 0 else None  # b2 is not per neuron
+                keep = torch.zeros(site.width, dtype=torch.bool, device=w.device)
+                if i in routed:
+                    keep[routed[i].to(w.device)] = True
+                keep = keep.repeat(blocks)
+                w_keep = keep[:, None] if site.neuron_dim(axis) == 0 else keep[None, :]
+                for p, mask in ((w, w_keep), (b, keep)):
+                    if p is not None and p.grad is not None:
+                        p.grad.mul_(mask.to(p.grad.dtype))
 
     # ------------------------------------------------------------------------- the objective
 

@@ -5,7 +5,7 @@ lists them. Adding a family is adding one module here (a `FamilyAdapter` subclas
 `@register`, imported below) and its entry in tests/test_models.py.
 """
 from trelm_fast.models import (  # noqa: F401  (registers the families; bert first: its naming rules)
-    bert, deberta_v2, distilbert, electra, llama, roberta, xlm_roberta,
+    bert, deberta_v2, distilbert, electra, gpt2, llama, modernbert, roberta, xlm_roberta,
 )
 from trelm_fast.models.base import (
     TRANSFORMERS_RANGE,

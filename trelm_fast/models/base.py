@@ -7,7 +7,9 @@ family module of this package; the rest of trelm-fast talks to a model through i
 - `ffn_site(layer)`: where the FFN is. Up projection W1 [I, d] (rows are neurons), activation,
   down projection W2 [d, I] (columns are neurons), each projection as the module that owns the
   nn.Linear and the attribute name, so `swap_ffn` can replace it in place; gated MLPs add a gate
-  projection G [I, d] whose rows are sliced like W1's.
+  projection G [I, d] whose rows are sliced like W1's, or fuse it into the up projection
+  (`fused_gate`); `transposed` marks weights stored [in, out] (GPT-2's Conv1D), and
+  `sliced_class()` names the `trelm_fast.ffn.PathSliced` class that replaces the projections.
 - One layer split at its FFN, what the attribution needs, for hidden states h [B, n, d]:
   `layer_context(model, mask2d, like)` (whatever one layer needs besides h: the attention mask the
   family builds from a [B, n] padding mask), `attention(layer, h, ctx)` -> a (the state the FFN
@@ -46,7 +48,8 @@ def check_transformers_version(family: str) -> None:
 
 
 class Site(NamedTuple):
-    """One projection of the FFN: `getattr(owner, name)` is the nn.Linear (or SliceLinear)."""
+    """One projection of the FFN: `getattr(owner, name)` is the nn.Linear (or the family's
+    projection module), or its sliced counterpart once swapped."""
 
     owner: nn.Module
     name: str
@@ -58,12 +61,41 @@ class Site(NamedTuple):
 
 class FFNSite(NamedTuple):
     """Where one layer's FFN is: up W1 [I, d], down W2 [d, I], the activation, and for gated MLPs
-    the gate G [I, d] (v = act(G x) * (W1 x + b1)), else None."""
+    the gate G [I, d] (v = act(G x) * (W1 x + b1)), else None.
+
+    Two storage layouts besides one nn.Linear per projection: `fused_gate` (ModernBERT's `Wi`): the
+    up projection stacks [G; W1] as one Linear [2I, d] and v = act(first half) * second half, so a
+    path S takes its rows S and I + S; `transposed` (GPT-2's `Conv1D`): every weight is stored
+    [in, out], W1 as [d, I] and W2 as [I, d].
+    """
 
     up: Site
     down: Site
     act: Callable[[Tensor], Tensor]
     gate: Site | None = None
+    fused_gate: bool = False
+    transposed: bool = False
+
+    @property
+    def width(self) -> int:
+        """I, the FFN's neurons: the down projection's input features."""
+        return self.down.linear.weight.shape[0 if self.transposed else 1]
+
+    def projections(self) -> list[tuple[Site, int, int]]:
+        """(site, axis, blocks) of each projection: axis 0 where neurons are output features (up,
+        gate), 1 where they are input features (down); blocks: stacked [I]-feature blocks (2 for a
+        fused gate), a path S takes features b * I + S of each."""
+        out = [(self.up, 0, 2 if self.fused_gate else 1), (self.down, 1, 1)]
+        return out if self.gate is None else out + [(self.gate, 0, 1)]
+
+    def linear_weight(self, site: Site) -> Tensor:
+        """A projection's weight in nn.Linear layout [out, in] (a view of a transposed weight)."""
+        w = site.linear.weight
+        return w.t() if self.transposed else w
+
+    def neuron_dim(self, axis: int) -> int:
+        """The dim of a projection's stored weight that holds its features along `axis`."""
+        return 1 - axis if self.transposed else axis
 
 
 class FamilyAdapter:
@@ -100,6 +132,13 @@ class FamilyAdapter:
     def ffn_site(self, layer: nn.Module) -> FFNSite:
         raise NotImplementedError
 
+    def sliced_class(self) -> type:
+        """The path-sliced module class `swap_ffn` puts in place of each FFN projection (a
+        `trelm_fast.ffn.PathSliced`): `SliceLinear` for nn.Linear projections."""
+        from trelm_fast.ffn import SliceLinear  # ffn imports this module
+
+        return SliceLinear
+
     # ------------------------------------------------------------------ one layer, split at the FFN
 
     def layer_context(self, model: nn.Module, mask2d: Tensor, like: Tensor) -> Any:
@@ -117,6 +156,9 @@ class FamilyAdapter:
         site = self.ffn_site(layer)
         x = self.ffn_input(layer, a)
         up = site.up.linear(x)
+        if site.fused_gate:
+            g, up = up.chunk(2, dim=-1)
+            return site.act(g) * up
         return site.act(up) if site.gate is None else site.act(site.gate.linear(x)) * up
 
     def final_norm(self, model: nn.Module, h: Tensor) -> Tensor:
@@ -164,6 +206,22 @@ class FamilyAdapter:
         """The `trelm_fast.optim` group of a parameter name split at '.', or None when this
         family's naming does not decide it."""
         return None
+
+
+class CausalLMAdapter(FamilyAdapter):
+    """Base of the decoder families: causal, scored by the `*ForCausalLM` model's `lm_head` (no
+    transform; a zero bias when it has none). Subclasses set `lm_class`."""
+
+    causal = True
+    lm_class: type | None = None
+
+    def mlm_head(self, model: nn.Module) -> MLMHead:
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is None:
+            raise TypeError(f"trelm_fast.models.{self.family}: {type(model).__name__} has no LM head; "
+                            f"use {self.lm_class.__name__}")
+        bias = lm_head.bias if lm_head.bias is not None else lm_head.weight.new_zeros(lm_head.out_features)
+        return MLMHead(nn.Identity(), lm_head, bias)
 
 
 _REGISTRY: dict[str, FamilyAdapter] = {}

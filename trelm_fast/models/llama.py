@@ -14,11 +14,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from trelm_fast.losses import MLMHead
-from trelm_fast.models.base import FamilyAdapter, FFNSite, Site, register
+from trelm_fast.models.base import CausalLMAdapter, FFNSite, Site, register
 
 
 class LlamaContext(NamedTuple):
@@ -27,11 +27,11 @@ class LlamaContext(NamedTuple):
 
 
 @register
-class LlamaAdapter(FamilyAdapter):
+class LlamaAdapter(CausalLMAdapter):
     family = "llama"
     model_types = ("llama",)
     layer_classes = (LlamaDecoderLayer,)
-    causal = True
+    lm_class = LlamaForCausalLM
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return self.base(model).layers
@@ -60,14 +60,6 @@ class LlamaAdapter(FamilyAdapter):
     def final_norm(self, model: nn.Module, h: Tensor) -> Tensor:
         return self.base(model).norm(h)
 
-    def mlm_head(self, model: nn.Module) -> MLMHead:
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is None:
-            raise TypeError(f"trelm_fast.models.{self.family}: {type(model).__name__} has no LM head; "
-                            "use LlamaForCausalLM")
-        bias = lm_head.bias if lm_head.bias is not None else lm_head.weight.new_zeros(lm_head.out_features)
-        return MLMHead(nn.Identity(), lm_head, bias)
-
     def embedding_output(self, model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return inputs_embeds  # no position or type embeddings: positions enter through the rotary attention
 
@@ -77,12 +69,12 @@ class LlamaAdapter(FamilyAdapter):
     def parameter_group(self, parts: list[str]) -> str | None:
         if parts[0] == "lm_head" or "embed_tokens" in parts:
             return "embeddings"  # the [V, d] output matrix (tied or not) stays frozen like BERT's decoder
-        if "layers" not in parts:
-            return "layernorm" if parts[-2:] == ["norm", "weight"] else None
-        if parts[-2] in ("input_layernorm", "post_attention_layernorm"):
+        if "layers" not in parts:  # the final norm: `model.norm` (other families' `*.norm` are theirs)
+            return "layernorm" if parts[:-1] in (["norm"], ["model", "norm"]) else None
+        if parts[-2:-1] in (["input_layernorm"], ["post_attention_layernorm"]):
             return "layernorm"
         if "self_attn" in parts:
             return "attention"
-        if "mlp" in parts:
+        if parts[-3:-1] in (["mlp", "gate_proj"], ["mlp", "up_proj"], ["mlp", "down_proj"]):
             return "ffn_out_bias" if parts[-2:] == ["down_proj", "bias"] else "ffn"
         return None

@@ -32,7 +32,7 @@ def model_layers(model: nn.Module) -> tuple[FamilyAdapter, nn.ModuleList]:
 
 def ffn_width(adapter: FamilyAdapter, layers: nn.ModuleList) -> int:
     """I, the FFN intermediate size (neurons per layer)."""
-    return adapter.ffn_site(layers[0]).up.linear.out_features
+    return adapter.ffn_site(layers[0]).width
 
 
 def resolve_layers(layers, num_layers: int) -> tuple[int, ...]:

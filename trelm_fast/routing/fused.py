@@ -102,9 +102,10 @@ def attribute(
     with frozen_eval(model):
         for l in layer_ids:
             a_t, h_l, v_t = saved.pop(l)
-            w2 = adapter.ffn_site(enc[l]).down.linear
-            u_t = v_t @ w2.weight.t()  # [N, d]: v_t W2^T, the part of FFN_out that scales with alpha
-            b2 = 0.0 if w2.bias is None else w2.bias
+            site = adapter.ffn_site(enc[l])
+            w2, b2 = site.linear_weight(site.down), site.down.linear.bias  # W2 [d, I], b2 [d]
+            u_t = v_t @ w2.t()  # [N, d]: v_t W2^T, the part of FFN_out that scales with alpha
+            b2 = 0.0 if b2 is None else b2
             grads = []
             for k0 in range(0, m, chunk):
                 c = min(chunk, m - k0)
@@ -128,6 +129,6 @@ def attribute(
                 (g,) = torch.autograd.grad(p.sum(), leaf)
                 grads.append(g)
             g_all = torch.cat(grads)
-            scores.append(attribution_scores(g_all, weights.to(g_all), w2.weight, v_t))
+            scores.append(attribution_scores(g_all, weights.to(g_all), w2, v_t))
     return Attribution(layer_ids, torch.stack(scores), prob, int(t.labels.numel()), bsz)
 
