@@ -84,7 +84,8 @@ def family_base_model(model_type: str, data_dir: Path) -> Path:
         bert = AutoConfig.from_pretrained(str(base), local_files_only=True)
         cls_id, sep_id = (require("trelm_fast.data.generated", "SPECIAL")[t] for t in ("[CLS]", "[SEP]"))
         AutoConfig.for_model(model_type, vocab_size=bert.vocab_size, pad_token_id=bert.pad_token_id,
-                             bos_token_id=cls_id, eos_token_id=sep_id).save_pretrained(str(tmp))
+                             bos_token_id=cls_id, eos_token_id=sep_id, cls_token_id=cls_id,
+                             sep_token_id=sep_id).save_pretrained(str(tmp))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out

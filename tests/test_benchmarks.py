@@ -189,7 +189,7 @@ def test_model_type_builds_each_encoder_family_on_the_generated_base_model():
 
     data_dir = workload.generated_dir()
     types = workload.encoder_types()
-    assert {"bert", "roberta", "distilbert", "deberta-v2"} <= set(types)
+    assert {"bert", "roberta", "distilbert", "deberta-v2", "modernbert"} <= set(types)
     for model_type in types:
         if model_type == "electra":  # embedding_size 128 by default, hidden 64 at the tiny shape
             with pytest.raises(ValueError, match="word embeddings are 128 wide and its hidden states 64"):
