@@ -110,6 +110,8 @@ class Settings:
     """Tokens per step-suite sequence."""
     variants: list[str] | None = None
     """Step-suite variants to run (None: all of them)."""
+    budget_scale: float = 1.0
+    """Convergence suite: factor on its step-time budgets (below 1: a reduced run, labelled so)."""
 
     @classmethod
     def make(cls, device: str, quick: bool, out: Path, **options) -> "Settings":
