@@ -74,8 +74,13 @@ VARIANTS = {
     "routing_only": Variant("no_kmb", SLICE_LRS),
     "no_injection": Variant("no_injection", SLICE_LRS),
 }
-INVESTIGATION: dict[str, Variant] = {}
-"""Named `trelm` variants with one setting changed (filled by the investigation of issue 13)."""
+INVESTIGATION = {
+    "trelm_refresh10": Variant("trelm", SLICE_LRS, ("routing.refresh=10",)),
+}
+"""Named `trelm` variants with one setting changed, run beside the others: why trelm does or does
+not reach dense. `trelm_refresh10`: knowledge paths re-attributed every 10 steps instead of 50 (a
+run of this suite makes only tens of trelm steps, so at R = 50 nearly every batch trains the paths
+of its run's first batch)."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +107,10 @@ class DatasetPlan:
 
 
 DATASETS = {
-    "wiki-geo": DatasetPlan("bench-wiki-geo", "wiki-geo", {"seq_len": 128}, batch_size=8, budget_s=60.0, sweep_s=20.0, evals=6,
-                            valid_sequences=64),
+    "wiki-geo": DatasetPlan("bench-wiki-geo", "wiki-geo", {"seq_len": 128}, batch_size=8, budget_s=60.0, sweep_s=20.0, evals=4,
+                            valid_sequences=32),
     "small": DatasetPlan("bench-synthetic-small", "synthetic", {"size": "small", "seq_len": 64}, batch_size=16, budget_s=60.0, sweep_s=20.0,
-                         evals=6, valid_sequences=96),
+                         evals=4, valid_sequences=64),
 }
 QUICK = {
     "tiny": DatasetPlan("bench-synthetic-tiny-64", "synthetic", {"size": "tiny", "seq_len": 64}, batch_size=4,
@@ -150,35 +155,44 @@ def prepare(name: str, plan: DatasetPlan, log) -> tuple[Path, Path, dict]:
 
 
 class Evaluator:
-    """Macro P@1 on every probe split and validation MLM loss of a model, on fixed inputs."""
+    """Macro P@1 on every probe split and validation MLM loss of a model, on fixed inputs.
 
-    def __init__(self, cfg, data_dir: Path, device: torch.device, valid_sequences: int):
+    `probe_sample`: at most this many facts per split, every k-th fact in file order (None: all)."""
+
+    def __init__(self, cfg, data_dir: Path, device: torch.device, valid_sequences: int, probe_sample: int | None):
         load_probe_splits, TrelmDataset, MLMCollator = require("trelm_fast.data.loader", "load_probe_splits",
                                                                "TrelmDataset", "MLMCollator")
         load_tokenizer = require("trelm_fast.data.base_model", "load_tokenizer")
         resolve_model_path = require("trelm_fast.config", "resolve_model_path")
+        labelled_flat = require("trelm_fast.losses", "labelled_flat")
         self.evaluate_probes = require("trelm_fast.probe", "evaluate_probes")
-        self.splits = load_probe_splits(data_dir)
+        self.splits = {split: facts[::-(-len(facts) // probe_sample)] if probe_sample else facts
+                       for split, facts in load_probe_splits(data_dir).items()}
         self.tokenizer = load_tokenizer(str(resolve_model_path(cfg.model.path)))
         valid = TrelmDataset(data_dir, "valid")
         collate = MLMCollator(valid.manifest, seed=0, mlm_prob=cfg.data.mlm_probability)
         batch = collate([valid[i] for i in range(min(valid_sequences, len(valid)))])
-        self.valid = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "mlm_labels")}
+        self.valid = []  # chunks of 16 sequences: (input_ids, attention_mask, flat labelled positions, labels)
+        for i in range(0, batch["input_ids"].shape[0], 16):
+            positions, targets = labelled_flat(batch["mlm_labels"][i:i + 16])
+            if targets.numel():
+                self.valid.append(tuple(t.to(device) for t in (batch["input_ids"][i:i + 16],
+                                                                batch["attention_mask"][i:i + 16], positions, targets)))
         self.device = device
 
     @torch.no_grad()
     def valid_loss(self, mlm) -> float:
-        """Stock HF MLM loss on the fixed masked valid subset (eval mode, in chunks of 16)."""
+        """Mean cross-entropy over the masked positions of the fixed valid subset (eval mode), the
+        stock HF MLM loss computed at the labelled positions only (`losses.mlm_loss_at`)."""
+        MLMHead, mlm_loss_at = require("trelm_fast.losses", "MLMHead", "mlm_loss_at")
+        head, base = MLMHead.from_model(mlm), getattr(mlm, mlm.base_model_prefix)
         was_training = mlm.training
         mlm.eval()
-        n = self.valid["input_ids"].shape[0]
         total = labelled = 0.0
-        for i in range(0, n, 16):
-            part = {k: v[i:i + 16] for k, v in self.valid.items()}
-            count = int((part["mlm_labels"] != -100).sum())
-            if count:
-                out = mlm(input_ids=part["input_ids"], attention_mask=part["attention_mask"], labels=part["mlm_labels"])
-                total, labelled = total + float(out.loss) * count, labelled + count
+        for input_ids, attention_mask, positions, targets in self.valid:
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            total += float(mlm_loss_at(hidden, positions, targets, head)) * targets.numel()
+            labelled += targets.numel()
         mlm.train(was_training)
         return total / labelled
 
@@ -193,6 +207,8 @@ class Run:
 
     def __init__(self, cfg, data_dir: Path, device: torch.device, start: dict, evaluate: Evaluator | None,
                  budget_s: float, evals: int):
+        """`start`: the common start's state dicts ("mlm", "injection") and, with `evaluate`, its
+        figures ("figures", the curve's first point: evaluated once per seed, not per variant)."""
         build_step_model, make_step = require("trelm_fast.step", "build_step_model", "make_step")
         batches, Dist = require("trelm_fast.train", "batches", "Dist")
         torch.manual_seed(cfg.seed)
@@ -205,15 +221,15 @@ class Run:
         self.curve: dict[str, list[float]] = {"loss_wall_s": [], "loss": [], "probe_wall_s": []}
         self.clock, self.steps, self.next_eval = 0.0, 0, self.every_s
         if evaluate is not None:
-            self._evaluate()
+            self._record(start["figures"])
 
     @property
     def done(self) -> bool:
         return self.clock >= self.budget_s
 
-    def _evaluate(self) -> None:
+    def _record(self, figures: dict[str, float]) -> None:
         self.curve["probe_wall_s"].append(self.clock)
-        for key, value in self.evaluate(self.model.mlm).items():
+        for key, value in figures.items():
             self.curve.setdefault(key, []).append(value)
 
     def advance(self) -> None:
@@ -226,7 +242,7 @@ class Run:
         self.curve["loss_wall_s"].append(self.clock)
         self.curve["loss"].append(loss)
         if self.evaluate is not None and (self.clock >= self.next_eval or self.done):
-            self._evaluate()
+            self._record(self.evaluate(self.model.mlm))
             while self.next_eval <= self.clock:
                 self.next_eval += self.every_s
 
@@ -284,7 +300,7 @@ class DatasetRun:
             f"model.path={self.warm}", "model.init=pretrained", f"train.batch_size={plan.batch_size}",
             "train.steps=1000000", "schedule.kind=constant", f"optim.lr={lr}", f"seed={seed}", *variant.overrides])
         self.evaluate = Evaluator(self.config(variants["dense"], 1e-4, 0), self.data_dir, settings.device,
-                                  plan.valid_sequences)
+                                  plan.valid_sequences, settings.probe_sample)
         before, after = warmup_report["before"], warmup_report["after"]
         results.note(SUITE, f"{name}: common start = {'MiniLM' if plan.shape is None else 'random-init ' + plan.shape + ' model'}"
                             f" + MLM-head warm-up ({self.warm.name}, "
@@ -293,14 +309,18 @@ class DatasetRun:
                             + ", ".join(f"{s} {before['probes'][s]:.3f} -> {after['probes'][s]:.3f}"
                                         for s in after["probes"]))
         results.note(SUITE, f"{name}: probes " + ", ".join(f"{split} {len(facts)} facts"
-                                                           for split, facts in self.evaluate.splits.items()))
+                                                           for split, facts in self.evaluate.splits.items())
+                     + (f" (REDUCED: every k-th fact, at most {settings.probe_sample} per split, --probe-sample)"
+                        if settings.probe_sample else ""))
 
-    def start(self, seed: int) -> dict:
-        """The common start of one seed: the warmed-up MLM and the knowledge projection's init."""
+    def start(self, seed: int, evaluate: bool = False) -> dict:
+        """The common start of one seed: the warmed-up MLM and the knowledge projection's init (and
+        with `evaluate` its figures)."""
         build_step_model = require("trelm_fast.step", "build_step_model")
         torch.manual_seed(seed)
         reference = build_step_model("dense", self.config(self.variants["dense"], 1e-4, seed), self.data_dir)
-        return {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict()}
+        start = {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict()}
+        return {**start, "figures": self.evaluate(reference.mlm)} if evaluate else start
 
     def sweep(self) -> dict[str, float]:
         """{variant: chosen lr}: each variant's rates in turns on seed 0, lowest final valid MLM loss."""
@@ -324,7 +344,7 @@ class DatasetRun:
         """{variant: [Run per seed]} at the chosen rates, the variants of a seed in turns."""
         out: dict[str, list[Run]] = {v: [] for v in self.variants}
         for seed in self.seeds:
-            start = self.start(seed)
+            start = self.start(seed, evaluate=True)
             runs = {v: Run(self.config(variant, chosen[v], seed), self.data_dir, self.settings.device, start,
                            self.evaluate, self.plan.budget_s, self.plan.evals) for v, variant in self.variants.items()}
             run_in_turns(runs)

@@ -165,7 +165,7 @@ def test_flops_inside_triton_kernels_are_counted_like_their_references():
     assert count_flops(lambda: attribution_scores_triton(grads, weights, w2, v)) == ref
 
 
-CONVERGENCE_VARIANTS = ("dense", "trelm", "kmb_only", "routing_only", "no_injection")
+CONVERGENCE_VARIANTS = ("dense", "trelm", "kmb_only", "routing_only", "no_injection", "trelm_refresh10")
 
 
 def test_quick_convergence_sweeps_seeds_and_both_probe_splits(tmp_path):
