@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--case", action="append", default=None, metavar="GLOB",
                    help="run only cases matching this glob (repeatable), e.g. 'sparse_ffn-minilm-*' "
-                        "(kernels and step; convergence always runs all its variants)")
+                        "(kernels and step; convergence: '<dataset>/<variant>', e.g. 'small/trelm*', "
+                        "its dense always runs)")
     p.add_argument("--shape", action="append", default=None, choices=("tiny", "minilm", "bert-base"),
                    help="model shapes of the step and sparse_ffn cases (repeatable; default minilm and "
                         "bert-base, --quick minilm; tiny = 2 layers, d=64, for smoke tests)")

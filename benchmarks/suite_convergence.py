@@ -61,10 +61,17 @@ MEASURES = {"p_at_1_stated": "p_at_1_stated", "p_at_1_heldout": "p_at_1_heldout"
 
 @dataclass(frozen=True)
 class Variant:
-    """A trainer method with its learning-rate grid and config overrides (dotted `key=value`)."""
+    """A trainer method with its learning-rate grid, config overrides (dotted `key=value`) and
+    dataset build options (`BuildConfig` fields) that differ from the dataset's: such a variant
+    reads a dataset of its own, built from the same source (the same text, KG and probes)."""
     method: str
     lrs: tuple[float, ...]
     overrides: tuple[str, ...] = ()
+    data: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        changes = [*self.overrides, *(f"data.build_args.{k}={v}" for k, v in self.data.items())]
+        return self.method + (", " + " ".join(changes) if changes else "")
 
 
 VARIANTS = {
@@ -76,11 +83,14 @@ VARIANTS = {
 }
 INVESTIGATION = {
     "trelm_refresh10": Variant("trelm", SLICE_LRS, ("routing.refresh=10",)),
+    "trelm_objects": Variant("trelm", SLICE_LRS, data={"stated_objects_first": True}),
 }
 """Named `trelm` variants with one setting changed, run beside the others: why trelm does or does
 not reach dense. `trelm_refresh10`: knowledge paths re-attributed every 10 steps instead of 50 (a
 run of this suite makes only tens of trelm steps, so at R = 50 nearly every batch trains the paths
-of its run's first batch)."""
+of its run's first batch). `trelm_objects`: injection targets are first the objects of the facts a
+sequence states (`BuildConfig.stated_objects_first`), the entities the probes ask for; by default
+the long-tail entities come first, on the synthetic set its people, the probes' subjects."""
 
 
 @dataclass(frozen=True)
@@ -137,21 +147,32 @@ def base_model(plan: DatasetPlan, data_dir: Path) -> str:
     return str(out)
 
 
-def prepare(name: str, plan: DatasetPlan, log) -> tuple[Path, Path, dict]:
-    """(dataset dir, warmed-up model dir, warmup.json) of a dataset, each built on first use."""
+def dataset(plan: DatasetPlan, data: dict) -> Path:
+    """The dataset directory of `plan` with the build options `data` changed, built on first use
+    (data_cache/<plan.cache>[-<option>-<value>...])."""
     import json
 
     import workload
 
     ensure_dataset, Dist = require("trelm_fast.train", "ensure_dataset", "Dist")
-    WarmupConfig, warm_up_head, REPORT = require("trelm_fast.warmup", "WarmupConfig", "warm_up_head", "REPORT")
-    build_args = {**plan.build_args, "quiet": True}
-    cfg = workload.config(None, "dense", workload.ROOT / "data_cache" / plan.cache,
+    build_args = {**plan.build_args, **data, "quiet": True}
+    cache = "-".join([plan.cache, *(f"{k}-{v}" for k, v in sorted(data.items()))])
+    cfg = workload.config(None, "dense", workload.ROOT / "data_cache" / cache,
                           [f"data.source={plan.source}", "data.build=true", f"data.build_args={json.dumps(build_args)}"])
     with contextlib.redirect_stdout(sys.stderr):  # the build prints its summary; results go to DIR
-        data_dir = ensure_dataset(cfg, Dist(0, 1, torch.device("cpu")))
-    warm = warm_up_head(base_model(plan, data_dir), data_dir, workload.ROOT / "data_cache" / "warm", WarmupConfig(**plan.warmup), log=log)
-    return data_dir, warm, json.loads((warm / REPORT).read_text())
+        return ensure_dataset(cfg, Dist(0, 1, torch.device("cpu")))
+
+
+def warm_start(plan: DatasetPlan, data_dir: Path, log) -> tuple[Path, dict]:
+    """(warmed-up model dir, its warmup.json) on the dataset, built on first use."""
+    import json
+
+    import workload
+
+    WarmupConfig, warm_up_head, REPORT = require("trelm_fast.warmup", "WarmupConfig", "warm_up_head", "REPORT")
+    warm = warm_up_head(base_model(plan, data_dir), data_dir, workload.ROOT / "data_cache" / "warm",
+                        WarmupConfig(**plan.warmup), log=log)
+    return warm, json.loads((warm / REPORT).read_text())
 
 
 class Evaluator:
@@ -295,11 +316,14 @@ class DatasetRun:
         self.settings, self.results = settings, results
         log = lambda m: print(f"[convergence] {name}: {m}", file=sys.stderr, flush=True)  # noqa: E731
         self.log = log
-        self.data_dir, self.warm, warmup_report = prepare(name, plan, log)
-        self.config = lambda variant, lr, seed: workload.config(None, variant.method, self.data_dir, [
+        self.data_dir = dataset(plan, {})
+        self.warm, warmup_report = warm_start(plan, self.data_dir, log)
+        self.data_dirs = {v: dataset(plan, variant.data) if variant.data else self.data_dir
+                          for v, variant in variants.items()}
+        self.config = lambda v, lr, seed: workload.config(None, variants[v].method, self.data_dirs[v], [
             f"model.path={self.warm}", "model.init=pretrained", f"train.batch_size={plan.batch_size}",
-            "train.steps=1000000", "schedule.kind=constant", f"optim.lr={lr}", f"seed={seed}", *variant.overrides])
-        self.evaluate = Evaluator(self.config(variants["dense"], 1e-4, 0), self.data_dir, settings.device,
+            "train.steps=1000000", "schedule.kind=constant", f"optim.lr={lr}", f"seed={seed}", *variants[v].overrides])
+        self.evaluate = Evaluator(self.config("dense", 1e-4, 0), self.data_dir, settings.device,
                                   plan.valid_sequences, settings.probe_sample)
         before, after = warmup_report["before"], warmup_report["after"]
         results.note(SUITE, f"{name}: common start = {'MiniLM' if plan.shape is None else 'random-init ' + plan.shape + ' model'}"
@@ -318,7 +342,7 @@ class DatasetRun:
         with `evaluate` its figures)."""
         build_step_model = require("trelm_fast.step", "build_step_model")
         torch.manual_seed(seed)
-        reference = build_step_model("dense", self.config(self.variants["dense"], 1e-4, seed), self.data_dir)
+        reference = build_step_model("dense", self.config("dense", 1e-4, seed), self.data_dir)
         start = {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict()}
         return {**start, "figures": self.evaluate(reference.mlm)} if evaluate else start
 
@@ -326,14 +350,14 @@ class DatasetRun:
         """{variant: chosen lr}: each variant's rates in turns on seed 0, lowest final valid MLM loss."""
         start, chosen = self.start(0), {}
         for vname, variant in self.variants.items():
-            runs = {lr: Run(self.config(variant, lr, 0), self.data_dir, self.settings.device, start, None,
+            runs = {lr: Run(self.config(vname, lr, 0), self.data_dirs[vname], self.settings.device, start, None,
                             self.plan.sweep_s, 0) for lr in variant.lrs}
             run_in_turns(runs)
             losses = {lr: self.evaluate.valid_loss(r.model.mlm) for lr, r in runs.items()}
             chosen[vname] = min(losses, key=losses.get)
             for lr, loss in losses.items():
                 self.results.add(SUITE, f"{self.name}/sweep lr={lr:g}", vname, "final_loss", loss)
-            self.results.note(SUITE, f"{self.name}: {vname} ({variant.method}) sweep, valid MLM loss after "
+            self.results.note(SUITE, f"{self.name}: {vname} ({variant.describe()}) sweep, valid MLM loss after "
                                      f"{self.plan.sweep_s:.0f} s: " + ", ".join(
                                          f"lr {lr:g} {loss:.3f} ({runs[lr].steps} steps)" for lr, loss in losses.items())
                                      + f"; chosen {chosen[vname]:g}")
@@ -345,8 +369,8 @@ class DatasetRun:
         out: dict[str, list[Run]] = {v: [] for v in self.variants}
         for seed in self.seeds:
             start = self.start(seed, evaluate=True)
-            runs = {v: Run(self.config(variant, chosen[v], seed), self.data_dir, self.settings.device, start,
-                           self.evaluate, self.plan.budget_s, self.plan.evals) for v, variant in self.variants.items()}
+            runs = {v: Run(self.config(v, chosen[v], seed), self.data_dirs[v], self.settings.device, start,
+                           self.evaluate, self.plan.budget_s, self.plan.evals) for v in self.variants}
             run_in_turns(runs)
             for v, r in runs.items():
                 out[v].append(r)
@@ -373,9 +397,7 @@ class DatasetRun:
             steps = [r.steps for r in seed_runs]
             s_per_step = statistics.median(r.clock / r.steps for r in seed_runs)
             missed = {m: len(seed_runs) - len(t) for m, t in reached.items() if len(t) < len(seed_runs)}
-            self.results.note(SUITE, f"{self.name}: {v} ({self.variants[v].method}"
-                                     + (", " + " ".join(self.variants[v].overrides) if self.variants[v].overrides else "")
-                                     + f") lr {chosen[v]:g}: {min(steps)}-{max(steps)} steps, {s_per_step:.2f} s/step"
+            self.results.note(SUITE, f"{self.name}: {v} ({self.variants[v].describe()}) lr {chosen[v]:g}: {min(steps)}-{max(steps)} steps, {s_per_step:.2f} s/step"
                                      + ("; target not reached in " + ", ".join(f"{m} ({n} of {len(seed_runs)} seeds)"
                                                                               for m, n in missed.items()) if missed else ""))
         t = statistics.median
@@ -394,14 +416,22 @@ def scaled(plan: DatasetPlan, scale: float) -> DatasetPlan:
     return replace(plan, budget_s=plan.budget_s * scale, sweep_s=plan.sweep_s * scale)
 
 
+def selected_variants(dataset: str, settings: Settings) -> dict[str, Variant]:
+    """The variants whose `<dataset>/<variant>` matches --case (all without it), with dense whenever
+    any is selected (the targets come from its curve); {} when none is."""
+    wanted = {v: x for v, x in {**VARIANTS, **INVESTIGATION}.items() if settings.wants(f"{dataset}/{v}")}
+    return {"dense": VARIANTS["dense"], **wanted} if wanted else {}
+
+
 def run(settings: Settings, results: Results) -> None:
     plans, seeds = (QUICK, QUICK_SEEDS) if settings.quick else (DATASETS, SEEDS)
     plans = {name: scaled(plan, settings.budget_scale) for name, plan in plans.items()}
     if settings.budget_scale != 1.0:
         results.note(SUITE, f"REDUCED run: every step-time budget x {settings.budget_scale:g} (--budget-scale)")
-    variants = {**VARIANTS, **INVESTIGATION}
     for name, plan in plans.items():
-        DatasetRun(name, plan, variants, seeds, settings, results).run()
+        variants = selected_variants(name, settings)
+        if variants:
+            DatasetRun(name, plan, variants, seeds, settings, results).run()
         results.note(SUITE, f"{name}: batch {plan.batch_size}, sweep {plan.sweep_s:g} s and seed runs "
                             f"{plan.budget_s:g} s of step time per run, {plan.evals} evaluations per seed run, "
                             f"seeds {', '.join(map(str, seeds))}, constant learning rate after a 20-step warm-up")

@@ -165,7 +165,9 @@ def test_flops_inside_triton_kernels_are_counted_like_their_references():
     assert count_flops(lambda: attribution_scores_triton(grads, weights, w2, v)) == ref
 
 
-CONVERGENCE_VARIANTS = ("dense", "trelm", "kmb_only", "routing_only", "no_injection", "trelm_refresh10")
+from suite_convergence import INVESTIGATION, VARIANTS, first_reached, selected_variants, spread, targets_from  # noqa: E402
+
+CONVERGENCE_VARIANTS = (*VARIANTS, *INVESTIGATION)
 
 
 def test_quick_convergence_sweeps_seeds_and_both_probe_splits(tmp_path):
@@ -194,8 +196,6 @@ def test_quick_convergence_sweeps_seeds_and_both_probe_splits(tmp_path):
 
 
 def test_convergence_targets_come_from_dense_curve():
-    from suite_convergence import first_reached, spread, targets_from
-
     dense = {"probe_wall_s": [0.0, 10.0, 20.0], "p_at_1_stated": [0.1, 0.3, 0.6], "p_at_1_heldout": [0.2, 0.2, 0.1],
              "valid_mlm_loss": [5.0, 4.0, 3.0]}
     targets = targets_from(dense)
@@ -207,3 +207,11 @@ def test_convergence_targets_come_from_dense_curve():
     assert first_reached(other, targets) == {"p_at_1_stated": 4.0, "p_at_1_heldout": None, "mlm_loss": None}
     assert first_reached(dense, targets) == {"p_at_1_stated": 20.0, "p_at_1_heldout": None, "mlm_loss": 20.0}
     assert spread([3.0, 1.0, 2.0]) == {"value": 2.0, "min": "1.0", "max": "3.0", "seeds": "3"}
+
+
+def test_convergence_case_selects_variants_and_keeps_dense(tmp_path):
+    settings = Settings.make("cpu", quick=True, out=tmp_path)
+    assert list(selected_variants("small", settings)) == list(CONVERGENCE_VARIANTS)
+    settings.cases = ["small/trelm*"]
+    assert set(selected_variants("small", settings)) == {"dense", "trelm", "trelm_refresh10", "trelm_objects"}
+    assert selected_variants("wiki-geo", settings) == {}
