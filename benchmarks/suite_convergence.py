@@ -2,7 +2,8 @@
 
 Datasets (`DATASETS`): `wiki-geo` (real Wikipedia text, GeoNames facts) and the `small` synthetic set
 (built with 64-token sequences: its documents are at most 59 tokens), each built once into
-`data_cache/bench-<name>`; --quick runs the `tiny` synthetic set only.
+`data_cache/<DatasetPlan.cache>`; --quick runs the `tiny` synthetic set only, with a random-init
+2-layer model instead of MiniLM (a smoke run).
 
 The common start: the bundled pre-trained MiniLM with an MLM head that already predicts tokens,
 `trelm_fast.warmup.warm_up_head` on the dataset (built once, cached in `data_cache/warm`, its valid
@@ -14,6 +15,7 @@ Variants (`VARIANTS`): `dense` (`--method dense`, every parameter), `trelm`, and
 paper's section 4.7 / table 6 on the same footing: `kmb_only` (`no_routing`: the bank without
 routing, every parameter trained), `routing_only` (`no_kmb`), `no_injection`. `INVESTIGATION` holds
 named variants of `trelm` with one setting changed (why trelm does or does not reach dense).
+--case '<dataset>/<variant>' selects some (dense always runs with them: the targets are its).
 
 Per dataset and variant:
 1. learning-rate sweep: each of the variant's `lrs` (at least 3; whole-model methods get lower ones
@@ -25,7 +27,7 @@ Per dataset and variant:
    loading or evaluation), so a change in the load of a shared machine hits them alike. Evaluation
    every `budget_s / evals` seconds of a variant's own clock: macro P@1 on the dataset's stated facts
    and on its held-out facts (KG only, never stated in the corpus), and the validation MLM loss
-   (stock HF loss, a fixed masked subset of the valid split).
+   (cross-entropy at the masked positions of a fixed masked subset of the valid split).
 3. targets from dense's own curve of the same seed: 80% of the improvement dense made from the
    common start (P@1 >= p0 + 0.8 (best - p0), loss <= l0 - 0.8 (l0 - lowest)); time_to_target_s is
    a variant's clock at its first evaluation meeting it. Where dense did not improve a measure there
@@ -117,10 +119,10 @@ class DatasetPlan:
 
 
 DATASETS = {
-    "wiki-geo": DatasetPlan("bench-wiki-geo", "wiki-geo", {"seq_len": 128}, batch_size=8, budget_s=60.0, sweep_s=20.0, evals=4,
-                            valid_sequences=32),
-    "small": DatasetPlan("bench-synthetic-small", "synthetic", {"size": "small", "seq_len": 64}, batch_size=16, budget_s=60.0, sweep_s=20.0,
-                         evals=4, valid_sequences=64),
+    "wiki-geo": DatasetPlan("bench-wiki-geo", "wiki-geo", {"seq_len": 128}, batch_size=8, budget_s=50.0,
+                            sweep_s=15.0, evals=4, valid_sequences=32),
+    "small": DatasetPlan("bench-synthetic-small", "synthetic", {"size": "small", "seq_len": 64}, batch_size=16,
+                         budget_s=50.0, sweep_s=15.0, evals=4, valid_sequences=64),
 }
 QUICK = {
     "tiny": DatasetPlan("bench-synthetic-tiny-64", "synthetic", {"size": "tiny", "seq_len": 64}, batch_size=4,
@@ -228,8 +230,8 @@ class Run:
 
     def __init__(self, cfg, data_dir: Path, device: torch.device, start: dict, evaluate: Evaluator | None,
                  budget_s: float, evals: int):
-        """`start`: the common start's state dicts ("mlm", "injection") and, with `evaluate`, its
-        figures ("figures", the curve's first point: evaluated once per seed, not per variant)."""
+        """`start`: the common start's state dicts ("mlm", "injection") and its figures ("figures",
+        the curve's first point when `evaluate` is given)."""
         build_step_model, make_step = require("trelm_fast.step", "build_step_model", "make_step")
         batches, Dist = require("trelm_fast.train", "batches", "Dist")
         torch.manual_seed(cfg.seed)
@@ -326,8 +328,8 @@ class DatasetRun:
         self.evaluate = Evaluator(self.config("dense", 1e-4, 0), self.data_dir, settings.device,
                                   plan.valid_sequences, settings.probe_sample)
         before, after = warmup_report["before"], warmup_report["after"]
-        results.note(SUITE, f"{name}: common start = {'MiniLM' if plan.shape is None else 'random-init ' + plan.shape + ' model'}"
-                            f" + MLM-head warm-up ({self.warm.name}, "
+        model = "MiniLM" if plan.shape is None else f"random-init {plan.shape} model"
+        results.note(SUITE, f"{name}: common start = {model} + MLM-head warm-up ({self.warm.name}, "
                             f"{warmup_report['settings']['steps']} steps, {warmup_report['seconds']:.0f} s, cached): "
                             f"valid MLM loss {before['valid_mlm_loss']:.3f} -> {after['valid_mlm_loss']:.3f}, probe P@1 "
                             + ", ".join(f"{s} {before['probes'][s]:.3f} -> {after['probes'][s]:.3f}"
@@ -337,18 +339,20 @@ class DatasetRun:
                      + (f" (REDUCED: every k-th fact, at most {settings.probe_sample} per split, --probe-sample)"
                         if settings.probe_sample else ""))
 
-    def start(self, seed: int, evaluate: bool = False) -> dict:
-        """The common start of one seed: the warmed-up MLM and the knowledge projection's init (and
-        with `evaluate` its figures)."""
+    def start(self, seed: int) -> dict:
+        """The common start of one seed: the warmed-up MLM and the knowledge projection's init, and
+        its figures (evaluated once, the first point of every curve of the seed)."""
         build_step_model = require("trelm_fast.step", "build_step_model")
         torch.manual_seed(seed)
         reference = build_step_model("dense", self.config("dense", 1e-4, seed), self.data_dir)
-        start = {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict()}
-        return {**start, "figures": self.evaluate(reference.mlm)} if evaluate else start
+        return {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict(),
+                "figures": self.evaluate(reference.mlm)}
 
     def sweep(self) -> dict[str, float]:
         """{variant: chosen lr}: each variant's rates in turns on seed 0, lowest final valid MLM loss."""
         start, chosen = self.start(0), {}
+        self.results.note(SUITE, f"{self.name}: valid MLM loss of the common start "
+                                 f"{start['figures']['valid_mlm_loss']:.3f}")
         for vname, variant in self.variants.items():
             runs = {lr: Run(self.config(vname, lr, 0), self.data_dirs[vname], self.settings.device, start, None,
                             self.plan.sweep_s, 0) for lr in variant.lrs}
@@ -360,7 +364,8 @@ class DatasetRun:
             self.results.note(SUITE, f"{self.name}: {vname} ({variant.describe()}) sweep, valid MLM loss after "
                                      f"{self.plan.sweep_s:.0f} s: " + ", ".join(
                                          f"lr {lr:g} {loss:.3f} ({runs[lr].steps} steps)" for lr, loss in losses.items())
-                                     + f"; chosen {chosen[vname]:g}")
+                                     + f"; chosen {chosen[vname]:g}"
+                                     + (" (an end of the grid)" if chosen[vname] in (min(variant.lrs), max(variant.lrs)) else ""))
             self.log(f"sweep {vname}: {losses} -> {chosen[vname]:g}")
         return chosen
 
@@ -368,7 +373,7 @@ class DatasetRun:
         """{variant: [Run per seed]} at the chosen rates, the variants of a seed in turns."""
         out: dict[str, list[Run]] = {v: [] for v in self.variants}
         for seed in self.seeds:
-            start = self.start(seed, evaluate=True)
+            start = self.start(seed)
             runs = {v: Run(self.config(v, chosen[v], seed), self.data_dirs[v], self.settings.device, start,
                            self.evaluate, self.plan.budget_s, self.plan.evals) for v in self.variants}
             run_in_turns(runs)
@@ -393,13 +398,15 @@ class DatasetRun:
                 self.results.add(SUITE, f"{self.name}/{measure}", v, metric, final.pop("value"), **final)
                 if reached[measure]:
                     times = spread(reached[measure])
-                    self.results.add(SUITE, f"{self.name}/{measure}", v, "time_to_target_s", times.pop("value"), **times)
+                    self.results.add(SUITE, f"{self.name}/{measure}", v, "time_to_target_s", times.pop("value"),
+                                     **times)
             steps = [r.steps for r in seed_runs]
             s_per_step = statistics.median(r.clock / r.steps for r in seed_runs)
             missed = {m: len(seed_runs) - len(t) for m, t in reached.items() if len(t) < len(seed_runs)}
-            self.results.note(SUITE, f"{self.name}: {v} ({self.variants[v].describe()}) lr {chosen[v]:g}: {min(steps)}-{max(steps)} steps, {s_per_step:.2f} s/step"
-                                     + ("; target not reached in " + ", ".join(f"{m} ({n} of {len(seed_runs)} seeds)"
-                                                                              for m, n in missed.items()) if missed else ""))
+            not_reached = ", ".join(f"{m} ({n} of {len(seed_runs)} seeds)" for m, n in missed.items())
+            self.results.note(SUITE, f"{self.name}: {v} ({self.variants[v].describe()}) lr {chosen[v]:g}: "
+                                     f"{min(steps)}-{max(steps)} steps, {s_per_step:.2f} s/step"
+                                     + (f"; target not reached in {not_reached}" if missed else ""))
         t = statistics.median
         self.results.note(SUITE, f"{self.name}: targets from dense's own curve per seed ({FRACTION:.0%} of its "
                                  "improvement), median over seeds: " + ", ".join(
