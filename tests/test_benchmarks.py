@@ -99,7 +99,8 @@ def test_quick_kernels_entity_table_and_sparse_ffn(tmp_path):
 
 @pytest.mark.slow
 def test_quick_all_suites_on_the_tiny_shape(tmp_path):
-    rc, data, err = run_bench(tmp_path, "--suite", "all", "--shape", "tiny", "--case", "entity_table", "--case", "tiny")
+    rc, data, err = run_bench(tmp_path, "--suite", "all", "--shape", "tiny", "--case", "entity_table", "--case", "tiny",
+                              "--case", "tiny/*")  # tiny/*: the convergence variants
     assert rc == 0, err
     check_schema(data)
     assert data["meta"]["quick"] and not data["meta"]["errors"]
