@@ -112,6 +112,10 @@ class Settings:
     """Step-suite variants to run (None: all of them)."""
     model_type: str = "bert"
     """Model family of the step suite and the attribution case (`workload.family_base_model`)."""
+    budget_scale: float = 1.0
+    """Convergence suite: factor on its step-time budgets (below 1: a reduced run, labelled so)."""
+    probe_sample: int | None = None
+    """Convergence suite: at most this many probe facts per split (None: all; a reduced run)."""
 
     @classmethod
     def make(cls, device: str, quick: bool, out: Path, **options) -> "Settings":

@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--case", action="append", default=None, metavar="GLOB",
                    help="run only cases matching this glob (repeatable), e.g. 'sparse_ffn-minilm-*' "
-                        "(kernels and step; convergence always runs all its variants)")
+                        "(kernels and step; convergence: '<dataset>/<variant>', e.g. 'small/trelm*', "
+                        "its dense always runs)")
     p.add_argument("--shape", action="append", default=None, choices=("tiny", "minilm", "bert-base"),
                    help="model shapes of the step and sparse_ffn cases (repeatable; default minilm and "
                         "bert-base, --quick minilm; tiny = 2 layers, d=64, for smoke tests)")
@@ -55,10 +56,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "trelm_fast has an adapter for (bert, roberta, distilbert, ...; default bert): the "
                         "generated base model with that family's config at the chosen shapes, random init; "
                         "cases are named <shape>-<type> unless bert")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="convergence suite: multiply its step-time budgets (sweep and seed runs) by this "
+                        "factor; below 1 is a reduced run, labelled so in summary.md (default 1)")
+    p.add_argument("--probe-sample", type=int, default=None, metavar="N",
+                   help="convergence suite: evaluate at most N facts per probe split (every k-th fact); a reduced "
+                        "run, labelled so in summary.md (default: every fact)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     args = p.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.probe_sample is not None and args.probe_sample < 1:
+        p.error(f"--probe-sample must be >= 1, got {args.probe_sample}")
+    if args.budget_scale <= 0:
+        p.error(f"--budget-scale must be > 0, got {args.budget_scale}")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seq_len < 26:
@@ -84,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.make(args.device, args.quick, args.out, cases=args.case, shapes=args.shape,
                              dropout=args.dropout, precision=args.precision, batch_size=args.batch_size,
-                             seq_len=args.seq_len, variants=args.variant, model_type=args.model_type)
+                             seq_len=args.seq_len, variants=args.variant, model_type=args.model_type,
+                             budget_scale=args.budget_scale, probe_sample=args.probe_sample)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = Results()
     info = meta(settings, suites)  # the commit and date of the code that runs

@@ -1,80 +1,239 @@
-"""`convergence` suite: wall-clock to a quality target, dense vs TRELM and the paper's figure-6 variants.
+"""`convergence` suite: wall-clock to the same knowledge, dense vs TRELM and the paper's ablations.
 
-Variants and the trainer methods they run: `dense` (`--method dense`), `trelm` (`--method trelm`),
-`kmb_only` (`no_routing`: memory bank without knowledge routing) and `routing_only` (`no_kmb`:
-routing without the bank), as "each module used independently" in the paper's section 4.7.
+Datasets (`DATASETS`): `wiki-geo` (real Wikipedia text, GeoNames facts) and the `small` synthetic set
+(built with 64-token sequences: its documents are at most 59 tokens), each built once into
+`data_cache/<DatasetPlan.cache>`; --quick runs the `tiny` synthetic set only, with a random-init
+2-layer model instead of MiniLM (a smoke run).
 
-Every variant starts from the same weights (the dense model's initial state is loaded into each)
-and reads the same batches in the same order: the trainer's own data iterator
-(`trelm_fast.train.batches`) over the benchmark dataset, its step objects (`build_step_model`,
-`make_step`) and its probe evaluation (`trelm_fast.probe.evaluate_probes`, macro P@1 on the
-dataset's stated facts). The full run starts from the pre-trained MiniLM encoder (the paper
-continues pre-training from a pre-trained LM; TRELM freezes most of the encoder, which a random
-init cannot afford); --quick uses the embedded default's small random-init model as a smoke run.
+The common start: the bundled pre-trained MiniLM with an MLM head that already predicts tokens,
+`trelm_fast.warmup.warm_up_head` on the dataset (built once, cached in `data_cache/warm`, its valid
+MLM loss and probe P@1 before/after in the notes). Every variant of one seed starts from those
+weights and the same knowledge-projection init, and reads the same batches in the same order and
+masking (the trainer's own `trelm_fast.train.batches`, `build_step_model`, `make_step`).
 
-The variants advance in turns, one step each, each with its own clock that counts its step time
-only (not data loading or evaluation), so a change in the load of a shared machine hits them
-alike. Each runs until its clock passes the budget or it has made `max_steps` steps.
+Variants (`VARIANTS`): `dense` (`--method dense`, every parameter), `trelm`, and the ablations of the
+paper's section 4.7 / table 6 on the same footing: `kmb_only` (`no_routing`: the bank without
+routing, every parameter trained), `routing_only` (`no_kmb`), `no_injection`. `INVESTIGATION` holds
+named variants of `trelm` with one setting changed (why trelm does or does not reach dense).
+--case '<dataset>/<variant>' selects some (dense always runs with them: the targets are its).
 
-Targets, from dense's run: 80% of the improvement dense made from the common start, P@1 >= p0 +
-0.8 (best - p0) and validation MLM loss <= l0 - 0.8 (l0 - lowest) (stock HF MLM loss on the valid
-split, fixed masking); where dense did not improve a measure there is no target for it.
-time_to_target_s is a variant's clock at its first evaluation meeting the target (case `p_at_1` or
-`mlm_loss`); a variant that never meets it gets no record, and the note says so.
+Per dataset and variant:
+1. learning-rate sweep: each of the variant's `lrs` (at least 3; whole-model methods get lower ones
+   than the slice methods) trains seed 0 for `sweep_s` seconds of step time; the lowest validation
+   MLM loss at the end picks the variant's rate. Every figure goes into the results (case
+   `<dataset>/sweep lr=<lr>`, metric final_loss).
+2. seeds 0, 1, 2 at the chosen rate, `budget_s` seconds of step time each; the variants of one seed
+   advance in turns, one step each, each with its own clock counting its step time only (not data
+   loading or evaluation), so a change in the load of a shared machine hits them alike. Evaluation
+   every `budget_s / evals` seconds of a variant's own clock: macro P@1 on the dataset's stated facts
+   and on its held-out facts (KG only, never stated in the corpus), and the validation MLM loss
+   (cross-entropy at the masked positions of a fixed masked subset of the valid split).
+3. targets from dense's own curve of the same seed: 80% of the improvement dense made from the
+   common start (P@1 >= p0 + 0.8 (best - p0), loss <= l0 - 0.8 (l0 - lowest)); time_to_target_s is
+   a variant's clock at its first evaluation meeting it. Where dense did not improve a measure there
+   is no target; a variant that never meets it counts as not reached.
+
+Records: case `<dataset>/<measure>` with measure `p_at_1_stated`, `p_at_1_heldout`, `mlm_loss`;
+`final_p_at_1` / `final_loss` at the end of the budget, i.e. at equal wall-clock, and
+`time_to_target_s`, each the median over the seeds with tags `min`, `max`, `seeds` (how many seeds
+the median is over; for time_to_target_s the seeds that reached the target). Curves:
+`<dataset>/<variant>/seed<k>`.
 """
 from __future__ import annotations
 
+import contextlib
+import statistics
+import sys
 import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from harness import Results, Settings, require
 
 SUITE = "convergence"
-VARIANTS = {"dense": "dense", "trelm": "trelm", "kmb_only": "no_routing", "routing_only": "no_kmb"}
 FRACTION = 0.8
-PRETRAINED = ["model.init=pretrained", "model.hidden_size=null", "model.num_layers=null", "model.num_heads=null",
-              "model.intermediate_size=null", "model.max_position_embeddings=null", "model.dropout=null"]
+SEEDS = (0, 1, 2)
+WHOLE_MODEL_LRS = (1e-5, 3e-5, 1e-4)
+SLICE_LRS = (3e-4, 1e-3, 3e-3)
+MEASURES = {"p_at_1_stated": "p_at_1_stated", "p_at_1_heldout": "p_at_1_heldout", "mlm_loss": "valid_mlm_loss"}
+"""Record case suffix -> curve key."""
 
 
-def _plan(settings: Settings) -> dict:
-    if settings.quick:
-        return {"batch_size": 8, "max_steps": 6, "eval_every": 3, "budget_s": 8.0, "model": []}
-    return {"batch_size": 16, "max_steps": 400, "eval_every": 10, "budget_s": 150.0, "model": PRETRAINED}
+@dataclass(frozen=True)
+class Variant:
+    """A trainer method with its learning-rate grid, config overrides (dotted `key=value`) and
+    dataset build options (`BuildConfig` fields) that differ from the dataset's: such a variant
+    reads a dataset of its own, built from the same source (the same text, KG and probes)."""
+    method: str
+    lrs: tuple[float, ...]
+    overrides: tuple[str, ...] = ()
+    data: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        changes = [*self.overrides, *(f"data.build_args.{k}={v}" for k, v in self.data.items())]
+        return self.method + (", " + " ".join(changes) if changes else "")
+
+
+VARIANTS = {
+    "dense": Variant("dense", WHOLE_MODEL_LRS),
+    "trelm": Variant("trelm", SLICE_LRS),
+    "kmb_only": Variant("no_routing", WHOLE_MODEL_LRS),
+    "routing_only": Variant("no_kmb", SLICE_LRS),
+    "no_injection": Variant("no_injection", SLICE_LRS),
+}
+INVESTIGATION = {
+    "trelm_refresh10": Variant("trelm", SLICE_LRS, ("routing.refresh=10",)),
+    "trelm_objects": Variant("trelm", SLICE_LRS, data={"stated_objects_first": True, "si_min_quantile": 0.0}),
+}
+"""Named `trelm` variants with one setting changed, run beside the others: why trelm does or does
+not reach dense. `trelm_refresh10`: knowledge paths re-attributed every 10 steps instead of 50 (a
+run of this suite makes only tens of trelm steps, so at R = 50 nearly every batch trains the paths
+of its run's first batch). `trelm_objects`: injection targets are first the objects of the facts a
+sequence states (`BuildConfig.stated_objects_first`), the entities the probes ask for, with no SI
+floor (objects are frequent words of low SI: with the floor only 22% of the small set's targets are
+objects, without it 78%); by default the long-tail entities come first, on the synthetic set its
+people, the probes' subjects (86% of its targets)."""
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """One dataset of the suite: how it is built, and the budget of its runs."""
+    cache: str
+    """Directory name under data_cache/."""
+    source: str
+    build_args: dict
+    batch_size: int
+    budget_s: float
+    """Seconds of step time per seed run."""
+    sweep_s: float
+    """Seconds of step time per learning-rate sweep run."""
+    evals: int
+    """Evaluations per seed run after the start (every budget_s / evals of a variant's clock)."""
+    valid_sequences: int
+    """Sequences of the valid split in the validation MLM loss."""
+    warmup: dict = field(default_factory=dict)
+    """WarmupConfig fields that differ from its defaults."""
+    shape: str | None = None
+    """None: the bundled pre-trained MiniLM; a `workload.SHAPES` name: a random-init model of that
+    shape with MiniLM's tokenizer (--quick's smoke run), exported once to data_cache/bench-model-<shape>."""
+
+
+DATASETS = {
+    "wiki-geo": DatasetPlan("bench-wiki-geo", "wiki-geo", {"seq_len": 128}, batch_size=8, budget_s=50.0,
+                            sweep_s=15.0, evals=4, valid_sequences=32),
+    "small": DatasetPlan("bench-synthetic-small", "synthetic", {"size": "small", "seq_len": 64}, batch_size=16,
+                         budget_s=50.0, sweep_s=15.0, evals=4, valid_sequences=64),
+}
+QUICK = {
+    "tiny": DatasetPlan("bench-synthetic-tiny-64", "synthetic", {"size": "tiny", "seq_len": 64}, batch_size=4,
+                        budget_s=0.2, sweep_s=0.02, evals=1, valid_sequences=4,
+                        warmup={"steps": 2, "batch_size": 4, "valid_batches": 1}, shape="tiny"),
+}
+QUICK_SEEDS = (0, 1)
+
+
+def base_model(plan: DatasetPlan, data_dir: Path) -> str:
+    """The model the warm-up starts from: "minilm", or the exported random-init model of plan.shape."""
+    import workload
+
+    if plan.shape is None:
+        return "minilm"
+    out = workload.ROOT / "data_cache" / f"bench-model-{plan.shape}"
+    if not (out / "config.json").is_file():
+        build_mlm, export_pretrained = require("trelm_fast.model", "build_mlm"), require("trelm_fast.checkpoint",
+                                                                                          "export_pretrained")
+        load_tokenizer = require("trelm_fast.data.base_model", "load_tokenizer")
+        cfg = workload.config(plan.shape, "dense", data_dir)
+        torch.manual_seed(0)
+        export_pretrained(build_mlm(cfg.model), out, load_tokenizer())
+    return str(out)
+
+
+def dataset(plan: DatasetPlan, data: dict) -> Path:
+    """The dataset directory of `plan` with the build options `data` changed, built on first use
+    (data_cache/<plan.cache>[-<option>-<value>...])."""
+    import json
+
+    import workload
+
+    ensure_dataset, Dist = require("trelm_fast.train", "ensure_dataset", "Dist")
+    build_args = {**plan.build_args, **data, "quiet": True}
+    cache = "-".join([plan.cache, *(f"{k}-{v}" for k, v in sorted(data.items()))])
+    cfg = workload.config(None, "dense", workload.ROOT / "data_cache" / cache,
+                          [f"data.source={plan.source}", "data.build=true", f"data.build_args={json.dumps(build_args)}"])
+    with contextlib.redirect_stdout(sys.stderr):  # the build prints its summary; results go to DIR
+        return ensure_dataset(cfg, Dist(0, 1, torch.device("cpu")))
+
+
+def warm_start(plan: DatasetPlan, data_dir: Path, log) -> tuple[Path, dict]:
+    """(warmed-up model dir, its warmup.json) on the dataset, built on first use."""
+    import json
+
+    import workload
+
+    WarmupConfig, warm_up_head, REPORT = require("trelm_fast.warmup", "WarmupConfig", "warm_up_head", "REPORT")
+    warm = warm_up_head(base_model(plan, data_dir), data_dir, workload.ROOT / "data_cache" / "warm",
+                        WarmupConfig(**plan.warmup), log=log)
+    return warm, json.loads((warm / REPORT).read_text())
 
 
 class Evaluator:
-    """Probe macro P@1 (stated facts) and validation MLM loss of a model, on fixed inputs."""
+    """Macro P@1 on every probe split and validation MLM loss of a model, on fixed inputs.
 
-    def __init__(self, cfg, data_dir, device: torch.device):
-        load_probes, TrelmDataset, MLMCollator = require("trelm_fast.data.loader", "load_probes", "TrelmDataset",
-                                                         "MLMCollator")
+    `probe_sample`: at most this many facts per split, every k-th fact in file order (None: all)."""
+
+    def __init__(self, cfg, data_dir: Path, device: torch.device, valid_sequences: int, probe_sample: int | None):
+        load_probe_splits, TrelmDataset, MLMCollator = require("trelm_fast.data.loader", "load_probe_splits",
+                                                               "TrelmDataset", "MLMCollator")
         load_tokenizer = require("trelm_fast.data.base_model", "load_tokenizer")
         resolve_model_path = require("trelm_fast.config", "resolve_model_path")
+        labelled_flat = require("trelm_fast.losses", "labelled_flat")
         self.evaluate_probes = require("trelm_fast.probe", "evaluate_probes")
-        self.facts = load_probes(data_dir, "stated")
+        self.splits = {split: facts[::-(-len(facts) // probe_sample)] if probe_sample else facts
+                       for split, facts in load_probe_splits(data_dir).items()}
         self.tokenizer = load_tokenizer(str(resolve_model_path(cfg.model.path)))
         valid = TrelmDataset(data_dir, "valid")
-        collate = MLMCollator(valid.manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability)
-        batch = collate([valid[i] for i in range(len(valid))])
-        self.valid = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "mlm_labels")}
+        collate = MLMCollator(valid.manifest, seed=0, mlm_prob=cfg.data.mlm_probability)
+        batch = collate([valid[i] for i in range(min(valid_sequences, len(valid)))])
+        self.valid = []  # chunks of 16 sequences: (input_ids, attention_mask, flat labelled positions, labels)
+        for i in range(0, batch["input_ids"].shape[0], 16):
+            positions, targets = labelled_flat(batch["mlm_labels"][i:i + 16])
+            if targets.numel():
+                self.valid.append(tuple(t.to(device) for t in (batch["input_ids"][i:i + 16],
+                                                                batch["attention_mask"][i:i + 16], positions, targets)))
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, model) -> tuple[float, float]:
-        p_at_1 = self.evaluate_probes(model.mlm, self.tokenizer, self.facts, device=self.device).macro_p_at_1
-        was_training = model.mlm.training
-        model.mlm.eval()
-        loss = model.mlm(input_ids=self.valid["input_ids"], attention_mask=self.valid["attention_mask"],
-                         labels=self.valid["mlm_labels"]).loss.item()
-        model.mlm.train(was_training)
-        return p_at_1, loss
+    def valid_loss(self, mlm) -> float:
+        """Mean cross-entropy over the masked positions of the fixed valid subset (eval mode), the
+        stock HF MLM loss computed at the labelled positions only (`losses.mlm_loss_at`)."""
+        MLMHead, mlm_loss_at = require("trelm_fast.losses", "MLMHead", "mlm_loss_at")
+        head, base = MLMHead.from_model(mlm), getattr(mlm, mlm.base_model_prefix)
+        was_training = mlm.training
+        mlm.eval()
+        total = labelled = 0.0
+        for input_ids, attention_mask, positions, targets in self.valid:
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            total += float(mlm_loss_at(hidden, positions, targets, head)) * targets.numel()
+            labelled += targets.numel()
+        mlm.train(was_training)
+        return total / labelled
+
+    def __call__(self, mlm) -> dict[str, float]:
+        figures = {f"p_at_1_{split}": self.evaluate_probes(mlm, self.tokenizer, facts, device=self.device).macro_p_at_1
+                   for split, facts in self.splits.items()}
+        return {**figures, "valid_mlm_loss": self.valid_loss(mlm)}
 
 
 class Run:
     """One variant's training from the common start: advance() makes one step (and evaluates when due)."""
 
-    def __init__(self, cfg, data_dir, device: torch.device, start: dict, evaluate: Evaluator, plan: dict):
+    def __init__(self, cfg, data_dir: Path, device: torch.device, start: dict, evaluate: Evaluator | None,
+                 budget_s: float, evals: int):
+        """`start`: the common start's state dicts ("mlm", "injection") and its figures ("figures",
+        the curve's first point when `evaluate` is given)."""
         build_step_model, make_step = require("trelm_fast.step", "build_step_model", "make_step")
         batches, Dist = require("trelm_fast.train", "batches", "Dist")
         torch.manual_seed(cfg.seed)
@@ -83,20 +242,20 @@ class Run:
         self.model.injection.load_state_dict(start["injection"])
         self.step = make_step(cfg.method.name, self.model, cfg)
         self.data = batches(cfg, data_dir, Dist(0, 1, device), 0, 0)
-        self.evaluate, self.plan = evaluate, plan
-        self.curve = {"loss_wall_s": [], "loss": [], "probe_wall_s": [], "p_at_1": [], "valid_mlm_loss": []}
-        self.clock, self.steps = 0.0, 0
-        self._evaluate()
+        self.evaluate, self.budget_s, self.every_s = evaluate, budget_s, budget_s / max(evals, 1)
+        self.curve: dict[str, list[float]] = {"loss_wall_s": [], "loss": [], "probe_wall_s": []}
+        self.clock, self.steps, self.next_eval = 0.0, 0, self.every_s
+        if evaluate is not None:
+            self._record(start["figures"])
 
     @property
     def done(self) -> bool:
-        return self.clock >= self.plan["budget_s"] or self.steps >= self.plan["max_steps"]
+        return self.clock >= self.budget_s
 
-    def _evaluate(self) -> None:
-        p_at_1, loss = self.evaluate(self.model)
+    def _record(self, figures: dict[str, float]) -> None:
         self.curve["probe_wall_s"].append(self.clock)
-        self.curve["p_at_1"].append(p_at_1)
-        self.curve["valid_mlm_loss"].append(loss)
+        for key, value in figures.items():
+            self.curve.setdefault(key, []).append(value)
 
     def advance(self) -> None:
         epoch, _, batch = next(self.data)
@@ -107,63 +266,181 @@ class Run:
         self.steps += 1
         self.curve["loss_wall_s"].append(self.clock)
         self.curve["loss"].append(loss)
-        if self.steps % self.plan["eval_every"] == 0 or self.done:
-            self._evaluate()
+        if self.evaluate is not None and (self.clock >= self.next_eval or self.done):
+            self._record(self.evaluate(self.model.mlm))
+            while self.next_eval <= self.clock:
+                self.next_eval += self.every_s
 
 
-def targets_from(curve: dict) -> dict[str, float]:
-    """80% of dense's improvement from the common start (inf / -inf: no improvement, no target)."""
-    p0, l0 = curve["p_at_1"][0], curve["valid_mlm_loss"][0]
-    best_p, low_l = max(curve["p_at_1"]), min(curve["valid_mlm_loss"])
-    return {"p_at_1": p0 + FRACTION * (best_p - p0) if best_p > p0 else float("inf"),
-            "mlm_loss": l0 - FRACTION * (l0 - low_l) if low_l < l0 else float("-inf")}
-
-
-def first_reached(curve: dict, targets: dict[str, float]) -> dict[str, float | None]:
-    """The clock at the first evaluation meeting each target, or None."""
-    evals = list(zip(curve["probe_wall_s"], curve["p_at_1"], curve["valid_mlm_loss"]))
-    return {"p_at_1": next((t for t, p, _ in evals if p >= targets["p_at_1"]), None),
-            "mlm_loss": next((t for t, _, l in evals if l <= targets["mlm_loss"]), None)}
-
-
-def run(settings: Settings, results: Results) -> None:
-    import workload
-
-    plan = _plan(settings)
-    data_dir = workload.dataset_dir()
-    overrides = [f"train.batch_size={plan['batch_size']}", f"train.steps={plan['max_steps']}", *plan["model"]]
-    configs = {v: workload.config(None, method, data_dir, overrides) for v, method in VARIANTS.items()}
-    build_step_model = require("trelm_fast.step", "build_step_model")
-    torch.manual_seed(configs["dense"].seed)
-    reference = build_step_model("dense", configs["dense"], data_dir)
-    start = {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict()}
-    evaluate = Evaluator(configs["dense"], data_dir, settings.device)
-    runs = {v: Run(configs[v], data_dir, settings.device, start, evaluate, plan) for v in VARIANTS}
+def run_in_turns(runs: dict) -> None:
+    """Advance every run one step at a time, in turns, until each is done."""
     while any(not r.done for r in runs.values()):
         for r in runs.values():
             if not r.done:
                 r.advance()
 
-    targets = targets_from(runs["dense"].curve)
-    for variant, r in runs.items():
-        c = r.curve
-        results.curves[variant] = c
-        results.add(SUITE, "final", variant, "final_loss", c["valid_mlm_loss"][-1])
-        results.add(SUITE, "final", variant, "final_p_at_1", c["p_at_1"][-1])
-        missed = []
-        for case, clock in first_reached(c, targets).items():
-            if clock is None:
-                missed.append(case)
-            else:
-                results.add(SUITE, case, variant, "time_to_target_s", clock)
-        results.note(SUITE, f"{variant} ({VARIANTS[variant]}): {r.steps} steps in {r.clock:.1f} s of step time; "
-                            f"P@1 {c['p_at_1'][0]:.3f} -> best {max(c['p_at_1']):.3f}, valid MLM loss "
-                            f"{c['valid_mlm_loss'][0]:.3f} -> lowest {min(c['valid_mlm_loss']):.3f}"
-                            + (f"; target not reached: {', '.join(missed)}" if missed else ""))
-    model = "pre-trained MiniLM" if plan["model"] else "the embedded default's small random-init model"
-    results.note(SUITE, f"targets ({FRACTION:.0%} of dense's improvement from the common start): P@1 >= "
-                        f"{targets['p_at_1']:.3f}, valid MLM loss <= {targets['mlm_loss']:.3f} (inf: no "
-                        f"improvement, no target); budget {plan['budget_s']:.0f} s of step time or "
-                        f"{plan['max_steps']} steps per variant, variants interleaved step by step, batch "
-                        f"{plan['batch_size']}, evaluation every {plan['eval_every']} steps; {model}, "
-                        "benchmark dataset")
+
+def targets_from(curve: dict) -> dict[str, float]:
+    """80% of dense's improvement from the common start per measure (inf / -inf: no improvement)."""
+    targets = {}
+    for measure, key in MEASURES.items():
+        values = curve[key]
+        if key == "valid_mlm_loss":
+            low = min(values)
+            targets[measure] = values[0] - FRACTION * (values[0] - low) if low < values[0] else float("-inf")
+        else:
+            best = max(values)
+            targets[measure] = values[0] + FRACTION * (best - values[0]) if best > values[0] else float("inf")
+    return targets
+
+
+def first_reached(curve: dict, targets: dict[str, float]) -> dict[str, float | None]:
+    """The clock at the first evaluation meeting each target, or None."""
+    out = {}
+    for measure, key in MEASURES.items():
+        better = (lambda v, t: v <= t) if key == "valid_mlm_loss" else (lambda v, t: v >= t)
+        out[measure] = next((w for w, v in zip(curve["probe_wall_s"], curve[key]) if better(v, targets[measure])), None)
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    """{"value": median, "min", "max", "seeds"} of per-seed figures (tags of a record)."""
+    return {"value": statistics.median(values), "min": str(float(min(values))), "max": str(float(max(values))),
+            "seeds": str(len(values))}
+
+
+class DatasetRun:
+    """The sweep and the seed runs of every variant on one dataset."""
+
+    def __init__(self, name: str, plan: DatasetPlan, variants: dict[str, Variant], seeds: tuple[int, ...],
+                 settings: Settings, results: Results):
+        import workload
+
+        self.name, self.plan, self.variants, self.seeds = name, plan, variants, seeds
+        self.settings, self.results = settings, results
+        log = lambda m: print(f"[convergence] {name}: {m}", file=sys.stderr, flush=True)  # noqa: E731
+        self.log = log
+        self.data_dir = dataset(plan, {})
+        self.warm, warmup_report = warm_start(plan, self.data_dir, log)
+        self.data_dirs = {v: dataset(plan, variant.data) if variant.data else self.data_dir
+                          for v, variant in variants.items()}
+        self.config = lambda v, lr, seed: workload.config(None, variants[v].method, self.data_dirs[v], [
+            f"model.path={self.warm}", "model.init=pretrained", f"train.batch_size={plan.batch_size}",
+            "train.steps=1000000", "schedule.kind=constant", f"optim.lr={lr}", f"seed={seed}", *variants[v].overrides])
+        self.evaluate = Evaluator(self.config("dense", 1e-4, 0), self.data_dir, settings.device,
+                                  plan.valid_sequences, settings.probe_sample)
+        before, after = warmup_report["before"], warmup_report["after"]
+        model = "MiniLM" if plan.shape is None else f"random-init {plan.shape} model"
+        results.note(SUITE, f"{name}: common start = {model} + MLM-head warm-up ({self.warm.name}, "
+                            f"{warmup_report['settings']['steps']} steps, {warmup_report['seconds']:.0f} s, cached): "
+                            f"valid MLM loss {before['valid_mlm_loss']:.3f} -> {after['valid_mlm_loss']:.3f}, probe P@1 "
+                            + ", ".join(f"{s} {before['probes'][s]:.3f} -> {after['probes'][s]:.3f}"
+                                        for s in after["probes"]))
+        results.note(SUITE, f"{name}: probes " + ", ".join(f"{split} {len(facts)} facts"
+                                                           for split, facts in self.evaluate.splits.items())
+                     + (f" (REDUCED: every k-th fact, at most {settings.probe_sample} per split, --probe-sample)"
+                        if settings.probe_sample else ""))
+
+    def start(self, seed: int) -> dict:
+        """The common start of one seed: the warmed-up MLM and the knowledge projection's init, and
+        its figures (evaluated once, the first point of every curve of the seed)."""
+        build_step_model = require("trelm_fast.step", "build_step_model")
+        torch.manual_seed(seed)
+        reference = build_step_model("dense", self.config("dense", 1e-4, seed), self.data_dir)
+        return {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict(),
+                "figures": self.evaluate(reference.mlm)}
+
+    def sweep(self) -> dict[str, float]:
+        """{variant: chosen lr}: each variant's rates in turns on seed 0, lowest final valid MLM loss."""
+        start, chosen = self.start(0), {}
+        self.results.note(SUITE, f"{self.name}: valid MLM loss of the common start "
+                                 f"{start['figures']['valid_mlm_loss']:.3f}")
+        for vname, variant in self.variants.items():
+            runs = {lr: Run(self.config(vname, lr, 0), self.data_dirs[vname], self.settings.device, start, None,
+                            self.plan.sweep_s, 0) for lr in variant.lrs}
+            run_in_turns(runs)
+            losses = {lr: self.evaluate.valid_loss(r.model.mlm) for lr, r in runs.items()}
+            chosen[vname] = min(losses, key=losses.get)
+            for lr, loss in losses.items():
+                self.results.add(SUITE, f"{self.name}/sweep lr={lr:g}", vname, "final_loss", loss)
+            self.results.note(SUITE, f"{self.name}: {vname} ({variant.describe()}) sweep, valid MLM loss after "
+                                     f"{self.plan.sweep_s:.0f} s: " + ", ".join(
+                                         f"lr {lr:g} {loss:.3f} ({runs[lr].steps} steps)" for lr, loss in losses.items())
+                                     + f"; chosen {chosen[vname]:g}"
+                                     + (" (an end of the grid)" if chosen[vname] in (min(variant.lrs), max(variant.lrs)) else ""))
+            self.log(f"sweep {vname}: {losses} -> {chosen[vname]:g}")
+        return chosen
+
+    def seed_runs(self, chosen: dict[str, float]) -> dict[str, list["Run"]]:
+        """{variant: [Run per seed]} at the chosen rates, the variants of a seed in turns."""
+        out: dict[str, list[Run]] = {v: [] for v in self.variants}
+        for seed in self.seeds:
+            start = self.start(seed)
+            runs = {v: Run(self.config(v, chosen[v], seed), self.data_dirs[v], self.settings.device, start,
+                           self.evaluate, self.plan.budget_s, self.plan.evals) for v in self.variants}
+            run_in_turns(runs)
+            for v, r in runs.items():
+                out[v].append(r)
+                self.results.curves[f"{self.name}/{v}/seed{seed}"] = r.curve
+                del r.model, r.step, r.data  # free the memory: only the curve stays
+            self.log(f"seed {seed} done")
+        return out
+
+    def report(self, chosen: dict[str, float], runs: dict[str, list["Run"]]) -> None:
+        targets = [targets_from(r.curve) for r in runs["dense"]]
+        for v, seed_runs in runs.items():
+            reached: dict[str, list[float]] = {m: [] for m in MEASURES}
+            for r, target in zip(seed_runs, targets):
+                for measure, clock in first_reached(r.curve, target).items():
+                    if clock is not None:
+                        reached[measure].append(clock)
+            for measure, key in MEASURES.items():
+                metric = "final_loss" if key == "valid_mlm_loss" else "final_p_at_1"
+                final = spread([r.curve[key][-1] for r in seed_runs])
+                self.results.add(SUITE, f"{self.name}/{measure}", v, metric, final.pop("value"), **final)
+                if reached[measure]:
+                    times = spread(reached[measure])
+                    self.results.add(SUITE, f"{self.name}/{measure}", v, "time_to_target_s", times.pop("value"),
+                                     **times)
+            steps = [r.steps for r in seed_runs]
+            s_per_step = statistics.median(r.clock / r.steps for r in seed_runs)
+            missed = {m: len(seed_runs) - len(t) for m, t in reached.items() if len(t) < len(seed_runs)}
+            not_reached = ", ".join(f"{m} ({n} of {len(seed_runs)} seeds)" for m, n in missed.items())
+            self.results.note(SUITE, f"{self.name}: {v} ({self.variants[v].describe()}) lr {chosen[v]:g}: "
+                                     f"{min(steps)}-{max(steps)} steps, {s_per_step:.2f} s/step"
+                                     + (f"; target not reached in {not_reached}" if missed else ""))
+        t = statistics.median
+        self.results.note(SUITE, f"{self.name}: targets from dense's own curve per seed ({FRACTION:.0%} of its "
+                                 "improvement), median over seeds: " + ", ".join(
+                                     f"{m} {t(x[m] for x in targets):.3f}" for m in MEASURES)
+                                 + " (inf / -inf: dense did not improve, no target)")
+
+    def run(self) -> None:
+        chosen = self.sweep()
+        self.report(chosen, self.seed_runs(chosen))
+
+
+def scaled(plan: DatasetPlan, scale: float) -> DatasetPlan:
+    """The plan with its step-time budgets multiplied by `scale` (--budget-scale: a reduced run)."""
+    return replace(plan, budget_s=plan.budget_s * scale, sweep_s=plan.sweep_s * scale)
+
+
+def selected_variants(dataset: str, settings: Settings) -> dict[str, Variant]:
+    """The variants whose `<dataset>/<variant>` matches --case (all without it), with dense whenever
+    any is selected (the targets come from its curve); {} when none is."""
+    wanted = {v: x for v, x in {**VARIANTS, **INVESTIGATION}.items() if settings.wants(f"{dataset}/{v}")}
+    return {"dense": VARIANTS["dense"], **wanted} if wanted else {}
+
+
+def run(settings: Settings, results: Results) -> None:
+    plans, seeds = (QUICK, QUICK_SEEDS) if settings.quick else (DATASETS, SEEDS)
+    plans = {name: scaled(plan, settings.budget_scale) for name, plan in plans.items()}
+    if settings.budget_scale != 1.0:
+        results.note(SUITE, f"REDUCED run: every step-time budget x {settings.budget_scale:g} (--budget-scale)")
+    for name, plan in plans.items():
+        variants = selected_variants(name, settings)
+        if variants:
+            DatasetRun(name, plan, variants, seeds, settings, results).run()
+        results.note(SUITE, f"{name}: batch {plan.batch_size}, sweep {plan.sweep_s:g} s and seed runs "
+                            f"{plan.budget_s:g} s of step time per run, {plan.evals} evaluations per seed run, "
+                            f"seeds {', '.join(map(str, seeds))}, constant learning rate after a 20-step warm-up")

@@ -16,6 +16,7 @@ from harness import (  # noqa: E402
 
 RECORD_KEYS = {"suite", "case", "variant", "metric", "value", "unit"}
 STEP_TAGS = {"device", "precision", "p20_ms", "p50_ms", "p80_ms"}  # what they ran on, the wall-clock spread
+SEED_TAGS = {"min", "max", "seeds"}  # convergence figures: the median over seeds and its spread
 
 
 def test_flops_peak_memory_and_timing_measure_what_they_say(tmp_path):
@@ -61,7 +62,8 @@ def check_schema(data: dict) -> None:
     assert {"device", "versions", "commit", "date"} <= set(data["meta"])
     assert data["records"]
     for r in data["records"]:
-        assert set(r) == RECORD_KEYS | (STEP_TAGS if r["suite"] == "step" else set())
+        tags = {"step": STEP_TAGS, "convergence": SEED_TAGS if "/sweep" not in r["case"] else set()}
+        assert set(r) == RECORD_KEYS | tags.get(r["suite"], set())
         assert r["unit"] == METRICS[r["metric"]]
         assert isinstance(r["value"], float)
 
@@ -97,7 +99,8 @@ def test_quick_kernels_entity_table_and_sparse_ffn(tmp_path):
 
 @pytest.mark.slow
 def test_quick_all_suites_on_the_tiny_shape(tmp_path):
-    rc, data, err = run_bench(tmp_path, "--suite", "all", "--shape", "tiny", "--case", "entity_table", "--case", "tiny")
+    rc, data, err = run_bench(tmp_path, "--suite", "all", "--shape", "tiny", "--case", "entity_table", "--case", "tiny",
+                              "--case", "tiny/*")  # tiny/*: the convergence variants
     assert rc == 0, err
     check_schema(data)
     assert data["meta"]["quick"] and not data["meta"]["errors"]
@@ -109,8 +112,8 @@ def test_quick_all_suites_on_the_tiny_shape(tmp_path):
     assert 0 < step[("trelm_fast", "attribution_share")] < 1
     assert step[("dense_opt", "flops")] < step[("hf_dense", "flops")]  # logits only at labelled positions
     assert step[("trelm_fast", "flops")] < step[("frozen_dense", "flops")]  # sparse FFN weight gradients
-    final = values(data, suite="convergence", case="final")
-    assert {v for v, _ in final} == {"dense", "trelm", "kmb_only", "routing_only"}
+    final = values(data, suite="convergence", case="tiny/p_at_1_stated")
+    assert {v for v, _ in final} == set(CONVERGENCE_VARIANTS)
     for name in ("summary.md", "step_throughput.png", "convergence.png", "curves.json"):
         assert (tmp_path / name).stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
@@ -166,6 +169,58 @@ def test_flops_inside_triton_kernels_are_counted_like_their_references():
     ref = count_flops(lambda: attribution_scores_reference(grads, weights, w2, v))
     assert ref == 2 * 3 * 5 * 16 + 2 * 5 * 16 * 32
     assert count_flops(lambda: attribution_scores_triton(grads, weights, w2, v)) == ref
+
+
+from suite_convergence import INVESTIGATION, VARIANTS, first_reached, selected_variants, spread, targets_from  # noqa: E402
+
+CONVERGENCE_VARIANTS = (*VARIANTS, *INVESTIGATION)
+
+
+def test_quick_convergence_sweeps_seeds_and_both_probe_splits(tmp_path):
+    rc, data, err = run_bench(tmp_path, "--suite", "convergence")
+    assert rc == 0, err
+    check_schema(data)
+    conv = [r for r in data["records"] if r["suite"] == "convergence"]
+    sweep = {(r["variant"], r["case"]) for r in conv if "/sweep lr=" in r["case"]}
+    for variant in CONVERGENCE_VARIANTS:  # at least 3 learning rates each, every figure recorded
+        assert len({case for v, case in sweep if v == variant}) >= 3
+    for measure, metric in (("p_at_1_stated", "final_p_at_1"), ("p_at_1_heldout", "final_p_at_1"),
+                            ("mlm_loss", "final_loss")):
+        got = [r for r in conv if r["case"] == f"tiny/{measure}" and r["metric"] == metric]
+        assert {r["variant"] for r in got} == set(CONVERGENCE_VARIANTS)
+        for r in got:  # the median over the quick run's 2 seeds, with its spread
+            assert r["seeds"] == "2" and float(r["min"]) <= r["value"] <= float(r["max"])
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert set(curves) == {f"tiny/{v}/seed{s}" for v in CONVERGENCE_VARIANTS for s in (0, 1)}
+    for curve in curves.values():  # the start and at least one evaluation on the run's own clock
+        assert len(curve["probe_wall_s"]) >= 2 and curve["probe_wall_s"][0] == 0.0
+        assert len(curve["p_at_1_stated"]) == len(curve["p_at_1_heldout"]) == len(curve["probe_wall_s"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "common start = random-init tiny model + MLM-head warm-up" in summary
+    assert "| tiny/p_at_1_heldout | no_injection | " in summary and "probes stated 61 facts, heldout 28 facts" in summary
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_convergence_targets_come_from_dense_curve():
+    dense = {"probe_wall_s": [0.0, 10.0, 20.0], "p_at_1_stated": [0.1, 0.3, 0.6], "p_at_1_heldout": [0.2, 0.2, 0.1],
+             "valid_mlm_loss": [5.0, 4.0, 3.0]}
+    targets = targets_from(dense)
+    assert targets["p_at_1_stated"] == pytest.approx(0.1 + 0.8 * 0.5)
+    assert targets["p_at_1_heldout"] == float("inf")  # dense did not improve: no target
+    assert targets["mlm_loss"] == pytest.approx(5.0 - 0.8 * 2.0)
+    other = {"probe_wall_s": [0.0, 4.0, 8.0], "p_at_1_stated": [0.1, 0.55, 0.2], "p_at_1_heldout": [0.2, 0.9, 0.9],
+             "valid_mlm_loss": [5.0, 3.5, 3.45]}
+    assert first_reached(other, targets) == {"p_at_1_stated": 4.0, "p_at_1_heldout": None, "mlm_loss": None}
+    assert first_reached(dense, targets) == {"p_at_1_stated": 20.0, "p_at_1_heldout": None, "mlm_loss": 20.0}
+    assert spread([3.0, 1.0, 2.0]) == {"value": 2.0, "min": "1.0", "max": "3.0", "seeds": "3"}
+
+
+def test_convergence_case_selects_variants_and_keeps_dense(tmp_path):
+    settings = Settings.make("cpu", quick=True, out=tmp_path)
+    assert list(selected_variants("small", settings)) == list(CONVERGENCE_VARIANTS)
+    settings.cases = ["small/trelm*"]
+    assert set(selected_variants("small", settings)) == {"dense", "trelm", "trelm_refresh10", "trelm_objects"}
+    assert selected_variants("wiki-geo", settings) == {}
 
 
 def test_profile_step_reports_where_a_step_goes(tmp_path):

@@ -50,6 +50,31 @@ def test_build_deterministic(tmp_path):
     assert fa == fb and s1["documents"] == 12
 
 
+def test_select_targets_stated_objects_first():
+    # one sequence: a long-tail subject (entity 0) and the object (entity 1) of a fact it states
+    spans = np.array([[1, 3, 0], [5, 6, 1]])
+    si, has_triple = np.array([2.0, 1.5]), np.array([True, True])
+    long_tail = np.array([True, False])
+    default = build_mod.select_targets(spans, si, long_tail, has_triple, 1.0, 1, False)
+    objects = build_mod.select_targets(spans, si, long_tail, has_triple, 1.0, 1, False, np.array([False, True]))
+    assert default.tolist() == [True, False] and objects.tolist() == [False, True]
+
+
+def test_build_stated_objects_first_targets_the_objects_probes_ask_for(tmp_path):
+    raw = generate("tiny", seed=1)
+    raw.documents = raw.documents[:20]
+    kinds = {}
+    for flag in (False, True):
+        out = tmp_path / str(flag)
+        build_dataset(raw, out, BuildConfig(stated_objects_first=flag, **FAST), progress=False)
+        ents = load_entities(out)
+        spans = np.load(out / "train_spans.npy")
+        kinds[flag] = Counter(ents[e].split(":")[1] for e in spans[spans[:, 3] == 1, 2])
+        assert load_manifest(out)["config"]["stated_objects_first"] is flag
+    share = {flag: 1 - k["person"] / sum(k.values()) for flag, k in kinds.items()}
+    assert share[True] > share[False]  # the default prefers long-tail entities: the people (subjects)
+
+
 def test_tiny_dataset_contents(tiny_dir):
     m = load_manifest(tiny_dir)
     tok = load_tokenizer()

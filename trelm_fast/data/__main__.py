@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--si-min-quantile", type=float, default=0.5)
     b.add_argument("--targets-per-sequence", type=int, default=2)
     b.add_argument("--long-tail-only", action="store_true")
+    b.add_argument("--stated-objects-first", action="store_true",
+                   help="injection targets: first the objects of KG facts whose subject the sequence also mentions")
     b.add_argument("--seq-len", type=int, default=128)
     b.add_argument("--valid-fraction", type=float, default=0.05)
     b.add_argument("--transe-dim", type=int, default=64)
@@ -53,7 +55,8 @@ def _build(args) -> dict:
     cfg = BuildConfig(source=args.source, size=args.size, seed=args.seed, seq_len=args.seq_len,
                       on_bad_record=args.on_bad_record, long_tail_quantile=args.long_tail_quantile,
                       si_min_quantile=args.si_min_quantile, targets_per_sequence=args.targets_per_sequence,
-                      long_tail_only=args.long_tail_only, valid_fraction=args.valid_fraction,
+                      long_tail_only=args.long_tail_only, stated_objects_first=args.stated_objects_first,
+                      valid_fraction=args.valid_fraction,
                       transe_dim=args.transe_dim, transe_epochs=args.transe_epochs, max_pages=args.max_pages,
                       inputs=inputs)
     return build_source(args.out, cfg, progress=not args.quiet, force=args.force)

@@ -42,7 +42,11 @@ class BuildConfig:
     the mention counts of the entities that occur. si_min_quantile: a mention is a target
     candidate only when its SI is at least this quantile of all candidates' SI ("high SI").
     targets_per_sequence: the injection budget of one sequence. long_tail_only: never pick a
-    frequent entity (otherwise long-tail ones are only preferred).
+    frequent entity (otherwise long-tail ones are only preferred). stated_objects_first: take first
+    the mentions that are the object (tail) of a KG triple whose subject (head) is mentioned in the
+    same sequence, i.e. the objects of the facts a sequence states, which the probes ask for
+    (otherwise long-tail first: the synthetic set's long-tail entities are its people, the probes'
+    subjects).
     """
 
     source: str = "synthetic"
@@ -54,6 +58,7 @@ class BuildConfig:
     si_min_quantile: float = 0.5
     targets_per_sequence: int = 2
     long_tail_only: bool = False
+    stated_objects_first: bool = False
     valid_fraction: float = 0.05
     transe_dim: int = 64
     transe_epochs: int = 100
@@ -108,18 +113,20 @@ def _long_tail(freq: np.ndarray, q: float) -> tuple[np.ndarray, float]:
 
 
 def select_targets(spans: np.ndarray, si: np.ndarray, long_tail: np.ndarray, has_triple: np.ndarray,
-                   si_threshold: float, budget: int, long_tail_only: bool) -> np.ndarray:
+                   si_threshold: float, budget: int, long_tail_only: bool,
+                   stated_object: np.ndarray | None = None) -> np.ndarray:
     """Targets of one sequence: bool [M] over ``spans`` int [M, 3] (start, end, entity).
 
     Candidates have a KG triple with the entity as tail and SI >= ``si_threshold``; they are taken
-    long-tail first, then by SI descending, skipping spans that overlap a chosen one, up to
-    ``budget``.
+    (with ``stated_object``, bool [M], those flagged first) long-tail first, then by SI descending,
+    skipping spans that overlap a chosen one, up to ``budget``.
     """
     chosen = np.zeros(len(spans), dtype=bool)
     ent = spans[:, 2]
+    first = np.ones(len(spans), dtype=bool) if stated_object is None else stated_object
     cand = [i for i in range(len(spans)) if has_triple[ent[i]] and si[i] >= si_threshold
             and (long_tail[ent[i]] or not long_tail_only)]
-    cand.sort(key=lambda i: (not long_tail[ent[i]], -si[i], i))
+    cand.sort(key=lambda i: (not first[i], not long_tail[ent[i]], -si[i], i))
     for i in cand:
         if chosen.sum() >= budget:
             break
@@ -299,8 +306,11 @@ def _build_into(raw: RawData, d: Path, cfg: BuildConfig, bad: BadRecords, progre
     si_threshold = float(np.quantile(cand_si, cfg.si_min_quantile)) if len(cand_si) else 0.0
     rows_per_seq = []
     for a, s in zip(span_arr, si):
-        is_t = select_targets(a, s, long_tail, has_triple, si_threshold, cfg.targets_per_sequence, cfg.long_tail_only)
         present = set(a[:, 2].tolist())
+        stated = (np.array([any(h in present and h != e for h, _ in heads_of[e]) for e in a[:, 2].tolist()], dtype=bool)
+                  if cfg.stated_objects_first else None)
+        is_t = select_targets(a, s, long_tail, has_triple, si_threshold, cfg.targets_per_sequence, cfg.long_tail_only,
+                              stated)
         rows = np.full((len(a), 6), -1, dtype=np.int64)
         rows[:, :3] = a
         rows[:, 3] = is_t
