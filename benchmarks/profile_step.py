@@ -37,18 +37,20 @@ def _figures(prof, calls: int) -> dict[str, float]:
 
 
 def _tables(prof, cuda: bool) -> str:
+    """The top ops by device time (CUDA only) and by host self time, as markdown sections."""
     events = prof.key_averages()
-    by_device = events.table(sort_by="self_device_time_total", row_limit=40) if cuda else ""
-    return (("## top ops by device time\n\n" + by_device + "\n\n") if cuda else "") + \
-        "## top ops by host self time\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=40) + "\n"
+    sections = [("device time", "self_device_time_total")] if cuda else []
+    sections.append(("host self time", "self_cpu_time_total"))
+    return "\n\n".join(f"## top ops by {what}\n\n" + events.table(sort_by=key, row_limit=40)
+                        for what, key in sections) + "\n"
 
 
-def _profiled(fn, calls: int, cuda: bool):
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+def _profiled(fn, calls: int, device: torch.device):
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize() if cuda else None
+        _sync(device)
     return prof
 
 
@@ -67,7 +69,7 @@ def profile_variant(settings: Settings, shape: str, name: str, steps: int, refre
         variant.plain_step()
         _sync(device)
         walls.append((time.perf_counter() - start) * 1e3)
-    prof = _profiled(variant.plain_step, steps, cuda)
+    prof = _profiled(variant.plain_step, steps, device)
     figures = {"wall_ms": statistics.median(walls), **_figures(prof, steps)}
     case = suite_step.case_name(shape, settings.precision, settings.model_type)
     text = f"# {case} {name}: plain step x {steps}\n\n" + _tables(prof, cuda)
@@ -77,7 +79,7 @@ def profile_variant(settings: Settings, shape: str, name: str, steps: int, refre
         variant.step(variant.batch, index)
         _sync(device)
         figures["refresh_wall_ms"] = (time.perf_counter() - start) * 1e3
-        prof = _profiled(lambda: variant.step(variant.batch, index + variant.routing.refresh), 1, cuda)
+        prof = _profiled(lambda: variant.step(variant.batch, index + variant.routing.refresh), 1, device)
         figures.update({f"refresh_{k}": v for k, v in _figures(prof, 1).items()})
         text += "\n# one refresh step with paths set\n\n" + _tables(prof, cuda)
     (out / f"{case}-{name}.txt").write_text(text)

@@ -77,8 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model_type != "bert":
         import workload
 
-        if args.model_type not in workload.encoder_types():
-            p.error(f"--model-type must be one of {', '.join(workload.encoder_types())}, got {args.model_type!r}")
+        try:
+            workload.check_model_type(args.model_type)
+        except ValueError as err:
+            p.error(str(err))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args

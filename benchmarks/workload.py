@@ -65,6 +65,12 @@ def encoder_types() -> tuple[str, ...]:
     return tuple(t for t in supported() if not adapter_for_type(t).causal)
 
 
+def check_model_type(model_type: str) -> None:
+    """Raise ValueError naming the families unless `model_type` is one of `encoder_types()`."""
+    if model_type not in encoder_types():
+        raise ValueError(f"--model-type must be one of {', '.join(encoder_types())}, got {model_type!r}")
+
+
 def family_base_model(model_type: str, data_dir: Path) -> Path:
     """The generated base model of family `model_type`: for `bert` the dataset's own; else, built once
     beside it as `base_model-<model_type>`, the same tokenizer with `AutoConfig.for_model(model_type)`
@@ -74,8 +80,7 @@ def family_base_model(model_type: str, data_dir: Path) -> Path:
     base = Path(data_dir) / require("trelm_fast.data.generated", "BASE_MODEL")
     if model_type == "bert":
         return base
-    if model_type not in encoder_types():
-        raise ValueError(f"--model-type must be one of {', '.join(encoder_types())}, got {model_type!r}")
+    check_model_type(model_type)
     out = base.with_name(f"{base.name}-{model_type}")
     if not (out / "config.json").is_file():
         tmp = out.with_name(out.name + ".tmp")
