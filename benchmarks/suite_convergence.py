@@ -18,6 +18,9 @@ named variants of `trelm` with one setting changed (why trelm does or does not r
 --case '<dataset>/<variant>' selects some (dense always runs with them: the targets are its).
 
 Per dataset and variant:
+0. step-time calibration: each variant makes `CALIBRATION_STEPS` steps from the common start; the
+   median time of the timed ones sets its learning-rate warm-up, `LR_WARMUP_SHARE` of a run's
+   budget in steps (at least 1), the same share of wall-clock for every variant.
 1. learning-rate sweep: each of the variant's `lrs` (at least 3; whole-model methods get lower ones
    than the slice methods) trains seed 0 for `sweep_s` seconds of step time; the lowest validation
    MLM loss at the end picks the variant's rate. Every figure goes into the results (case
@@ -57,6 +60,11 @@ FRACTION = 0.8
 SEEDS = (0, 1, 2)
 WHOLE_MODEL_LRS = (1e-5, 3e-5, 1e-4)
 SLICE_LRS = (3e-4, 1e-3, 3e-3)
+LR_WARMUP_SHARE = 0.1
+"""The learning-rate warm-up of every run is this share of its step-time budget (in steps at the
+variant's measured step time), so a slower method is not still warming up when its budget ends."""
+CALIBRATION_STEPS = 4
+"""Steps of a variant's step-time calibration (the first is not timed)."""
 MEASURES = {"p_at_1_stated": "p_at_1_stated", "p_at_1_heldout": "p_at_1_heldout", "mlm_loss": "valid_mlm_loss"}
 """Record case suffix -> curve key."""
 
@@ -272,6 +280,11 @@ class Run:
                 self.next_eval += self.every_s
 
 
+def lr_warmup_steps(budget_s: float, step_s: float) -> int:
+    """Warm-up steps that take `LR_WARMUP_SHARE` of a `budget_s` run at `step_s` seconds per step (>= 1)."""
+    return max(1, round(LR_WARMUP_SHARE * budget_s / step_s))
+
+
 def run_in_turns(runs: dict) -> None:
     """Advance every run one step at a time, in turns, until each is done."""
     while any(not r.done for r in runs.values()):
@@ -324,9 +337,7 @@ class DatasetRun:
         self.warm, warmup_report = warm_start(plan, self.data_dir, log)
         self.data_dirs = {v: dataset(plan, variant.data) if variant.data else self.data_dir
                           for v, variant in variants.items()}
-        self.config = lambda v, lr, seed: workload.config(None, variants[v].method, self.data_dirs[v], [
-            f"model.path={self.warm}", "model.init=pretrained", f"train.batch_size={plan.batch_size}",
-            "train.steps=1000000", "schedule.kind=constant", f"optim.lr={lr}", f"seed={seed}", *variants[v].overrides])
+        self.step_s: dict[str, float] = {}  # variant -> measured seconds per step (`calibrate`)
         self.evaluate = Evaluator(self.config("dense", 1e-4, 0), self.data_dir, settings.device,
                                   plan.valid_sequences, settings.probe_sample)
         before, after = warmup_report["before"], warmup_report["after"]
@@ -341,6 +352,32 @@ class DatasetRun:
                      + (f" (REDUCED: every k-th fact, at most {settings.probe_sample} per split, --probe-sample)"
                         if settings.probe_sample else ""))
 
+    def config(self, variant: str, lr: float, seed: int, budget_s: float | None = None):
+        """The trainer config of one run: constant `lr` after a warm-up of `LR_WARMUP_SHARE` of
+        `budget_s` at the variant's calibrated step time (None: 1 step, the calibration itself)."""
+        import workload
+
+        warmup = 1 if budget_s is None else lr_warmup_steps(budget_s, self.step_s[variant])
+        return workload.config(None, self.variants[variant].method, self.data_dirs[variant], [
+            f"model.path={self.warm}", "model.init=pretrained", f"train.batch_size={self.plan.batch_size}",
+            "train.steps=1000000", "schedule.kind=constant", f"schedule.warmup_steps={warmup}", f"optim.lr={lr}",
+            f"seed={seed}", *self.variants[variant].overrides])
+
+    def calibrate(self, start: dict) -> None:
+        """Measure each variant's seconds per step (median of the timed calibration steps)."""
+        for vname, variant in self.variants.items():
+            run = Run(self.config(vname, statistics.median(variant.lrs), 0), self.data_dirs[vname],
+                      self.settings.device, start, None, float("inf"), 0)
+            for _ in range(CALIBRATION_STEPS):
+                run.advance()
+            clocks = run.curve["loss_wall_s"]
+            self.step_s[vname] = statistics.median(b - a for a, b in zip(clocks, clocks[1:]))
+        self.results.note(SUITE, f"{self.name}: step time (calibration, median of {CALIBRATION_STEPS - 1} steps) "
+                          + ", ".join(f"{v} {s:.2f} s" for v, s in self.step_s.items())
+                          + f"; learning-rate warm-up {LR_WARMUP_SHARE:.0%} of each run's budget: "
+                          + ", ".join(f"{v} {self.config(v, 1.0, 0, self.plan.budget_s).schedule.warmup_steps}"
+                                      for v in self.variants) + " steps in a seed run")
+
     def start(self, seed: int) -> dict:
         """The common start of one seed: the warmed-up MLM and the knowledge projection's init, and
         its figures (evaluated once, the first point of every curve of the seed)."""
@@ -353,11 +390,12 @@ class DatasetRun:
     def sweep(self) -> dict[str, float]:
         """{variant: chosen lr}: each variant's rates in turns on seed 0, lowest final valid MLM loss."""
         start, chosen = self.start(0), {}
+        self.calibrate(start)
         self.results.note(SUITE, f"{self.name}: valid MLM loss of the common start "
                                  f"{start['figures']['valid_mlm_loss']:.3f}")
         for vname, variant in self.variants.items():
-            runs = {lr: Run(self.config(vname, lr, 0), self.data_dirs[vname], self.settings.device, start, None,
-                            self.plan.sweep_s, 0) for lr in variant.lrs}
+            runs = {lr: Run(self.config(vname, lr, 0, self.plan.sweep_s), self.data_dirs[vname],
+                            self.settings.device, start, None, self.plan.sweep_s, 0) for lr in variant.lrs}
             run_in_turns(runs)
             losses = {lr: self.evaluate.valid_loss(r.model.mlm) for lr, r in runs.items()}
             chosen[vname] = min(losses, key=losses.get)
@@ -376,7 +414,7 @@ class DatasetRun:
         out: dict[str, list[Run]] = {v: [] for v in self.variants}
         for seed in self.seeds:
             start = self.start(seed)
-            runs = {v: Run(self.config(v, chosen[v], seed), self.data_dirs[v], self.settings.device, start,
+            runs = {v: Run(self.config(v, chosen[v], seed, self.plan.budget_s), self.data_dirs[v], self.settings.device, start,
                            self.evaluate, self.plan.budget_s, self.plan.evals) for v in self.variants}
             run_in_turns(runs)
             for v, r in runs.items():
@@ -443,4 +481,5 @@ def run(settings: Settings, results: Results) -> None:
             DatasetRun(name, plan, variants, seeds, settings, results).run()
         results.note(SUITE, f"{name}: batch {plan.batch_size}, sweep {plan.sweep_s:g} s and seed runs "
                             f"{plan.budget_s:g} s of step time per run, {plan.evals} evaluations per seed run, "
-                            f"seeds {', '.join(map(str, seeds))}, constant learning rate after a 20-step warm-up")
+                            f"seeds {', '.join(map(str, seeds))}, constant learning rate after a warm-up of "
+                            f"{LR_WARMUP_SHARE:.0%} of each run's step-time budget")

@@ -171,7 +171,8 @@ def test_flops_inside_triton_kernels_are_counted_like_their_references():
     assert count_flops(lambda: attribution_scores_triton(grads, weights, w2, v)) == ref
 
 
-from suite_convergence import INVESTIGATION, VARIANTS, first_reached, selected_variants, spread, targets_from  # noqa: E402
+from suite_convergence import (INVESTIGATION, LR_WARMUP_SHARE, VARIANTS, first_reached, lr_warmup_steps,  # noqa: E402
+                               selected_variants, spread, targets_from)
 
 CONVERGENCE_VARIANTS = (*VARIANTS, *INVESTIGATION)
 
@@ -198,7 +199,16 @@ def test_quick_convergence_sweeps_seeds_and_both_probe_splits(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "common start = random-init tiny model + MLM-head warm-up" in summary
     assert "| tiny/p_at_1_heldout | no_injection | " in summary and "probes stated 61 facts, heldout 28 facts" in summary
+    assert "step time (calibration, median of 3 steps) dense " in summary
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_convergence_lr_warmup_is_a_share_of_wall_clock_not_a_step_count():
+    # 60 s at 2 s/step (dense) and at 0.5 s/step (trelm): both warm up for the same 10% of the budget
+    dense, trelm = lr_warmup_steps(60.0, 2.0), lr_warmup_steps(60.0, 0.5)
+    assert (dense, trelm) == (3, 12)
+    assert dense * 2.0 == trelm * 0.5 == pytest.approx(LR_WARMUP_SHARE * 60.0)
+    assert lr_warmup_steps(0.2, 5.0) == 1  # a budget shorter than a step still warms up for one step
 
 
 def test_convergence_targets_come_from_dense_curve():
