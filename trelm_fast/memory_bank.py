@@ -7,8 +7,8 @@ Per entity (one row per entity, rows assigned by the C++ `EntityTable`):
   with the span [l, r) end-exclusive and len the number of real tokens of the sequence.
   gamma is the weight of the new observation (paper eq. 5).
 - global memory M_global [N, d]: the running mean of the final-layer [CLS] state (decoders: the
-  state of the last real token, `context_at`) over every context (sequence) that contained the entity, a context counting once however often it mentions
-  the entity (eq. 6). Stored as the mean itself plus counts [N] (not as a sum), so that bf16/fp16
+  state of the last real token, `context_at`) over every context (sequence) that contained the
+  entity, a context counting once however often it mentions the entity (eq. 6). Stored as the mean itself plus counts [N] (not as a sum), so that bf16/fp16
   storage stays accurate: a bf16 sum stops growing once it is large.
 - read (eq. 7): (1 - lam) * h_e + lam / 2 * (M_local + M_global), lam = lambda0 / beta**epoch (eq. 8).
   An entity whose count is 0 has no global memory yet; M_global := M_local is used for it.

@@ -8,8 +8,8 @@ positions (the tokens of all target spans), N_ent entities, N_rel relations.
   `trelm_fast.models`) from a local directory (pre-trained weights; a missing MLM head is created
   and tied to the word embeddings) or randomly initialised from that directory's config.json with
   size overrides.
-- `TrelmModel` wraps the LM (decoders: docs/models.md "Decoders in the trainer"). At the positions of each target span (row, start, end, e)
-  with KG triple (h, r, e), the word embedding is replaced by (paper eqs. 2 and 7)
+- `TrelmModel` wraps the LM. At the positions of each target span (row, start, end, e) with KG
+  triple (h, r, e), the word embedding is replaced by (paper eqs. 2 and 7)
 
       h_e = W_inj (E[h] + R[r]) + b_inj            (frozen TransE E [N_ent, k], R [N_rel, k])
       I_p = (1 - lambda) h_e + lambda / 2 (M_local[e] + M_global[e])   (when the bank is on)
@@ -18,6 +18,9 @@ positions (the tokens of all target spans), N_ent entities, N_rel relations.
   no-injection ablation (bank on), h_e is the [MASK] word embedding, so the span must still be
   decoded from context; with neither injection nor bank the input is the stock one. After the forward, `update_bank` folds the final hidden states of every linked
   mention into the bank (no gradient).
+- Decoders (`TrelmModel.causal`): the same injection at the span, whose tokens are then predicted
+  from the state one position earlier, and the bank's global memory reads the last real token
+  (`context_positions`); docs/models.md "Decoders in the trainer".
 """
 from __future__ import annotations
 

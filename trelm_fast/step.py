@@ -18,6 +18,10 @@ Methods (paper table 6 and DESIGN.md section 3):
 | `hf_dense`    | no        | no   | none          | stock `BertForMaskedLM(labels=...)` MLM     | every parameter (AdamW)     |
 | `dense_opt`   | no        | no   | none          | MLM logits only at labelled positions       | every parameter (AdamW)     |
 
+Decoders (GPT-2, Llama; `TrelmModel.causal`) run every method with the causal LM in place of the
+MLM: unmasked inputs, each label read at the state one position earlier (the batch's
+`label_shift`, `trelm_fast.data.prepare`), the rest as above (docs/models.md "Decoders in the trainer").
+
 Every method gets the same generic engineering (precision, fused AdamW, no host sync in a plain
 step), so the step benchmark's ratios measure the method: to `dense_opt` TRELM as a whole, to
 `frozen_dense` routing plus sparse FFN gradients alone.
