@@ -2,6 +2,7 @@
 plain PyTorch reference on the HF logits, routing targets that line up with the loss, the bank's
 context state, a short TRELM run that lowers the loss, and train.py end to end.
 docs/models.md "Decoders in the trainer" states the objective."""
+import json
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,10 @@ from trelm_fast.checkpoint import load_checkpoint
 from trelm_fast.config import load_config
 from trelm_fast.data.base_model import load_tokenizer
 from trelm_fast.data.loader import MLMCollator, TrelmDataset
-from trelm_fast.data.prepare import prepare_batch
 from trelm_fast.model import build_mlm
 from trelm_fast.routing.attribution import select_targets
 from trelm_fast.step import build_step_model, make_step
+from test_train import one_thread  # noqa: F401  (autouse: tiny models lose to intra-op threads)
 
 SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, max_position_embeddings=128)
 STEP = ["model.dropout=0.0", "kmb.window=2", "loss.num_negatives=5", "routing.m=3", "routing.fraction=0.25",
@@ -29,14 +30,6 @@ DECODERS = {  # config.json of the tiny random decoders; vocabulary: the dataset
                                                 num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
                                                 max_position_embeddings=128),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def decoder_dir(root: Path, family: str, tokenizer_dir: Path, **config) -> Path:
@@ -69,11 +62,11 @@ def decoder_config(tmp_path, tiny_dir, family, *extra):
                                      *[f"model.{k}={v}" for k, v in SIZES.items()], *extra])
 
 
-def causal_batches(tiny_dir, cfg, count, start=0):
+def causal_batches(tiny_dir, cfg, count):
     ds = TrelmDataset(tiny_dir, "train", verify=False)
     collate = MLMCollator.for_config(ds.manifest, cfg, causal=True)
     bs = cfg.train.batch_size
-    return [collate([ds[(0, i)] for i in range(start + b * bs, start + (b + 1) * bs)]) for b in range(count)]
+    return [collate([ds[(0, i)] for i in range(b * bs, (b + 1) * bs)]) for b in range(count)]
 
 
 def setup(tmp_path, tiny_dir, family, method="trelm", *extra):
@@ -220,8 +213,6 @@ def test_train_main_runs_a_decoder_end_to_end(tmp_path, tiny_dir, family):
     assert ck.state["step"]["paths"] is not None and "bank" in ck.state
     exported = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)
     assert exported.config.model_type == family
-    import json
-
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "probe_after" in summary
 
