@@ -1,6 +1,6 @@
 """Decoders (GPT-2, Llama) through the trainer: causal batches, the causal LM + CKA objective against a
 plain PyTorch reference on the HF logits, routing targets that line up with the loss, the bank's
-context state, a short TRELM run that lowers the loss, and train.py end to end.
+context state, the probe, a short TRELM run that lowers the loss, and train.py end to end.
 docs/models.md "Decoders in the trainer" states the objective."""
 import json
 from pathlib import Path
@@ -177,6 +177,25 @@ def test_decoder_bank_global_memory_reads_the_last_real_token(tmp_path, tiny_dir
                                    micro.hidden[row, int(lengths[row]) - 1])
 
 
+def test_decoder_probe_predicts_from_the_query_before_the_object(tmp_path, tiny_dir):
+    """P@1 for a decoder: the prediction for [Y] is what the LM predicts after the query's prefix alone."""
+    from trelm_fast.data.loader import load_probes
+    from trelm_fast.probe import evaluate_probes
+
+    cfg = decoder_config(tmp_path, tiny_dir, "llama")
+    torch.manual_seed(0)
+    mlm = build_mlm(cfg.model).eval()
+    tok = load_tokenizer(cfg.model.path)
+    result = evaluate_probes(mlm, tok, load_probes(tiny_dir)[:12])
+    assert result.predictions
+    for fact, predicted in result.predictions:
+        ids = tok(fact.cloze(tok.mask_token), return_tensors="pt")["input_ids"]
+        prefix = ids[:, :int((ids[0] == tok.mask_token_id).nonzero())]
+        with torch.no_grad():
+            expected = mlm(input_ids=prefix).logits[0, -1].argmax()
+        assert predicted == tok.convert_ids_to_tokens(int(expected))
+
+
 # ------------------------------------------------------------------------------------------- training
 
 @pytest.mark.parametrize("family", sorted(DECODERS))
@@ -199,8 +218,10 @@ def test_trelm_steps_lower_the_causal_loss(tmp_path, tiny_dir, family):
 
 
 @pytest.mark.parametrize("family", sorted(DECODERS))
-def test_train_main_runs_a_decoder_end_to_end(tmp_path, tiny_dir, family):
+def test_train_main_runs_a_decoder_end_to_end(tmp_path, tiny_dir, family, capsys):
     from transformers import AutoModelForCausalLM
+
+    from trelm_fast import probe
 
     path = decoder_dir(tmp_path, family, dataset_tokenizer(tiny_dir))
     out = tmp_path / "run"
@@ -215,6 +236,11 @@ def test_train_main_runs_a_decoder_end_to_end(tmp_path, tiny_dir, family):
     assert exported.config.model_type == family
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "probe_after" in summary
+    # the probe CLI loads the export as a causal LM and scores the state before [Y], as the trainer did
+    capsys.readouterr()
+    assert probe.main(["--model", str(out / "model"), "--probes", str(tiny_dir / "probes.jsonl")]) == 0
+    macro = [line for line in capsys.readouterr().out.splitlines() if line.startswith("macro")][0]
+    assert float(macro.split()[-1]) == pytest.approx(summary["probe_after"], abs=5e-4)
 
 
 def test_pretrained_untied_decoder_keeps_its_lm_head(tmp_path, tiny_dir):
