@@ -1,4 +1,4 @@
-"""trelm-fast: fast TRELM knowledge-enhanced pre-training for Hugging Face masked LMs.
+"""trelm-fast: fast TRELM knowledge-enhanced pre-training for Hugging Face masked LMs (and decoders).
 
 `apply_trelm(model)` (Liger-style) puts the TRELM FFN into every layer of a model of a supported
 family, found from `model.config.model_type` (docs/models.md); it is `swap_ffn`, and

@@ -328,9 +328,10 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
 # export
 
 def export_pretrained(mlm: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write a plain `transformers` directory loadable by `AutoModelForMaskedLM.from_pretrained`.
+    """Write a plain `transformers` directory loadable by `AutoModelForMaskedLM.from_pretrained`
+    (a decoder's by `AutoModelForCausalLM`).
 
-    `mlm`: the training `BertForMaskedLM` / `RobertaForMaskedLM` (FFNs possibly swapped); a copy
+    `mlm`: the training LM, e.g. `BertForMaskedLM` or `LlamaForCausalLM` (FFNs possibly swapped); a copy
     is unswapped with `trelm_fast.unswap_ffn`, so training can go on with `mlm`. `tokenizer`: saved
     beside the weights when given. The directory is written aside and renamed into place.
     """

@@ -211,10 +211,15 @@ def cka_correct_prob(hidden: Tensor, labels: Tensor, negatives: Tensor, head: ML
 def cka_loss(hidden: Tensor, labels: Tensor, negatives: Tensor, head: MLMHead) -> Tensor:
     """Eq. 2 averaged over CKA-labelled positions: mean of -log softmax(logits)[true]. 0 if none."""
     _check_hidden(hidden, labels, "cka_loss")
-    rows, cols, targets = labelled_positions(labels)
+    return cka_loss_at(hidden, *labelled_flat(labels), negatives, head)
+
+
+def cka_loss_at(hidden: Tensor, positions: Tensor, targets: Tensor, negatives: Tensor, head: MLMHead) -> Tensor:
+    """`cka_loss` from flat labelled positions [N] (`labelled_flat`) and their negatives [N, K]; 0 if none."""
     if targets.numel() == 0:
         return hidden.sum() * 0.0
-    logits = cka_logits(hidden[rows, cols], targets, negatives, head)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    logits = cka_logits(h, targets, negatives, head)
     return -torch.log_softmax(logits, dim=-1)[:, 0].mean()
 
 

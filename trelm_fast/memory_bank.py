@@ -6,9 +6,9 @@ Per entity (one row per entity, rows assigned by the C++ `EntityTable`):
   M_local <- (1 - gamma) * M_local + gamma * mean(h[max(l - k, 0) : min(r + k, len)])  (eqs. 4, 5)
   with the span [l, r) end-exclusive and len the number of real tokens of the sequence.
   gamma is the weight of the new observation (paper eq. 5).
-- global memory M_global [N, d]: the running mean of the final-layer [CLS] state over every
-  context (sequence) that contained the entity, a context counting once however often it mentions
-  the entity (eq. 6). Stored as the mean itself plus counts [N] (not as a sum), so that bf16/fp16
+- global memory M_global [N, d]: the running mean of the final-layer [CLS] state (decoders: the
+  state of the last real token, `context_at`) over every context (sequence) that contained the
+  entity, a context counting once however often it mentions the entity (eq. 6). Stored as the mean itself plus counts [N] (not as a sum), so that bf16/fp16
   storage stays accurate: a bf16 sum stops growing once it is large.
 - read (eq. 7): (1 - lam) * h_e + lam / 2 * (M_local + M_global), lam = lambda0 / beta**epoch (eq. 8).
   An entity whose count is 0 has no global memory yet; M_global := M_local is used for it.
@@ -300,12 +300,15 @@ class KnowledgeMemoryBank:
         spans: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
+        context_at: torch.Tensor | None = None,
     ) -> None:
         """Fold one batch into the bank (eqs. 4-6), after the forward pass.
 
         final_hidden [B, n, d] final-layer states ([CLS] at position 0); spans int64 [E, 4] rows of
         (row, start, end_exclusive, entity_id); attention_mask [B, n] (right-padded) or lengths [B]
-        gives each sequence's real tokens (default: all n). Every entity must be in the bank.
+        gives each sequence's real tokens (default: all n); context_at [B]: the position of each
+        sequence's context state for the global memory (default 0, the [CLS] state; a decoder's is
+        its last real token). Every entity must be in the bank.
         Validates everything (host syncs on CUDA); the training step calls `apply` with what the
         data loader validated and computed on the host.
         """
@@ -316,18 +319,24 @@ class KnowledgeMemoryBank:
             )
         lengths = self._lengths(final_hidden, attention_mask, lengths)
         check_spans(spans, lengths.to(spans.device))
+        if context_at is not None and (context_at.shape != lengths.shape or bool(
+                ((context_at.cpu() < 0) | (context_at.cpu() >= lengths)).any())):
+            raise ValueError(f"KnowledgeMemoryBank.update: context_at must hold one position per sequence, "
+                             f"inside its real tokens; got {context_at.tolist()} for lengths {lengths.tolist()}")
         if not self._identity:
             self.slots(spans[:, 3])  # unknown ids raise before anything changes
         first, rank = first_in_context_and_rank(spans[:, 3].cpu(), spans[:, 0].cpu())
-        self.apply(final_hidden, spans, lengths, first, int(rank.max()) + 1 if rank.numel() else 0)
+        self.apply(final_hidden, spans, lengths, first, int(rank.max()) + 1 if rank.numel() else 0,
+                   context_at=context_at)
 
     @torch.no_grad()
     def apply(self, final_hidden: torch.Tensor, spans: torch.Tensor, lengths: torch.Tensor, first: torch.Tensor,
-              rounds: int, skip: torch.Tensor | None = None) -> None:
+              rounds: int, skip: torch.Tensor | None = None, context_at: torch.Tensor | None = None) -> None:
         """`update` without its checks, and without a host sync on a bank whose ids are its rows.
 
         spans [E, 4] valid for ``lengths`` [B]; first [E] bool and rounds (1 + the largest rank) from
-        `first_in_context_and_rank`; skip: a bool scalar tensor, true to leave the bank unchanged.
+        `first_in_context_and_rank`; skip: a bool scalar tensor, true to leave the bank unchanged;
+        context_at [B]: as in `update` (None: position 0).
         """
         distributed = self._world_size() > 1
         if spans.shape[0] == 0 and not distributed:  # under DDP every rank joins the gather
@@ -337,21 +346,24 @@ class KnowledgeMemoryBank:
         row, start, end, ent = spans.unbind(1)
         lo = (start - self.window).clamp(min=0)
         hi = torch.minimum(end + self.window, lengths.to(self.device)[row])
+        context = hidden[:, 0] if context_at is None else \
+            hidden[torch.arange(hidden.shape[0], device=self.device), context_at.to(self.device)]
         if distributed:
-            self._update_distributed(hidden, row, lo, hi, ent, first, skip)
+            self._update_distributed(hidden, context, row, lo, hi, ent, first, skip)
             return
         cls_index = torch.where(first, row, -1)
-        kmb_update(hidden, row, lo, hi, self.slots(ent), hidden[:, 0], cls_index, self._local, self._gmean,
+        kmb_update(hidden, row, lo, hi, self.slots(ent), context, cls_index, self._local, self._gmean,
                    self._counts, self.gamma, rounds, skip)
 
     def _world_size(self) -> int:
         return dist.get_world_size(self.process_group) if is_distributed(self.process_group) else 1
 
-    def _update_distributed(self, hidden, row, lo, hi, ent, first, skip) -> None:
-        """Gather (entity id, first-in-context, window mean, [CLS]) of all ranks, apply in rank order."""
+    def _update_distributed(self, hidden, context, row, lo, hi, ent, first, skip) -> None:
+        """Gather (entity id, first-in-context, window mean, context state [CLS]) of all ranks, apply in
+        rank order."""
         means = window_mean_ref(hidden, row, lo, hi)
         ints = torch.stack([ent, first.long()], 1)
-        floats = torch.cat([means, hidden[row, 0].float()], 1)
+        floats = torch.cat([means, context[row].float()], 1)
         ints, floats = self._all_gather_rows(ints), self._all_gather_rows(floats)
         slots = self.slots(ints[:, 0])
         d = self.hidden_size

@@ -1,14 +1,15 @@
-"""The TRELM model: a Hugging Face masked LM plus knowledge injection and memory-bank mixing.
+"""The TRELM model: a Hugging Face masked LM (or decoder) plus knowledge injection and memory-bank mixing.
 
 Shapes: B sequences of n tokens, hidden size d, KG embedding size k, T target spans, P target
 positions (the tokens of all target spans), N_ent entities, N_rel relations.
 
-- `build_mlm(model_cfg)`: the masked LM of the directory's family (`BertForMaskedLM`,
-  `RobertaForMaskedLM`, ...: every family with an adapter in `trelm_fast.models`) from a local directory
-  (pre-trained weights; a missing MLM head is created and tied to the word embeddings) or
-  randomly initialised from that directory's config.json with size overrides.
-- `TrelmModel` wraps the masked LM. At the positions of each target span (row, start, end, e)
-  with KG triple (h, r, e), the word embedding is replaced by (paper eqs. 2 and 7)
+- `build_mlm(model_cfg)`: the LM of the directory's family (`BertForMaskedLM`, `RobertaForMaskedLM`,
+  ..., the decoders' `GPT2LMHeadModel` and `LlamaForCausalLM`: every family with an adapter in
+  `trelm_fast.models`) from a local directory (pre-trained weights; a missing MLM head is created
+  and tied to the word embeddings) or randomly initialised from that directory's config.json with
+  size overrides.
+- `TrelmModel` wraps the LM. At the positions of each target span (row, start, end, e) with KG
+  triple (h, r, e), the word embedding is replaced by (paper eqs. 2 and 7)
 
       h_e = W_inj (E[h] + R[r]) + b_inj            (frozen TransE E [N_ent, k], R [N_rel, k])
       I_p = (1 - lambda) h_e + lambda / 2 (M_local[e] + M_global[e])   (when the bank is on)
@@ -17,6 +18,9 @@ positions (the tokens of all target spans), N_ent entities, N_rel relations.
   no-injection ablation (bank on), h_e is the [MASK] word embedding, so the span must still be
   decoded from context; with neither injection nor bank the input is the stock one. After the forward, `update_bank` folds the final hidden states of every linked
   mention into the bank (no gradient).
+- Decoders (`TrelmModel.causal`): the same injection at the span, whose tokens are then predicted
+  from the state one position earlier, and the bank's global memory reads the last real token
+  (`context_positions`); docs/models.md "Decoders in the trainer".
 """
 from __future__ import annotations
 
@@ -50,16 +54,10 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
-def _require_masked_lm(adapter, where: str) -> None:
-    """The trainer's batches and losses are masked-LM ones: refuse decoder families clearly."""
-    if adapter.causal:
-        raise ValueError(f"{where}: {adapter.family} is a decoder family; the trainer supports masked LMs "
-                         "(decoders work with apply_trelm/swap_ffn, the routing and the slice optimizer: "
-                         "docs/models.md)")
-
-
 def build_mlm(mcfg: ModelConfig) -> nn.Module:
-    """The masked LM of the directory's model family (decoder tied to the word embeddings).
+    """The LM of the directory's model family (`FamilyAdapter.mlm_class`), its output embedding tied
+    to the word embeddings, except in a pre-trained decoder whose checkpoint has its own (`lm_head`
+    untied, as many Llama checkpoints: replacing it would discard trained weights).
 
     ``init``: pretrained (weights of ``path``), random (its config.json with the size overrides)
     or auto (random if any size is overridden, else pretrained).
@@ -72,13 +70,13 @@ def build_mlm(mcfg: ModelConfig) -> nn.Module:
     path = resolve_model_path(mcfg.path)
     hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
     adapter = adapter_for_type(hf_cfg.model_type, f"model.path {path}")
-    _require_masked_lm(adapter, f"model.path {path}")
     cls = adapter.mlm_class
     if mcfg.dropout is not None:
         adapter.set_dropout(hf_cfg, mcfg.dropout)
-    hf_cfg.tie_word_embeddings = True
     overridden = [f for f in adapter.size_attrs if getattr(mcfg, f) is not None]
     init = mcfg.init if mcfg.init != "auto" else ("random" if overridden else "pretrained")
+    if not (adapter.causal and init == "pretrained"):
+        hf_cfg.tie_word_embeddings = True
     if init == "pretrained":
         if overridden:
             raise ValueError(f"model.init=pretrained loads the sizes of {path}; set model.{overridden[0]} "
@@ -95,7 +93,7 @@ def build_mlm(mcfg: ModelConfig) -> nn.Module:
                              f"model.num_heads {hf_cfg.num_attention_heads}")
         model = cls(hf_cfg)
     head = MLMHead.from_model(model)
-    if head.weight is not model.get_input_embeddings().weight:
+    if hf_cfg.tie_word_embeddings and head.weight is not model.get_input_embeddings().weight:
         raise RuntimeError(f"{path}: the MLM decoder is not tied to the word embeddings")
     return model
 
@@ -165,9 +163,9 @@ def span_positions(spans: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class TrelmModel(nn.Module):
-    """A masked LM with knowledge injection and memory-bank mixing at target spans.
+    """A masked LM (or decoder) with knowledge injection and memory-bank mixing at target spans.
 
-    ``mlm``: a masked LM of a supported family (`trelm_fast.models`); ``kg_entity`` [N_ent, k] and ``kg_relation``
+    ``mlm``: an LM of a supported family (`trelm_fast.models`); ``kg_entity`` [N_ent, k] and ``kg_relation``
     [N_rel, k]: frozen TransE embeddings (buffers, not saved: they belong to the dataset);
     ``bank``: a KnowledgeMemoryBank or None (ablation); ``inject``: False for the no-injection
     ablation; ``mask_token_id``: the tokenizer's mask id (used without injection); ``negative_q``
@@ -186,7 +184,6 @@ class TrelmModel(nn.Module):
         self.register_buffer("negative_q", negative_q.float(), persistent=False)
         self.mlm = mlm
         self.adapter = adapter_for(mlm, "TrelmModel")
-        _require_masked_lm(self.adapter, "TrelmModel")
         self.bank = bank
         self.inject = inject
         self.register_buffer("kg_entity", kg_entity.float(), persistent=False)
@@ -200,8 +197,13 @@ class TrelmModel(nn.Module):
         self.mask_token_id = mask_token_id
 
     @property
+    def causal(self) -> bool:
+        """A decoder: the state at t - 1 predicts the token at t (docs/models.md)."""
+        return self.adapter.causal
+
+    @property
     def encoder_model(self) -> nn.Module:
-        """The base encoder (`mlm.bert`, `mlm.roberta`, ...)."""
+        """The base model (`mlm.bert`, `mlm.roberta`, ..., a decoder's `mlm.transformer` / `mlm.model`)."""
         return getattr(self.mlm, self.mlm.base_model_prefix)
 
     @property
@@ -239,11 +241,19 @@ class TrelmModel(nn.Module):
                                  attention_mask=batch["attention_mask"])
         return out.last_hidden_state
 
+    def context_positions(self, lengths: Tensor) -> Optional[Tensor]:
+        """[B] position of the state that sums up each sequence of ``lengths`` real tokens, for the
+        bank's global memory (eq. 6): None, the [CLS] state at 0, for encoders; for decoders the last
+        real token, the only state that has read the whole sequence."""
+        return lengths - 1 if self.causal else None
+
     @torch.no_grad()
     def update_bank(self, final_hidden: Tensor, batch: dict) -> None:
         """Fold the final hidden states of every linked mention into the bank (eqs. 4-6)."""
         if self.bank is not None and batch["entity_spans"].numel():
-            self.bank.update(final_hidden.detach(), batch["entity_spans"], batch["attention_mask"])
+            lengths = batch["attention_mask"].sum(1)
+            self.bank.update(final_hidden.detach(), batch["entity_spans"], batch["attention_mask"],
+                             context_at=self.context_positions(lengths))
 
 
 def build_model(cfg: Config, dataset_dir, inject: bool = True, use_bank: bool = True,

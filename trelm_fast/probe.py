@@ -3,7 +3,8 @@
 A probe fact is a JSON Lines record `{"relation", "template", "subject", "object"}` whose template
 holds `[X]` and `[Y]` once each (read by `trelm_fast.data.formats.read_probes`). The query is the
 template with `[X]` -> subject and `[Y]` -> the tokenizer's mask token; the prediction is the
-argmax over the whole vocabulary of the MLM logits at the mask. Only facts whose object is a single token under the tokenizer are scored
+argmax over the whole vocabulary of the MLM logits at the mask (a decoder's: of its LM logits at the
+token before the mask, which reads the query up to [Y] only). Only facts whose object is a single token under the tokenizer are scored
 (as in LAMA); the others are counted as skipped. P@1(relation) = correct / scored, and the macro
 average is the unweighted mean over relations with at least one scored fact.
 
@@ -56,7 +57,8 @@ def _object_token(tokenizer: Any, fact: Probe) -> int | None:
 @torch.no_grad()
 def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[Probe],
                     batch_size: int = 32, device: torch.device | str | None = None) -> ProbeResult:
-    """P@1 of a `BertForMaskedLM` / `RobertaForMaskedLM` on `facts` (vocabulary logits at the mask only).
+    """P@1 of an LM of a supported family on `facts` (vocabulary logits at the mask only; a decoder's
+    at the position before it).
 
     The model is put in eval mode for the evaluation and its previous mode restored.
     """
@@ -72,7 +74,10 @@ def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[Probe],
         else:
             scored.append((fact, target))
 
+    from trelm_fast.models import adapter_for
+
     base, head = getattr(model, model.base_model_prefix), MLMHead.from_model(model)  # logits at the masks only
+    shift = int(adapter_for(model, "probes").causal)  # a decoder's state before [Y] predicts it
     was_training = model.training
     model.eval()
     correct: dict[str, int] = defaultdict(int)
@@ -89,7 +94,8 @@ def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[Probe],
                 bad = texts[int((is_mask.sum(1) != 1).nonzero()[0])]
                 raise ValueError(f"probes: query {bad!r} does not hold exactly one mask token after tokenization")
             hidden = base(input_ids=input_ids, attention_mask=enc["attention_mask"].to(device)).last_hidden_state
-            predicted = head.logits(hidden[is_mask]).argmax(-1).tolist()  # one mask per row, in row order
+            rows, cols = is_mask.nonzero(as_tuple=True)  # one mask per row, in row order
+            predicted = head.logits(hidden[rows, cols - shift]).argmax(-1).tolist()
             for (fact, target), pred in zip(chunk, predicted):
                 counts[fact.relation] += 1
                 correct[fact.relation] += int(pred == target)
@@ -111,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from trelm_fast.models import adapter_for_type
 
     if not Path(args.model).is_dir():
         parser.error(f"--model: {args.model} is not a directory")
@@ -122,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     if not facts:
         parser.error(f"--probes: {args.probes} holds no facts")
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForMaskedLM.from_pretrained(args.model, local_files_only=True).to(args.device)
+    causal = adapter_for_type(AutoConfig.from_pretrained(args.model, local_files_only=True).model_type,
+                              f"--model {args.model}").causal
+    auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
+    model = auto.from_pretrained(args.model, local_files_only=True).to(args.device)
     result = evaluate_probes(model, tokenizer, facts, batch_size=args.batch_size, device=args.device)
     print(result.format())
     return 0

@@ -18,6 +18,10 @@ Methods (paper table 6 and DESIGN.md section 3):
 | `hf_dense`    | no        | no   | none          | stock `BertForMaskedLM(labels=...)` MLM     | every parameter (AdamW)     |
 | `dense_opt`   | no        | no   | none          | MLM logits only at labelled positions       | every parameter (AdamW)     |
 
+Decoders (GPT-2, Llama; `TrelmModel.causal`) run every method with the causal LM in place of the
+MLM: unmasked inputs, each label read at the state one position earlier (the batch's
+`label_shift`, `trelm_fast.data.prepare`), the rest as above (docs/models.md "Decoders in the trainer").
+
 Every method gets the same generic engineering (precision, fused AdamW, no host sync in a plain
 step), so the step benchmark's ratios measure the method: to `dense_opt` TRELM as a whole, to
 `frozen_dense` routing plus sparse FFN gradients alone.
@@ -63,7 +67,7 @@ from torch import Tensor
 from trelm_fast.config import Config
 from trelm_fast.data.prepare import is_prepared, prepare_batch
 from trelm_fast.distributed import is_distributed
-from trelm_fast.losses import NegativeSampler, cka_loss, mlm_loss_at, trelm_loss_at
+from trelm_fast.losses import NegativeSampler, cka_loss_at, mlm_loss_at, trelm_loss_at
 from trelm_fast.model import TrelmModel, build_model
 from trelm_fast.precision import MixedPrecision, autocast, set_tf32
 
@@ -342,8 +346,13 @@ class TrainStep:
     def prepare(self, batch: dict) -> dict:
         """The host batch with the index fields (`prepare_batch`, unless the loader added them) and
         ``cka_negatives`` [N_cka, K] (drawn from Q with the step's generator, unless present)."""
+        causal = self.model.causal
         if not is_prepared(batch):
-            batch = prepare_batch(batch)
+            batch = prepare_batch(batch, causal)
+        elif batch["label_shift"] != int(causal):
+            raise ValueError(f"batch: prepared with label_shift {batch['label_shift']}, but the model is "
+                             f"{'a decoder (1)' if causal else 'a masked LM (0)'}: build its collator with "
+                             f"causal={causal}")
         if "cka_negatives" not in batch:
             negatives = self.negatives(batch["cka_targets"], self.cfg.loss.num_negatives, generator=self.generator)
             batch = {**batch, "cka_negatives": negatives}
@@ -352,11 +361,12 @@ class TrainStep:
     def _encoder_mask(self, batch: dict) -> Optional[Tensor]:
         """The attention mask the encoder gets: None for a batch without padding; with padding under
         SDPA attention a 4-D boolean [B, 1, 1, n] (transformers takes a 4-D mask as it is, where from
-        a 2-D one it would ask the device whether it is all ones: a host sync); else the 2-D mask."""
+        a 2-D one it would ask the device whether it is all ones: a host sync); else the 2-D mask,
+        always for decoders (a 4-D mask taken as it is would drop their causal mask)."""
         if batch["tokens"] == batch["input_ids"].numel():
             return None
         mask = batch["attention_mask"]
-        if self.model.mlm.config._attn_implementation == "sdpa":
+        if self.model.mlm.config._attn_implementation == "sdpa" and not self.model.causal:
             return mask.bool()[:, None, None, :]
         return mask
 
@@ -376,8 +386,8 @@ class TrainStep:
                             attention_mask=batch["attention_mask"],
                             labels=batch["mlm_labels"] if labelled else None, output_hidden_states=True)
             hidden = out.hidden_states[-1]
-            mlm = out.loss if labelled else out.logits.sum() * 0.0
-            cka = cka_loss(hidden, batch["cka_labels"], negatives, head)
+            mlm = out.loss if labelled else out.logits.sum() * 0.0  # decoders: transformers shifts the labels
+            cka = cka_loss_at(hidden, batch["cka_positions"], batch["cka_targets"], negatives, head)
             return theta * mlm + (1.0 - theta) * cka, mlm, cka, hidden
         if kind == "hf_stock":
             out = model.mlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -460,7 +470,8 @@ class TrainStep:
             return {}
         for m in micro:
             b = m.batch
-            bank.apply(m.hidden, b["entity_spans"], b["lengths"], b["entity_first"], b["entity_rounds"], skip)
+            bank.apply(m.hidden, b["entity_spans"], b["lengths"], b["entity_first"], b["entity_rounds"], skip,
+                       context_at=self.model.context_positions(b["lengths"]))
         return {"kmb/lambda": bank.lam(epoch)}
 
     def step(self, batch: dict | list[dict], step_index: int, epoch: float = 0.0) -> StepResult:

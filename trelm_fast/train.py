@@ -21,7 +21,8 @@ changed on resume) end with a one-line `error: ...` and exit status 2; docs/reli
 
 Outputs under `out_dir`: metrics.jsonl (one JSON object per logged step), tensorboard/ (event
 files), checkpoints/step_* (see trelm_fast/checkpoint.py), model/ (a plain `transformers`
-directory with tokenizer files, loadable by `AutoModelForMaskedLM.from_pretrained`), paths.png
+directory with tokenizer files, loadable by `AutoModelForMaskedLM.from_pretrained`, a decoder's by
+`AutoModelForCausalLM`), paths.png
 (knowledge paths over training) and summary.json. docs/training.md has the details.
 """
 from __future__ import annotations
@@ -160,8 +161,9 @@ def ensure_dataset(cfg: Config, d: Dist) -> Path:
     return data_dir
 
 
-def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: int):
-    """An iterator of (epoch, batch_in_epoch, batch), forever, starting at the given position.
+def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: int, causal: bool = False):
+    """An iterator of (epoch, batch_in_epoch, batch), forever, starting at the given position
+    (``causal``: batches for a decoder, `MLMCollator`).
 
     The dataset is opened here, before the first batch is asked for (`ensure_dataset` has verified it).
     Each rank reads its own share (ResumableSampler); every batch has `train.batch_size` sequences
@@ -173,7 +175,7 @@ def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: in
     from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset
 
     dataset = TrelmDataset(data_dir, "train", verify=False)
-    collate = MLMCollator.for_config(dataset.manifest, cfg)
+    collate = MLMCollator.for_config(dataset.manifest, cfg, causal)
     bs = cfg.train.batch_size
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
                                drop_last=True)
@@ -297,12 +299,10 @@ new batch size, rounded down); with a new seed the rest of the epoch follows the
 def run_identity(cfg: Config, d: Dist, data_dir: Path, model: torch.nn.Module) -> dict:
     """What makes a run the same run, by setting name (stored in checkpoints, compared on resume)."""
     hf = model.mlm.config
+    sizes = {f"model.{field}": getattr(hf, attr) for field, attr in model.adapter.size_attrs.items()}
     return {"dataset": sha256_file(data_dir / "manifest.json"), "train.batch_size": cfg.train.batch_size,
             "seed": cfg.seed, "world_size": d.world_size, "method.name": cfg.method.name,
-            "model.model_type": hf.model_type, "model.hidden_size": hf.hidden_size,
-            "model.num_layers": hf.num_hidden_layers, "model.num_heads": hf.num_attention_heads,
-            "model.intermediate_size": hf.intermediate_size, "model.vocab_size": hf.vocab_size,
-            "model.max_position_embeddings": hf.max_position_embeddings}
+            "model.model_type": hf.model_type, **sizes, "model.vocab_size": hf.vocab_size}
 
 
 def check_same_run(ck: Checkpoint, now: dict, allow: set[str], data_dir: Path) -> None:
@@ -400,7 +400,7 @@ def train(cfg: Config, d: Dist, resume: str | None = None, overwrite: bool = Fal
                             keep_last=cfg.train.keep_checkpoints)
         d.barrier()
 
-    data = batches(cfg, data_dir, d, epoch, batch_in_epoch)
+    data = batches(cfg, data_dir, d, epoch, batch_in_epoch, model.causal)
     before_all = run_probes(start_step) if start_step == 0 else {}
     before = next(iter(before_all.values()), None)
     if before is not None:

@@ -173,6 +173,9 @@ class MLMCollator:
     while they fit in round(mlm_prob * tokens) (at least 1 token when any); a unit that would exceed
     it is passed over. Of the chosen tokens 80% become [MASK], 10% a random non-special token, 10%
     stay. The choice uses a generator seeded by (seed, epoch, index) of the sample.
+    ``causal`` (decoders, docs/models.md "Decoders in the trainer"): nothing is masked; every such
+    token is an LM label (the state before it predicts it), and the batch's positions are those of
+    the predicting states (`prepare_batch(..., causal=True)`).
     Output: input_ids, attention_mask, mlm_labels, cka_labels int64 [B, n]; entity_spans [E, 4],
     target_spans [T, 4] (row, start, end, entity_id); target_triples [T, 2] (head, relation); and
     the index fields of `trelm_fast.data.prepare` (computed here, in the loader's workers, so that
@@ -180,7 +183,7 @@ class MLMCollator:
     """
 
     def __init__(self, manifest: dict, seed: int = 0, mlm_prob: float = 0.15, masking: str = "token",
-                 continuation: torch.Tensor | None = None):
+                 continuation: torch.Tensor | None = None, causal: bool = False):
         if not 0.0 <= mlm_prob <= 1.0:
             raise ValueError(f"mlm_prob must be in [0, 1], got {mlm_prob}")
         if masking not in MASKING:
@@ -190,23 +193,24 @@ class MLMCollator:
             raise ValueError(f"whole-word masking needs continuation, a bool [{t['vocab_size']}] tensor "
                              "(continuation_ids of the dataset's tokenizer)")
         self.mask_id, self.seed, self.mlm_prob = t["mask_id"], seed, mlm_prob
-        self.masking, self.continuation = masking, continuation
+        self.masking, self.continuation, self.causal = masking, continuation, causal
         special = torch.tensor(sorted({t["cls_id"], t["sep_id"], t["pad_id"], t["mask_id"]}))
         self.random_ids = torch.arange(t["vocab_size"])[~torch.isin(torch.arange(t["vocab_size"]), special)]
 
     @classmethod
-    def for_config(cls, manifest: dict, cfg) -> "MLMCollator":
+    def for_config(cls, manifest: dict, cfg, causal: bool = False) -> "MLMCollator":
         """The collator a trelm_fast Config asks for: ``seed``, ``data.mlm_probability``,
-        ``data.masking`` (whole-word masking reads the tokenizer of ``model.path``)."""
+        ``data.masking`` (whole-word masking reads the tokenizer of ``model.path``); ``causal``: the
+        model is a decoder (`FamilyAdapter.causal`), nothing is masked."""
         continuation = None
-        if cfg.data.masking == "whole_word":
+        if cfg.data.masking == "whole_word" and not causal:
             from .base_model import load_tokenizer
 
             tokenizer = load_tokenizer(str(resolve_model_path(cfg.model.path)))
             check_tokenizer(manifest, tokenizer)
             continuation = continuation_ids(tokenizer)
-        return cls(manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability, masking=cfg.data.masking,
-                   continuation=continuation)
+        return cls(manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability,
+                   masking="token" if causal else cfg.data.masking, continuation=continuation, causal=causal)
 
     def _unit_starts(self, sample: dict, allowed: torch.Tensor) -> torch.Tensor:
         """bool [n]: the allowed positions that start a masking unit (a unit runs to the next start or
@@ -254,9 +258,12 @@ class MLMCollator:
         for s, e, *_ in sample["spans"][sample["spans"][:, 3] == 1].tolist():
             allowed[s:e] = False
             cka[s:e] = ids[s:e]
+        out, mlm = ids.clone(), torch.full((n,), -100, dtype=torch.long)
+        if self.causal:
+            mlm[allowed] = ids[allowed]
+            return out, mlm, cka
         chosen = self._choose(sample, allowed, g)
         k = len(chosen)
-        out, mlm = ids.clone(), torch.full((n,), -100, dtype=torch.long)
         mlm[chosen] = ids[chosen]
         u = torch.rand(k, generator=g)
         rand_tok = self.random_ids[torch.randint(len(self.random_ids), (k,), generator=g)]
@@ -285,7 +292,7 @@ class MLMCollator:
             "entity_spans": torch.cat(ents).reshape(-1, 4),
             "target_spans": torch.cat(targets).reshape(-1, 4),
             "target_triples": torch.cat(triples).reshape(-1, 2),
-        })
+        }, causal=self.causal)
 
 
 class ResumableSampler(Sampler):

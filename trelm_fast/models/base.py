@@ -18,8 +18,8 @@ family module of this package; the rest of trelm-fast talks to a model through i
   f = v W2^T + b2, and `final_norm(model, h)` after the last layer. All per position except
   `attention`. `causal` marks decoders (the state at t - 1 predicts the token at t).
 - `mlm_head(model)` (a `losses.MLMHead` over the model's own modules), `embedding_output(model,
-  inputs_embeds, attention_mask)` (what the first layer reads), `mlm_class` (the masked-LM class
-  `build_mlm` makes), `parameter_group(parts)` (the `trelm_fast.optim` group of the family's
+  inputs_embeds, attention_mask)` (what the first layer reads), `mlm_class` (the LM class
+  `build_mlm` makes: a masked LM, for decoders the causal LM), `parameter_group(parts)` (the `trelm_fast.optim` group of the family's
   parameter names).
 
 Optional fast paths for the fused attribution (`attention_at`, `prefix_state`,
@@ -210,16 +210,15 @@ class FamilyAdapter:
 
 class CausalLMAdapter(FamilyAdapter):
     """Base of the decoder families: causal, scored by the `*ForCausalLM` model's `lm_head` (no
-    transform; a zero bias when it has none). Subclasses set `lm_class`."""
+    transform; a zero bias when it has none). Subclasses set `mlm_class` to that causal-LM class."""
 
     causal = True
-    lm_class: type | None = None
 
     def mlm_head(self, model: nn.Module) -> MLMHead:
         lm_head = getattr(model, "lm_head", None)
         if lm_head is None:
             raise TypeError(f"trelm_fast.models.{self.family}: {type(model).__name__} has no LM head; "
-                            f"use {self.lm_class.__name__}")
+                            f"use {self.mlm_class.__name__}")
         bias = lm_head.bias if lm_head.bias is not None else lm_head.weight.new_zeros(lm_head.out_features)
         return MLMHead(nn.Identity(), lm_head, bias)
 

@@ -6,7 +6,8 @@ c_proj). `Conv1D` computes y = x W + b with W stored [in, out], so c_fc holds W1
 are its columns) and c_proj holds W2^T [I, d] (neurons are its rows): `transposed` in the FFN site,
 and `SliceConv1D` slices them with leaves in nn.Linear layout (w1 [|S|, d], w2 [d, |S|]) like
 every family. `ln_f` follows the last layer; `lm_head` (tied to `wte`, no bias) scores tokens.
-Causal like Llama (docs/models.md); `build_mlm` refuses the family.
+Causal like Llama (docs/models.md "Decoders in the trainer"). The FFN width is `n_inner` (None:
+4 d).
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ class GPT2Adapter(CausalLMAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
     layer_classes = (GPT2Block,)
-    lm_class = GPT2LMHeadModel
+    mlm_class = GPT2LMHeadModel
+    size_attrs = {**CausalLMAdapter.size_attrs, "intermediate_size": "n_inner"}  # the others are config aliases
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return self.base(model).h

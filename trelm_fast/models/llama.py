@@ -4,9 +4,8 @@ a = h + self_attn(input_layernorm(h)) (rotary position embeddings, causal mask);
 x = post_attention_layernorm(a): v = act(gate_proj x) * (up_proj x), a path S takes rows S of
 `gate_proj` and `up_proj` and columns S of `down_proj`; the layer output is a + down_proj(v). The
 final `model.norm` follows the last layer; `lm_head` (no bias) scores tokens. Causal: the hidden
-state at t - 1 predicts the token at t (docs/models.md says what TRELM's targets, injection and
-memory bank mean there). `build_mlm` refuses the family: the trainer's batches and losses are
-masked-LM ones.
+state at t - 1 predicts the token at t (docs/models.md "Decoders in the trainer" says what TRELM's
+targets, injection and memory bank mean there).
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ class LlamaAdapter(CausalLMAdapter):
     family = "llama"
     model_types = ("llama",)
     layer_classes = (LlamaDecoderLayer,)
-    lm_class = LlamaForCausalLM
+    mlm_class = LlamaForCausalLM
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return self.base(model).layers
