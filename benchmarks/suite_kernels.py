@@ -189,7 +189,8 @@ def attribution_case(settings: Settings, results: Results) -> None:
     step, model = workload.build_step("trelm", "minilm", data_dir, settings.device, model_type=settings.model_type)
     cfg = step.cfg
     batch_size, seq_len = (1, 64) if settings.quick else (8, 128)
-    batch = {k: v.to(settings.device) for k, v in workload.full_batch(data_dir, batch_size, seq_len).items()}
+    batch = {k: v.to(settings.device) for k, v in workload.full_batch(
+        data_dir, batch_size, seq_len, causal=workload.is_causal(settings.model_type)).items()}
     with torch.no_grad():
         hidden = model.embedding_output(batch)
     targets = batch["cka_labels"][batch["cka_labels"].ne(-100)]

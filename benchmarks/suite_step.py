@@ -61,7 +61,7 @@ class Variant:
         overrides += ["routing.sequences=1"] if self.naive_scaled else []
         self.step, self.model = workload.build_step(name, shape, data_dir, settings.device, overrides,
                                                     model_type=settings.model_type)
-        self.batch = workload.full_batch(data_dir, batch_size, seq_len)
+        self.batch = workload.full_batch(data_dir, batch_size, seq_len, causal=workload.is_causal(settings.model_type))
         self.routed = self.step.router is not None
         if self.routed and self.routing.refresh == 1:
             raise ValueError("step suite: routing.refresh = 1 leaves no step without a refresh to time")

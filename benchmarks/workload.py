@@ -15,7 +15,8 @@
   token (the synthetic documents are ~30 tokens long, so loader batches would be mostly padding):
   random non-special tokens between [CLS] and [SEP], `spans_per_seq` linked mentions of 1-3 tokens
   of which `targets_per_seq` are injection targets (CKA labels, KG triples drawn from the
-  dataset's entities and relations), and 15% of the other positions MLM-masked (80/10/10).
+  dataset's entities and relations), and 15% of the other positions MLM-masked (80/10/10); for a
+  decoder family (`causal`) nothing is masked and every position outside the target spans is an LM label.
 - `build_step(...)`: the trainer's own `build_step_model` + `make_step` for a method at a shape, of
   a model family (`--model-type`: `family_base_model` gives the generated base model another
   family's config.json; the shapes' sizes apply to every family).
@@ -59,16 +60,20 @@ def config(shape: str | None, method: str, data_dir: Path, overrides: list[str] 
     return load_config(None, args + list(overrides))
 
 
-def encoder_types() -> tuple[str, ...]:
-    """The model families the trainer can train (masked-LM encoders with an adapter)."""
-    supported, adapter_for_type = require("trelm_fast.models", "supported_model_types", "adapter_for_type")
-    return tuple(t for t in supported() if not adapter_for_type(t).causal)
+def model_types() -> tuple[str, ...]:
+    """The model families the trainer can train (every family with an adapter, decoders included)."""
+    return require("trelm_fast.models", "supported_model_types")()
+
+
+def is_causal(model_type: str) -> bool:
+    """Whether `model_type` is a decoder family (its batches are causal: `full_batch(causal=True)`)."""
+    return require("trelm_fast.models", "adapter_for_type")(model_type).causal
 
 
 def check_model_type(model_type: str) -> None:
-    """Raise ValueError naming the families unless `model_type` is one of `encoder_types()`."""
-    if model_type not in encoder_types():
-        raise ValueError(f"--model-type must be one of {', '.join(encoder_types())}, got {model_type!r}")
+    """Raise ValueError naming the families unless `model_type` is one of `model_types()`."""
+    if model_type not in model_types():
+        raise ValueError(f"--model-type must be one of {', '.join(model_types())}, got {model_type!r}")
 
 
 def family_base_model(model_type: str, data_dir: Path) -> Path:
@@ -114,8 +119,10 @@ def generated_dir() -> Path:
 
 
 def full_batch(data_dir: Path, batch: int, seq_len: int, seed: int = 0, spans_per_seq: int = 6,
-               targets_per_seq: int = 2, mlm_prob: float = 0.15) -> dict[str, torch.Tensor]:
-    """A batch in the loader's contract with no padding (see the module docstring)."""
+               targets_per_seq: int = 2, mlm_prob: float = 0.15, causal: bool = False) -> dict[str, torch.Tensor]:
+    """A batch in the loader's contract with no padding (see the module docstring); `causal` (a
+    decoder's batch, as `MLMCollator(causal=True)` makes): nothing masked, every token but [CLS],
+    [SEP] and the target spans an LM label."""
     load_manifest = require("trelm_fast.data.loader", "load_manifest")
     manifest = load_manifest(data_dir, verify=False)
     tok = manifest["tokenizer"]
@@ -145,13 +152,18 @@ def full_batch(data_dir: Path, batch: int, seq_len: int, seed: int = 0, spans_pe
                                 int(torch.randint(0, n_rel, (1,), generator=g))])
                 cka[row, start:start + length] = ids[row, start:start + length]
     mlm = torch.full_like(ids, -100)
-    chosen = free & (torch.rand(ids.shape, generator=g) < mlm_prob)
+    if causal:  # as the collator: every token but [CLS], [SEP] and the target spans
+        chosen = cka.eq(-100)
+        chosen[:, [0, -1]] = False
+    else:
+        chosen = free & (torch.rand(ids.shape, generator=g) < mlm_prob)
     mlm[chosen] = ids[chosen]
     u = torch.rand(ids.shape, generator=g)
     masked = ids.clone()
-    masked[chosen & (u < 0.8)] = tok["mask_id"]
-    swap = chosen & (u >= 0.8) & (u < 0.9)
-    masked[swap] = torch.randint(low, tok["vocab_size"], (int(swap.sum()),), generator=g)
+    if not causal:
+        masked[chosen & (u < 0.8)] = tok["mask_id"]
+        swap = chosen & (u >= 0.8) & (u < 0.9)
+        masked[swap] = torch.randint(low, tok["vocab_size"], (int(swap.sum()),), generator=g)
     return {
         "input_ids": masked,
         "attention_mask": torch.ones_like(ids),

@@ -249,12 +249,12 @@ def test_profile_step_reports_where_a_step_goes(tmp_path):
     assert "top ops by host self time" in text and "one refresh step with paths set" in text
 
 
-def test_model_type_builds_each_encoder_family_on_the_generated_base_model():
+def test_model_type_builds_each_family_on_the_generated_base_model():
     import workload
 
     data_dir = workload.generated_dir()
-    types = workload.encoder_types()
-    assert {"bert", "roberta", "distilbert", "deberta-v2", "modernbert"} <= set(types)
+    types = workload.model_types()
+    assert {"bert", "roberta", "distilbert", "deberta-v2", "modernbert", "gpt2", "llama"} <= set(types)
     for model_type in types:
         if model_type == "electra":  # embedding_size 128 by default, hidden 64 at the tiny shape
             with pytest.raises(ValueError, match="word embeddings are 128 wide and its hidden states 64"):
@@ -263,8 +263,30 @@ def test_model_type_builds_each_encoder_family_on_the_generated_base_model():
         step, model = workload.build_step("trelm_fast", "tiny", data_dir, torch.device("cpu"), model_type=model_type)
         assert model.mlm.config.model_type == model_type
         assert model.mlm.config.vocab_size == 30522 and model.mlm.config.pad_token_id == 0
+        assert model.causal == workload.is_causal(model_type) == (model_type in ("gpt2", "llama"))
     with pytest.raises(ValueError, match="--model-type must be one of .*roberta"):
         workload.family_base_model("gpt2-xl", data_dir)
+
+
+def test_full_batch_of_a_decoder_is_causal():
+    import workload
+
+    data_dir = workload.generated_dir()
+    masked, causal = (workload.full_batch(data_dir, 2, 32, causal=c) for c in (False, True))
+    assert torch.equal(masked["cka_labels"], causal["cka_labels"])  # the same spans and targets
+    ordinary = causal["cka_labels"].eq(-100)
+    ordinary[:, [0, -1]] = False  # [CLS] and [SEP] are never labels
+    assert torch.equal(causal["mlm_labels"].ne(-100), ordinary)  # every other token is an LM label
+    assert torch.equal(causal["input_ids"].where(ordinary, 0), causal["mlm_labels"].where(ordinary, 0))  # unmasked
+    assert masked["mlm_labels"].ne(-100).sum() < ordinary.sum()
+
+
+def test_step_suite_runs_a_decoder_family(tmp_path):
+    rc, data, err = run_bench(tmp_path, "--suite", "step", "--shape", "tiny", "--model-type", "gpt2",
+                              "--variant", "hf_dense", "--variant", "trelm_fast")
+    assert rc == 0, err
+    got = values(data, suite="step", case="tiny-gpt2")
+    assert got[("trelm_fast", "wall_ms")] > 0 and got[("hf_dense", "wall_ms")] > 0
 
 
 def test_step_suite_runs_another_family(tmp_path):

@@ -385,6 +385,20 @@ def test_random_init_takes_every_size_field(family, tmp_path):
     assert mlm.get_input_embeddings().num_embeddings == V
 
 
+def test_llama_head_count_override_keeps_multi_head_attention(tmp_path):
+    """A directory with as many key/value heads as heads (Llama's default) stays so under a new
+    model.num_heads; a grouped-query one that the new count breaks is refused by name."""
+    transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=1,
+                             num_attention_heads=8).save_pretrained(tmp_path / "mha")
+    mlm = build_mlm(ModelConfig(path=str(tmp_path / "mha"), init="random", num_heads=4))
+    assert (mlm.config.num_attention_heads, mlm.config.num_key_value_heads) == (4, 4)
+    ids = torch.randint(0, V, (2, 5))
+    assert mlm(input_ids=ids).logits.shape == (2, 5, V)
+    FAMILIES["llama"][0](0.0).save_pretrained(tmp_path / "gqa")  # 4 heads, 2 key/value heads
+    with pytest.raises(ValueError, match="model.num_heads 1 is not a multiple of the config's num_key_value_heads 2"):
+        build_mlm(ModelConfig(path=str(tmp_path / "gqa"), init="random", num_heads=1))
+
+
 def test_electra_discriminator_swaps_but_has_no_mlm_head():
     make_cfg, _, _ = FAMILIES["electra"]
     disc = transformers.ElectraForPreTraining(make_cfg(0.0))

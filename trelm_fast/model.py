@@ -84,10 +84,7 @@ def build_mlm(mcfg: ModelConfig) -> nn.Module:
         with _quiet_transformers():
             model = cls.from_pretrained(str(path), config=hf_cfg, local_files_only=True)
     else:
-        for field, attr in adapter.size_attrs.items():
-            value = getattr(mcfg, field)
-            if value is not None:
-                setattr(hf_cfg, attr, value)
+        adapter.set_sizes(hf_cfg, {field: getattr(mcfg, field) for field in overridden})
         if hf_cfg.hidden_size % hf_cfg.num_attention_heads:
             raise ValueError(f"model.hidden_size {hf_cfg.hidden_size} is not a multiple of "
                              f"model.num_heads {hf_cfg.num_attention_heads}")

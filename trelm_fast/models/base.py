@@ -110,6 +110,11 @@ class FamilyAdapter:
                                   "max_position_embeddings": "max_position_embeddings"}
     """`ModelConfig` size field -> the family's config attribute (what `build_mlm` sets for a random init)."""
 
+    def set_sizes(self, config, sizes: dict[str, int]) -> None:
+        """Set `ModelConfig` size fields (`size_attrs` keys) on the family's config (a random init)."""
+        for field, value in sizes.items():
+            setattr(config, self.size_attrs[field], value)
+
     # ------------------------------------------------------------------ structure
 
     def base(self, model: nn.Module) -> nn.Module:

@@ -32,6 +32,17 @@ class LlamaAdapter(CausalLMAdapter):
     layer_classes = (LlamaDecoderLayer,)
     mlm_class = LlamaForCausalLM
 
+    def set_sizes(self, config, sizes: dict[str, int]) -> None:
+        """As the base, and a new head count keeps multi-head attention (key/value heads = heads)
+        where the config had it; grouped-query attention must still divide the heads."""
+        mha = config.num_key_value_heads == config.num_attention_heads
+        super().set_sizes(config, sizes)
+        if mha:
+            config.num_key_value_heads = config.num_attention_heads
+        elif config.num_attention_heads % config.num_key_value_heads:
+            raise ValueError(f"model.num_heads {config.num_attention_heads} is not a multiple of the "
+                             f"config's num_key_value_heads {config.num_key_value_heads}")
+
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return self.base(model).layers
 
