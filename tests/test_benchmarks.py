@@ -281,20 +281,16 @@ def test_full_batch_of_a_decoder_is_causal():
     assert masked["mlm_labels"].ne(-100).sum() < ordinary.sum()
 
 
-def test_step_suite_runs_a_decoder_family(tmp_path):
-    rc, data, err = run_bench(tmp_path, "--suite", "step", "--shape", "tiny", "--model-type", "gpt2",
-                              "--variant", "hf_dense", "--variant", "trelm_fast")
+@pytest.mark.parametrize("model_type, baseline", [("distilbert", "dense_opt"), ("gpt2", "hf_dense")])
+def test_step_suite_runs_another_family(tmp_path, model_type, baseline):
+    rc, data, err = run_bench(tmp_path, "--suite", "step", "--shape", "tiny", "--model-type", model_type,
+                              "--variant", baseline, "--variant", "trelm_fast")
     assert rc == 0, err
-    got = values(data, suite="step", case="tiny-gpt2")
-    assert got[("trelm_fast", "wall_ms")] > 0 and got[("hf_dense", "wall_ms")] > 0
+    got = values(data, suite="step", case=f"tiny-{model_type}")
+    assert got[("trelm_fast", "wall_ms")] > 0 and got[(baseline, "wall_ms")] > 0
 
 
-def test_step_suite_runs_another_family(tmp_path):
-    rc, data, err = run_bench(tmp_path, "--suite", "step", "--shape", "tiny", "--model-type", "distilbert",
-                              "--variant", "dense_opt", "--variant", "trelm_fast")
-    assert rc == 0, err
-    got = values(data, suite="step", case="tiny-distilbert")
-    assert got[("trelm_fast", "wall_ms")] > 0 and got[("dense_opt", "wall_ms")] > 0
+def test_step_suite_refuses_an_unknown_family(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--suite", "step", "--model-type",
                           "albert", "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--model-type must be one of bert, " in bad.stderr
