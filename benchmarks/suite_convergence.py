@@ -229,6 +229,13 @@ class Evaluator:
         mlm.train(was_training)
         return total / labelled
 
+    def relation_prior(self) -> dict[str, float]:
+        """Macro P@1 per split of answering each relation's most common stated object (`probe.relation_prior`):
+        a P@1 not above it shows the common answers learned, not the facts."""
+        relation_prior = require("trelm_fast.probe", "relation_prior")
+        return {split: relation_prior(self.splits["stated"], facts, self.tokenizer).macro_p_at_1
+                for split, facts in self.splits.items()}
+
     def __call__(self, mlm) -> dict[str, float]:
         figures = {f"p_at_1_{split}": self.evaluate_probes(mlm, self.tokenizer, facts, device=self.device).macro_p_at_1
                    for split, facts in self.splits.items()}
@@ -350,7 +357,9 @@ class DatasetRun:
         results.note(SUITE, f"{name}: probes " + ", ".join(f"{split} {len(facts)} facts"
                                                            for split, facts in self.evaluate.splits.items())
                      + (f" (REDUCED: every k-th fact, at most {settings.probe_sample} per split, --probe-sample)"
-                        if settings.probe_sample else ""))
+                        if settings.probe_sample else "")
+                     + "; P@1 of answering each relation's most common stated object: "
+                     + ", ".join(f"{split} {p:.3f}" for split, p in self.evaluate.relation_prior().items()))
 
     def config(self, variant: str, lr: float, seed: int, budget_s: float | None = None):
         """The trainer config of one run: constant `lr` after a warm-up of `LR_WARMUP_SHARE` of

@@ -200,6 +200,7 @@ def test_quick_convergence_sweeps_seeds_and_both_probe_splits(tmp_path):
     assert "common start = random-init tiny model + MLM-head warm-up" in summary
     assert "| tiny/p_at_1_heldout | no_injection | " in summary and "probes stated 61 facts, heldout 28 facts" in summary
     assert "step time (calibration, median of 3 steps) dense " in summary
+    assert "P@1 of answering each relation's most common stated object: stated " in summary
     assert (tmp_path / "convergence.png").stat().st_size > 0
 
 
@@ -294,3 +295,20 @@ def test_step_suite_refuses_an_unknown_family(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--suite", "step", "--model-type",
                           "albert", "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--model-type must be one of bert, " in bad.stderr
+
+
+def test_convergence_horizon_runs_variants_at_given_rates(tmp_path):
+    import convergence_horizon
+
+    assert convergence_horizon.main(["--quick", "--out", str(tmp_path), "--budget-s", "0.2", "--evals", "2",
+                                     "--variant", "trelm=1e-3", "--variant", "no_injection=3e-3"]) == 0
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert set(curves) == {"tiny/trelm/seed0", "tiny/no_injection/seed0"}
+    for curve in curves.values():  # the common start, then evaluations on the run's own clock
+        assert curve["probe_wall_s"][0] == 0.0 and len(curve["probe_wall_s"]) >= 2
+        assert curve["loss_wall_s"][-1] >= 0.2
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| trelm | 0.001 |" in summary and "| no_injection | 0.003 |" in summary
+    assert "most common stated object: stated " in summary and (tmp_path / "horizon.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        convergence_horizon.main(["--quick", "--out", str(tmp_path), "--variant", "trelm"])  # no learning rate

@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
 from trelm_fast.data.formats import Probe
-from trelm_fast.probe import evaluate_probes, main
+from trelm_fast.probe import evaluate_probes, main, relation_prior
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "capital", "of", "is", "in", "city",
          "located", "france", "paris", "rome", "italy", "spain", "madrid", "new", "york", "usa", "."]
@@ -105,3 +105,18 @@ def test_cli_bad_paths(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "m"), "--probes", str(tmp_path / "empty.jsonl")])
     assert "holds no facts" in capsys.readouterr().err
+
+
+def test_relation_prior_answers_each_relations_most_common_known_object():
+    tok = tiny_tokenizer()
+    fact = lambda rel, subj, obj: Probe(rel, "[X] is in [Y] .", subj, obj)  # noqa: E731
+    known = [fact("located", "paris", "france"), fact("located", "rome", "italy"), fact("located", "nice", "france"),
+             fact("located", "a", "new york"), fact("located", "b", "new york"), fact("located", "c", "new york"),
+             fact("capital", "france", "paris")]  # "new york" is 2 tokens: not a scored answer
+    facts = [fact("located", "lyon", "france"), fact("located", "milan", "italy"), fact("capital", "italy", "rome"),
+             fact("capital", "spain", "paris"), fact("capital", "usa", "new york"), fact("born", "x", "spain")]
+    prior = relation_prior(known, facts, tok)
+    assert prior.p_at_1 == {"located": 0.5, "capital": 0.5, "born": 0.0}  # born: no known fact, never right
+    assert prior.counts == {"located": 2, "capital": 2, "born": 1} and prior.skipped == 1
+    assert prior.macro_p_at_1 == pytest.approx(1 / 3)
+

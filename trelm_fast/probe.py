@@ -103,10 +103,41 @@ def evaluate_probes(model: torch.nn.Module, tokenizer: Any, facts: list[Probe],
     finally:
         model.train(was_training)
 
+    return _result(correct, counts, skipped, predictions)
+
+
+def _result(correct: dict[str, int], counts: dict[str, int], skipped: int,
+            predictions: list[tuple[Probe, str]]) -> ProbeResult:
+    """The ProbeResult of per-relation correct and scored counts."""
     p_at_1 = {rel: correct[rel] / n for rel, n in counts.items()}
     macro = sum(p_at_1.values()) / len(p_at_1) if p_at_1 else 0.0
     return ProbeResult(p_at_1=p_at_1, counts=dict(counts), macro_p_at_1=macro, skipped=skipped,
                        predictions=predictions)
+
+
+def relation_prior(known: list[Probe], facts: list[Probe], tokenizer: Any) -> ProbeResult:
+    """P@1 of the model that answers every query of a relation with the relation's most common
+    object among the scored `known` facts (no text read; ties: the object seen first), scored on
+    `facts` with `evaluate_probes`' rules (single-token objects only, macro over relations). A model
+    whose P@1 is not above it has learned which answers are common, not the facts."""
+    from collections import Counter
+
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for fact in known:
+        if _object_token(tokenizer, fact) is not None:
+            seen[fact.relation][fact.object] += 1
+    guess = {rel: objects.most_common(1)[0][0] for rel, objects in seen.items()}
+    correct: dict[str, int] = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
+    skipped, predictions = 0, []
+    for fact in facts:
+        if _object_token(tokenizer, fact) is None:
+            skipped += 1
+            continue
+        counts[fact.relation] += 1
+        correct[fact.relation] += int(guess.get(fact.relation) == fact.object)
+        predictions.append((fact, guess.get(fact.relation, "")))
+    return _result(correct, counts, skipped, predictions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,117 @@
+"""`python benchmarks/convergence_horizon.py --out DIR [--dataset small] [--variant dense=1e-4 ...]
+[--budget-s 600] [--evals 10] [--probe-sample N] [--seed 0]`
+
+A long look at one seed: what each variant learns given far more time than the convergence suite
+can give it (its seed runs get 50 s of step time, so that sweeps, 3 seeds and the ablations fit in
+60 minutes). The variants (`suite_convergence` names, each at a given learning rate: no sweep)
+start from the suite's common start (the cached MLM-head warm-up) and advance in turns, each on its
+own step clock (`suite_convergence.Run`), evaluated every budget / evals seconds of it: P@1 on the
+stated and held-out facts and the validation MLM loss. The summary gives, beside them, the P@1 of
+answering each relation's most common stated object (`trelm_fast.probe.relation_prior`): a P@1 at
+or below it is the common answers learned, not the facts; stated above held-out is what was learned
+from the text.
+
+Writes DIR/curves.json, DIR/horizon.png (`report.plot_convergence`) and DIR/summary.md.
+--quick: the suite's tiny plan (random-init 2-layer model), a few seconds (the CI smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from harness import Settings, Results, interpret_triton_without_gpu, meta
+
+if __name__ == "__main__":
+    interpret_triton_without_gpu()
+import suite_convergence as sc
+from report import plot_convergence
+
+MEASURES = ("p_at_1_stated", "p_at_1_heldout", "valid_mlm_loss")
+
+
+def parse_variant(text: str) -> tuple[str, float]:
+    """'name=lr' -> (name, lr), name one of the convergence suite's variants."""
+    name, sep, lr = text.partition("=")
+    known = {**sc.VARIANTS, **sc.INVESTIGATION}
+    if not sep or name not in known:
+        raise argparse.ArgumentTypeError(f"--variant must be NAME=LR with NAME one of {', '.join(known)}, got {text!r}")
+    try:
+        return name, float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: {lr!r} is not a learning rate") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dataset", choices=sorted(sc.DATASETS), default="small")
+    p.add_argument("--variant", action="append", type=parse_variant, default=None, metavar="NAME=LR",
+                   help="a variant and its learning rate (repeatable; default dense=1e-4 trelm=3e-3)")
+    p.add_argument("--budget-s", type=float, default=600.0, help="seconds of step time per variant (default 600)")
+    p.add_argument("--evals", type=int, default=10, help="evaluations per run after the start (default 10)")
+    p.add_argument("--probe-sample", type=int, default=None, metavar="N",
+                   help="at most N probe facts per split, every k-th (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="the suite's tiny plan: a smoke run")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.budget_s <= 0 or args.evals < 1:
+        p.error("--budget-s must be > 0 and --evals >= 1")
+    return args
+
+
+def summary(args: argparse.Namespace, notes: list[str], runs: dict) -> list[str]:
+    """summary.md: the run's settings, the suite's notes (common start, probes and their relation
+    prior, step times) and every evaluation of every variant."""
+    info = meta(Settings.make(args.device, args.quick, args.out), sys.argv[1:])
+    lines = ["# Convergence horizon: one seed, a long budget", "",
+             f"- device: {info['device']}; commit {info['commit']}{' (dirty)' if info['dirty'] else ''}, "
+             f"date {info['date']}",
+             f"- command: `benchmarks/convergence_horizon.py {' '.join(sys.argv[1:])}`",
+             f"- seed {args.seed}, {args.budget_s:g} s of step time per variant, {args.evals} evaluations",
+             *(f"- {n}" for n in notes),
+             "", "| variant | lr | steps | s/step | clock s | " + " | ".join(MEASURES) + " |",
+             "|---|---|---|---|---|" + "---|" * len(MEASURES)]
+    for name, (lr, run) in runs.items():
+        clocks = run.curve["probe_wall_s"]
+        for i, clock in enumerate(clocks):
+            last = i == len(clocks) - 1  # steps and s/step once, on the run's final row
+            lines.append(f"| {name} | {lr:g} | {run.steps if last else ''} | "
+                         f"{f'{run.clock / run.steps:.2f}' if last and run.steps else ''} | {clock:.0f} | "
+                         + " | ".join(f"{run.curve[m][i]:.3f}" for m in MEASURES) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    variants = dict(args.variant or [("dense", 1e-4), ("trelm", 3e-3)])
+    name, plan = ("tiny", sc.QUICK["tiny"]) if args.quick else (args.dataset, sc.DATASETS[args.dataset])
+    plan = replace(plan, budget_s=args.budget_s, evals=args.evals)
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = Settings.make(args.device, args.quick, args.out, probe_sample=args.probe_sample)
+    results = Results()
+    known = {**sc.VARIANTS, **sc.INVESTIGATION}
+    dataset = sc.DatasetRun(name, plan, {"dense": known["dense"], **{v: known[v] for v in variants}},
+                            (args.seed,), settings, results)
+    start = dataset.start(args.seed)
+    dataset.calibrate(start)
+    runs = {v: (lr, sc.Run(dataset.config(v, lr, args.seed, plan.budget_s), dataset.data_dirs[v], settings.device,
+                           start, dataset.evaluate, plan.budget_s, plan.evals)) for v, lr in variants.items()}
+    sc.run_in_turns({v: run for v, (_, run) in runs.items()})
+    curves = {f"{name}/{v}/seed{args.seed}": run.curve for v, (_, run) in runs.items()}
+    (args.out / "curves.json").write_text(json.dumps(curves))
+    plot_convergence(curves, args.out / "horizon.png")
+    lines = summary(args, results.notes.get(sc.SUITE, []), runs)
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
