@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=None, choices=VARIANTS,
                    help="step-suite variants to run (repeatable; default all)")
     p.add_argument("--model-type", default="bert", metavar="TYPE",
-                   help="model family of the step suite and the kernels suite's attribution case, any encoder "
-                        "trelm_fast has an adapter for (bert, roberta, distilbert, ...; default bert): the "
+                   help="model family of the step suite and the kernels suite's attribution case, any family "
+                        "trelm_fast has an adapter for (bert, roberta, distilbert, gpt2, llama, ...; default bert): the "
                         "generated base model with that family's config at the chosen shapes, random init; "
                         "cases are named <shape>-<type> unless bert")
     p.add_argument("--budget-scale", type=float, default=1.0,
