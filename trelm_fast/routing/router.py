@@ -1,7 +1,6 @@
 """`KnowledgeRouter`: the trainer's entry point to routing (attribute, reduce over ranks, select)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -72,8 +71,7 @@ class KnowledgeRouter:
         )
         paths = select_paths(reduce_scores(attr.scores), self.rule, self.fraction, self.threshold)
         # the refresh's device->host copies: all paths at once, then P (the device is idle by then)
-        host = torch.cat(paths).cpu().numpy()
-        host = [torch.from_numpy(p) for p in np.split(host, np.cumsum([len(p) for p in paths])[:-1])]
+        host = list(torch.cat(paths).cpu().split([len(p) for p in paths]))
         self.stats = path_stats(self.layers, host, self.paths)
         self.stats["routing/prob"] = attr.prob
         self.stats["routing/targets"] = float(attr.num_targets)
