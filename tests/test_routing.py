@@ -269,3 +269,29 @@ def test_max_copies_auto_on_cuda_fits_half_the_free_memory():
     free, _ = torch.cuda.mem_get_info()
     per_copy = ACTIVATIONS_PER_LAYER * 128 * 768 * 11 * 2
     assert copies >= 1 and copies * per_copy <= 0.5 * free + per_copy
+
+
+def test_max_copies_bounds_the_copies_alive_in_a_pass(monkeypatch):
+    """One pass carries points of every attributed layer; max_copies bounds its sequence copies
+    (split into layer groups below one point of every layer), never the result."""
+    from trelm_fast.models.bert import BertAdapter
+    from trelm_fast.routing.fused import passes
+
+    assert passes((0, 1, 2, 3), m=5, sequences=3, max_copies=1000) == ([(0, 1, 2, 3)], 5)
+    assert passes((0, 1, 2, 3), m=5, sequences=3, max_copies=25) == ([(0, 1, 2, 3)], 2)
+    assert passes((0, 1, 2, 3), m=5, sequences=3, max_copies=7) == ([(0, 1), (2, 3)], 1)
+    assert passes((0, 1, 2, 3), m=5, sequences=3, max_copies=1) == ([(0,), (1,), (2,), (3,)], 1)
+    model = _model(layers=4)
+    hidden, mask, labels, neg = _batch()
+    widths = []
+    for name in ("attention", "attention_at"):  # the layers' batch widths
+        method = getattr(BertAdapter, name)
+        monkeypatch.setattr(BertAdapter, name, lambda self, layer, h, *a, f=method: widths.append(h.shape[0]) or
+                            f(self, layer, h, *a))
+    whole = attribute(model, hidden, mask, labels, neg, m=5, max_copies=1000)
+    assert max(widths) == 3 * 5 * 3  # the copies of layers 0-2 meet in layer 3 (layer 3's own skip it)
+    for bound in (25, 7):
+        widths.clear()
+        chunked = attribute(model, hidden, mask, labels, neg, m=5, max_copies=bound)
+        assert 3 < max(widths) <= bound
+        torch.testing.assert_close(chunked.scores, whole.scores, rtol=1e-5, atol=1e-7)

@@ -112,8 +112,9 @@ class RoutingConfig:
     Defaults are the measured choice of docs/routing.md (3-point Gauss-Legendre on all sequences,
     R = 50, top 10% per layer); eq. 11 exactly is ``m: 20, quadrature: riemann``.
     ``sequences``: how many sequences of the batch are attributed (0 = all); ``layers``: null = all.
-    ``max_copies``: sequence copies per attribution forward/backward (0 = auto: 64 on CPU; on CUDA
-    what half the free GPU memory holds, `routing.fused.auto_max_copies`); it bounds memory, not the result.
+    ``max_copies``: sequence copies alive at once in an attribution pass, all attributed layers'
+    copies counted (0 = auto: 64 on CPU; on CUDA what half the free GPU memory holds,
+    `routing.fused.auto_max_copies`); it bounds memory, not the result.
     """
     m: int = 3
     quadrature: str = "gauss_legendre"

@@ -342,13 +342,13 @@ class TrelmFFN(nn.Module):
                 raise ValueError(f"{where}: indices must be a 1-D integer tensor, got "
                                  f"{type(indices).__name__} {getattr(indices, 'dtype', '')} "
                                  f"{tuple(getattr(indices, 'shape', ()))}")
-            idx = indices.to(device=self.up.weight.device, dtype=torch.int64)
-            n = self.intermediate_size
+            idx, n = indices, self.intermediate_size  # checked where given (host indices: no device sync)
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
                 raise ValueError(f"{where}: indices must lie in [0, {n}), got range "
                                  f"[{int(idx.min())}, {int(idx.max())}]")
             if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise ValueError(f"{where}: indices must be sorted and unique")
+            idx = idx.to(device=self.up.weight.device, dtype=torch.int64)
         for lin in self.linears:
             lin._set_path(idx)
 

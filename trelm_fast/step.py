@@ -295,7 +295,7 @@ class TrainStep:
         routed = dict(zip(self.router.layers, self.paths))
         for i, ffn in enumerate(ffn_modules(self.model.mlm)):
             path = routed.get(i)
-            ffn.set_path(None if path is None else path.to(self.device))
+            ffn.set_path(path)  # host paths: set_path checks them there and moves them
 
     def _refresh_paths(self, batch: dict, step_index: int, epoch: float, negatives: Tensor) -> dict:
         """Attribution (eqs. 9-11) and selection (eq. 12) on this batch; returns timing/path stats."""

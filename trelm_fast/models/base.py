@@ -22,8 +22,8 @@ family module of this package; the rest of trelm-fast talks to a model through i
   `build_mlm` makes: a masked LM, for decoders the causal LM), `parameter_group(parts)` (the `trelm_fast.optim` group of the family's
   parameter names).
 
-Optional fast paths for the fused attribution (`attention_at`, `prefix_state`,
-`attention_patched`) default to running the whole layer and indexing.
+The optional fast path of the fused attribution (`attention_at`: the last layer's attention state at
+the target positions only) defaults to running the whole layer and indexing.
 """
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def check_transformers_version(family: str) -> None:
     if not Version(lo) <= have < Version(hi):
         raise RuntimeError(f"trelm_fast.models.{family}: transformers {transformers.__version__} is installed; "
                            f"the {family} adapter supports transformers >= {lo}, < {hi}")
+
+
+class Positions(NamedTuple):
+    """Positions in a batch of sequences [C, n, ..] (the fused attribution's targets): rows, cols
+    and slot [N] (the position's rank among its row's positions, row-major order), and `per_row`
+    (host int: the most positions any row has), so that the fast paths size their tensors
+    without reading the device."""
+
+    rows: Tensor
+    cols: Tensor
+    slot: Tensor
+    per_row: int
 
 
 class Site(NamedTuple):
@@ -179,17 +191,9 @@ class FamilyAdapter:
 
     # ------------------------------------------------------------------ fused-attribution fast paths
 
-    def attention_at(self, layer: nn.Module, h: Tensor, ctx: Any, rows: Tensor, cols: Tensor) -> Tensor:
-        """The attention state at (rows, cols) only, [N, d] (default: the full layer, indexed)."""
-        return self.attention(layer, h, ctx)[rows, cols]
-
-    def prefix_state(self, layer: nn.Module, h: Tensor, ctx: Any) -> Any:
-        """What `attention_patched` reuses from the prefix hidden states h, or None (not offered)."""
-        return None
-
-    def attention_patched(self, layer: nn.Module, h: Tensor, ctx: Any, rows: Tensor, cols: Tensor,
-                          h_t: Tensor, state: Any) -> Tensor:
-        raise NotImplementedError(f"trelm_fast.models.{self.family}: no patched attention")
+    def attention_at(self, layer: nn.Module, h: Tensor, ctx: Any, at: Positions) -> Tensor:
+        """The attention state at the positions `at` only, [N, d] (default: the full layer, indexed)."""
+        return self.attention(layer, h, ctx)[at.rows, at.cols]
 
     # ------------------------------------------------------------------ heads and embeddings
 

@@ -6,11 +6,10 @@ attention block's output. MLM head: `cls.predictions` (transform, decoder tied t
 embeddings, bias). RoBERTa, XLM-RoBERTa and ELECTRA share this layer layout and subclass
 `BertAdapter`.
 
-Fast paths of the fused attribution, for the HF SDPA self-attention (q/k/v Linears, `scaling`,
+Fast path of the fused attribution, for the HF SDPA self-attention (q/k/v Linears, `scaling`,
 `attention_head_size`, `config._attn_implementation == "sdpa"`): `attention_at` runs the queries,
-the output projection and its LayerNorm only at the target positions; `attention_patched` reuses
-the prefix's q/k/v and projects only the changed positions. Any other attention implementation
-runs the whole `layer.attention`.
+the output projection and its LayerNorm only at the target positions. Any other attention
+implementation runs the whole `layer.attention`.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertLayer
 
 from trelm_fast.losses import MLMHead
-from trelm_fast.models.base import FamilyAdapter, FFNSite, Site, register
+from trelm_fast.models.base import FamilyAdapter, FFNSite, Positions, Site, register
 
 
 @register
@@ -79,7 +78,7 @@ class BertAdapter(FamilyAdapter):
                             f"(`cls.predictions`); use {self.mlm_class.__name__}")
         return MLMHead(predictions.transform, predictions.decoder, predictions.bias)
 
-    # ------------------------------------------------------------------ SDPA fast paths
+    # ------------------------------------------------------------------ SDPA fast path
 
     @staticmethod
     def _plain_sdpa(layer: nn.Module, mask) -> bool:
@@ -89,50 +88,24 @@ class BertAdapter(FamilyAdapter):
                 and all(isinstance(getattr(sa, name, None), nn.Linear) for name in ("query", "key", "value"))
                 and (mask is None or isinstance(mask, Tensor)))
 
-    def attention_at(self, layer: nn.Module, h: Tensor, ctx, rows: Tensor, cols: Tensor) -> Tensor:
-        """The attention output at (rows, cols) only, [N, d]: queries only there (padded to the most
-        per sequence) under SDPA; otherwise the self-attention runs in full and the output
-        projection and LayerNorm (per position) only there."""
-        attn = layer.attention
+    def attention_at(self, layer: nn.Module, h: Tensor, ctx, at: Positions) -> Tensor:
+        """The attention output at the positions `at` only, [N, d]: queries only there (padded to
+        `at.per_row` per sequence) under SDPA; otherwise the self-attention runs in full and the
+        output projection and LayerNorm (per position) only there."""
+        attn, rows, cols = layer.attention, at.rows, at.cols
         if not self._plain_sdpa(layer, ctx):
             return attn.output(attn.self(h, attention_mask=ctx)[0][rows, cols], h[rows, cols])
         sa, mask = attn.self, ctx
         C, n, d = h.shape
         hd = sa.attention_head_size
-        counts = torch.bincount(rows, minlength=C)
-        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        tmax = int(counts.max())
         h_t = h[rows, cols]
         q_t = sa.query(h_t)
-        q = q_t.new_zeros(C, tmax, d).index_put((rows, slot), q_t).view(C, tmax, -1, hd).transpose(1, 2)
+        q = q_t.new_zeros(C, at.per_row, d).index_put((rows, at.slot), q_t).view(C, at.per_row, -1, hd).transpose(1, 2)
         k = sa.key(h).view(C, n, -1, hd).transpose(1, 2)
         v = sa.value(h).view(C, n, -1, hd).transpose(1, 2)
         if mask is not None:
-            qcols = torch.zeros(C, tmax, dtype=torch.long, device=rows.device).index_put((rows, slot), cols)
+            qcols = torch.zeros(C, at.per_row, dtype=torch.long, device=rows.device).index_put((rows, at.slot), cols)
             full = mask.expand(C, mask.shape[1], n, n)
-            mask = full[torch.arange(C, device=rows.device)[:, None], :, qcols].transpose(1, 2)  # [C, h, tmax, n]
+            mask = full[torch.arange(C, device=rows.device)[:, None], :, qcols].transpose(1, 2)  # [C, h, per_row, n]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sa.scaling)
-        return attn.output(out.transpose(1, 2).reshape(C, tmax, d)[rows, slot], h_t)
-
-    def prefix_state(self, layer: nn.Module, h: Tensor, ctx):
-        """The layer's q, k, v projections [B, n, d] of the prefix hidden states h, under SDPA."""
-        if not self._plain_sdpa(layer, ctx):
-            return None
-        sa = layer.attention.self
-        with torch.no_grad():
-            return sa.query(h), sa.key(h), sa.value(h)
-
-    def attention_patched(self, layer: nn.Module, h: Tensor, ctx, rows: Tensor, cols: Tensor,
-                          h_t: Tensor, state) -> Tensor:
-        """The attention output of h [C, n, d] (prefix copies with h_t [N, d] at (rows, cols)) given
-        the prefix's q, k, v [B, n, d]: the projections run only at the changed positions."""
-        sa = layer.attention.self
-        c = h.shape[0] // state[0].shape[0]
-        heads = []
-        for proj, prefix in zip((sa.query, sa.key, sa.value), state):
-            y = proj(h_t)
-            x = prefix.repeat(c, 1, 1).to(y.dtype)
-            x[rows, cols] = y
-            heads.append(x.view(*h.shape[:2], -1, sa.attention_head_size).transpose(1, 2))
-        out = F.scaled_dot_product_attention(*heads, attn_mask=ctx, scale=sa.scaling)
-        return layer.attention.output(out.transpose(1, 2).reshape(h.shape), h)
+        return attn.output(out.transpose(1, 2).reshape(C, at.per_row, d)[rows, at.slot], h_t)

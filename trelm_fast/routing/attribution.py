@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from trelm_fast.ffn import suspended_paths
 from trelm_fast.losses import IGNORE_INDEX, MLMHead, cka_correct_prob_at
 from trelm_fast.models import FamilyAdapter, adapter_for
+from trelm_fast.models.base import Positions
 from trelm_fast.routing.quadrature import quadrature
 
 
@@ -68,10 +70,23 @@ def frozen_eval(model: nn.Module):
 class Targets:
     hidden: Tensor  # [B', n, d] embedding output of the attributed sequences
     mask: Tensor  # [B', n]
-    rows: Tensor  # [N] row in the B' sequences
-    cols: Tensor  # [N]
+    at: Positions  # rows (in the B' sequences), cols, slot [N] and the most targets per sequence
     labels: Tensor  # [N] true token ids
     negatives: Tensor  # [N, K]
+
+    @property
+    def rows(self) -> Tensor:
+        return self.at.rows
+
+    @property
+    def cols(self) -> Tensor:
+        return self.at.cols
+
+
+def true_indices(mask: Tensor, count: int) -> Tensor:
+    """The indices of the True entries of a 1-D bool `mask`, in order, given their number `count`
+    (known on the host): `mask.nonzero()` without the device sync that sizes its output (a stable sort)."""
+    return torch.argsort(mask.logical_not().to(torch.int8), stable=True)[:count]
 
 
 def select_targets(hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, negatives: Tensor, sequences: int,
@@ -80,32 +95,41 @@ def select_targets(hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, n
 
     `causal` (decoders): the hidden state at t - 1 predicts the token at t, so the positions read
     (and scaled) are those before the targets; a target in column 0 has none and is dropped.
+    One host read, the number of targets per sequence: the copies' shapes depend on it. Everything
+    else stays on the device (`true_indices` where `nonzero` would sync again).
     """
     if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2] or cka_labels.shape != hidden.shape[:2]:
         raise ValueError(
             f"routing: hidden must be [B, n, d] with attention_mask and cka_labels [B, n]; got {tuple(hidden.shape)}, "
             f"{tuple(attention_mask.shape)}, {tuple(cka_labels.shape)}"
         )
-    labelled = cka_labels.ne(IGNORE_INDEX)
-    if negatives.dim() != 2 or negatives.shape[0] != int(labelled.sum()):
-        raise ValueError(
-            f"routing: negatives must be [N, K] with N = {int(labelled.sum())} CKA-labelled positions, "
-            f"got {tuple(negatives.shape)}"
-        )
     if sequences < 0:
         raise ValueError(f"routing.sequences must be >= 0 (0 = all), got {sequences}")
+    labelled = cka_labels.ne(IGNORE_INDEX)
+    read = labelled
     if causal:
-        negatives = negatives[labelled.nonzero()[:, 1] > 0]
         cka_labels = torch.cat([cka_labels[:, 1:], cka_labels.new_full((cka_labels.shape[0], 1), IGNORE_INDEX)], 1)
-        labelled = cka_labels.ne(IGNORE_INDEX)
-    keep = labelled.any(1).nonzero().squeeze(1)
-    if sequences > 0:
-        keep = keep[:sequences]
-    pos_row = labelled.nonzero()[:, 0]
-    negatives = negatives[torch.isin(pos_row, keep)]
-    rows, cols = labelled[keep].nonzero(as_tuple=True)
-    labels = cka_labels[keep][rows, cols]
-    return Targets(hidden.detach()[keep], attention_mask[keep], rows, cols, labels, negatives)
+        read = cka_labels.ne(IGNORE_INDEX)  # the positions before the targets
+    given, counts = torch.stack([labelled.sum(1), read.sum(1)]).tolist()  # the host read
+    if negatives.dim() != 2 or negatives.shape[0] != sum(given):
+        raise ValueError(
+            f"routing: negatives must be [N, K] with N = {sum(given)} CKA-labelled positions, "
+            f"got {tuple(negatives.shape)}"
+        )
+    if causal:  # drop the negatives of the targets in column 0
+        pos = true_indices(labelled.flatten(), sum(given))
+        negatives = negatives[true_indices(pos % labelled.shape[1] != 0, sum(counts))]
+    kept = [c for c in counts if c][: sequences or None]  # targets of each kept sequence
+    keep = true_indices(read.any(1), len(kept))  # the first sequences with targets, in order
+    n_t = sum(kept)
+    negatives = negatives[:n_t]  # row-major order: the kept sequences' targets come first
+    read = read[keep]
+    flat = true_indices(read.flatten(), n_t)
+    rows, cols = flat // read.shape[1], flat % read.shape[1]
+    per_seq = read.sum(1)
+    slot = torch.arange(n_t, device=rows.device) - (torch.cumsum(per_seq, 0) - per_seq)[rows]
+    at = Positions(rows, cols, slot, max(kept, default=0))
+    return Targets(hidden.detach()[keep], attention_mask[keep], at, cka_labels[keep][rows, cols], negatives)
 
 
 @dataclass
@@ -140,26 +164,32 @@ def resolve_problem(model: nn.Module, hidden: Tensor, attention_mask: Tensor, ck
 class Attribution:
     """Neuron scores per attributed layer: scores [len(layers), I] fp32, summed over target positions.
 
-    prob: mean P_x over the attributed target positions at the model's own values (alpha = 1);
-    num_targets: N; num_sequences: sequences attributed.
+    mean_prob: mean P_x over the attributed target positions at the model's own values (alpha = 1),
+    a 0-d tensor on the device (`prob` reads it: a host sync); num_targets: N; num_sequences:
+    sequences attributed.
     """
 
     layers: tuple[int, ...]
     scores: Tensor
-    prob: float
+    mean_prob: Tensor
     num_targets: int
     num_sequences: int
+
+    @property
+    def prob(self) -> float:
+        return float(self.mean_prob)
 
 
 def empty_attribution(layers: tuple[int, ...], width: int, device) -> Attribution:
     """The result for a batch without targets: zero scores [len(layers), width], prob NaN."""
-    return Attribution(layers, torch.zeros(len(layers), width, device=device), float("nan"), 0, 0)
+    return Attribution(layers, torch.zeros(len(layers), width, device=device),
+                       torch.tensor(float("nan"), device=device), 0, 0)
 
 
-
-def prefix_pass(model, adapter: FamilyAdapter, enc, t: Targets, head: MLMHead, keep) -> tuple[dict, float]:
+def prefix_pass(model, adapter: FamilyAdapter, enc, t: Targets, head: MLMHead, keep) -> tuple[dict, Tensor, Any]:
     """One pass without gradients: {layer: (attention state a at targets, layer output h, v at
-    targets)} for the layers in `keep`, and the mean P_x at the model's own values."""
+    targets)} for the layers in `keep`, the mean P_x at the model's own values (0-d, on the device)
+    and the layer context of the B' sequences."""
     saved = {}
     with frozen_eval(model), torch.no_grad():
         ctx = adapter.layer_context(model, t.mask, t.hidden)
@@ -171,5 +201,5 @@ def prefix_pass(model, adapter: FamilyAdapter, enc, t: Targets, head: MLMHead, k
             if j in keep:
                 saved[j] = (a[t.rows, t.cols], h, v[t.rows, t.cols])
         final = adapter.final_norm(model, h[t.rows, t.cols])
-        prob = cka_correct_prob_at(final, t.labels, t.negatives, head).mean().item()
-    return saved, prob
+        prob = cka_correct_prob_at(final, t.labels, t.negatives, head).mean()
+    return saved, prob, ctx

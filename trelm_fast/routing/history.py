@@ -8,13 +8,14 @@ from torch import Tensor
 
 def path_jaccard(a: Tensor, b: Tensor) -> float:
     """|a & b| / |a | b| of two index sets (1.0 when both are empty)."""
-    a_set, b_set = set(a.tolist()), set(b.tolist())
+    a_set, b_set = set(np.asarray(a).tolist()), set(np.asarray(b).tolist())
     union = len(a_set | b_set)
     return 1.0 if union == 0 else len(a_set & b_set) / union
 
 
 def path_stats(layers, paths: list[Tensor], previous: list[Tensor] | None = None) -> dict[str, float]:
-    """Logging scalars: neurons per layer, and Jaccard overlap with the previous paths when given."""
+    """Logging scalars: neurons per layer, and Jaccard overlap with the previous paths when given
+    (paths on the host)."""
     stats = {f"routing/neurons/layer{l}": float(p.numel()) for l, p in zip(layers, paths)}
     stats["routing/neurons_mean"] = sum(p.numel() for p in paths) / max(1, len(paths))
     if previous is not None:
@@ -34,9 +35,10 @@ class PathHistory:
         self.masks: list[np.ndarray] = []
 
     def record(self, step: int, paths: list[Tensor]) -> None:
+        """Add the paths (on the host) selected at `step`."""
         mask = np.zeros((len(self.layers), self.intermediate_size), dtype=bool)
         for i, p in enumerate(paths):
-            mask[i, p.cpu().numpy()] = True
+            mask[i, np.asarray(p)] = True
         self.steps.append(int(step))
         self.masks.append(mask)
 

@@ -34,7 +34,7 @@ def attribute_reference(
     adapter, enc, layer_ids, t, head = pb.adapter, pb.layers, pb.layer_ids, pb.targets, pb.head
     alphas, weights = pb.alphas.to(t.hidden), pb.weights.to(t.hidden)
     scores = torch.zeros(len(layer_ids), pb.width, dtype=torch.float32, device=hidden.device)
-    _, prob = prefix_pass(model, adapter, enc, t, head, ())
+    _, prob, _ = prefix_pass(model, adapter, enc, t, head, ())
     with frozen_eval(model):
         for li, l in enumerate(layer_ids):
             for b in range(t.hidden.shape[0]):

@@ -69,11 +69,12 @@ class KnowledgeRouter:
             self.model, hidden, attention_mask, cka_labels, negatives, m=self.m, quadrature_rule=self.quadrature,
             layers=self.layers, sequences=self.sequences, max_copies=self.max_copies, autocast=self.autocast,
         )
-        scores = reduce_scores(attr.scores)
-        paths = select_paths(scores, self.rule, self.fraction, self.threshold)
-        self.stats = path_stats(self.layers, paths, self.paths)
+        paths = select_paths(reduce_scores(attr.scores), self.rule, self.fraction, self.threshold)
+        # the refresh's device->host copies: all paths at once, then P (the device is idle by then)
+        host = list(torch.cat(paths).cpu().split([len(p) for p in paths]))
+        self.stats = path_stats(self.layers, host, self.paths)
         self.stats["routing/prob"] = attr.prob
         self.stats["routing/targets"] = float(attr.num_targets)
-        self.paths = [p.cpu() for p in paths]
+        self.paths = host
         self.history.record(step, self.paths)
         return self.paths

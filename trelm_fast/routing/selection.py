@@ -2,10 +2,12 @@
 DDP reduction of the scores that makes every rank select the same paths."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from trelm_fast.distributed import is_distributed
+from trelm_fast.routing.attribution import true_indices
 
 RULES = ("top_fraction", "threshold", "global_budget")
 
@@ -26,6 +28,8 @@ def select_paths(
     top_fraction: the max(1, round(fraction * I)) highest scores of each layer.
     threshold: neurons with score > 0 and score >= threshold * (layer max); empty if the max <= 0.
     global_budget: the max(1, round(fraction * I * L_attr)) highest scores over all layers pooled.
+    The paths stay on the scores' device; top_fraction reads nothing on the host, the other rules
+    read the path sizes once.
     """
     if scores.dim() != 2:
         raise ValueError(f"select_paths: scores must be [layers, I], got {tuple(scores.shape)}")
@@ -34,17 +38,21 @@ def select_paths(
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"routing.fraction must be in (0, 1], got {fraction}")
         k = max(1, round(fraction * width))
-        return [row.topk(k).indices.sort().values for row in scores]
+        return list(scores.topk(k, dim=1).indices.sort(dim=1).values.unbind(0))
     if rule == "threshold":
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"routing.threshold must be in (0, 1], got {threshold}")
         top = scores.max(dim=1, keepdim=True).values
         keep = (scores > 0) & (scores >= threshold * top)
-        return [row.nonzero().squeeze(1) for row in keep]
+        sizes = keep.sum(1).tolist()  # the one host read: path sizes depend on the scores
+        flat = true_indices(keep.flatten(), sum(sizes))
+        return list((flat % width).split(sizes))
     if rule == "global_budget":
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"routing.fraction must be in (0, 1], got {fraction}")
         k = max(1, round(fraction * width * n_layers))
-        flat = scores.reshape(-1).topk(k).indices
-        return [flat[flat // width == i] % width for i in range(n_layers)]
+        flat = scores.reshape(-1).topk(k).indices.sort().values  # layer-major
+        bounds = torch.arange(n_layers + 1, device=flat.device) * width
+        sizes = torch.searchsorted(flat, bounds).diff().tolist()  # the one host read: sizes depend on the scores
+        return list((flat % width).split(sizes))
     raise ValueError(f"routing.rule must be one of {RULES}, got {rule!r}")
