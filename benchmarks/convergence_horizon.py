@@ -37,9 +37,9 @@ MEASURES = ("p_at_1_stated", "p_at_1_heldout", "valid_mlm_loss")
 def parse_variant(text: str) -> tuple[str, float]:
     """'name=lr' -> (name, lr), name one of the convergence suite's variants."""
     name, sep, lr = text.partition("=")
-    known = {**sc.VARIANTS, **sc.INVESTIGATION}
-    if not sep or name not in known:
-        raise argparse.ArgumentTypeError(f"--variant must be NAME=LR with NAME one of {', '.join(known)}, got {text!r}")
+    if not sep or name not in sc.ALL_VARIANTS:
+        raise argparse.ArgumentTypeError(
+            f"--variant must be NAME=LR with NAME one of {', '.join(sc.ALL_VARIANTS)}, got {text!r}")
     try:
         return name, float(lr)
     except ValueError:
@@ -66,10 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def summary(args: argparse.Namespace, notes: list[str], runs: dict) -> list[str]:
+def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs: dict) -> list[str]:
     """summary.md: the run's settings, the suite's notes (common start, probes and their relation
     prior, step times) and every evaluation of every variant."""
-    info = meta(Settings.make(args.device, args.quick, args.out), sys.argv[1:])
+    info = meta(settings, sys.argv[1:])
     lines = ["# Convergence horizon: one seed, a long budget", "",
              f"- device: {info['device']}; commit {info['commit']}{' (dirty)' if info['dirty'] else ''}, "
              f"date {info['date']}",
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.make(args.device, args.quick, args.out, probe_sample=args.probe_sample)
     results = Results()
-    known = {**sc.VARIANTS, **sc.INVESTIGATION}
-    dataset = sc.DatasetRun(name, plan, {"dense": known["dense"], **{v: known[v] for v in variants}},
+    dataset = sc.DatasetRun(name, plan, {"dense": sc.VARIANTS["dense"], **{v: sc.ALL_VARIANTS[v] for v in variants}},
                             (args.seed,), settings, results)
     start = dataset.start(args.seed)
     dataset.calibrate(start)
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     curves = {f"{name}/{v}/seed{args.seed}": run.curve for v, (_, run) in runs.items()}
     (args.out / "curves.json").write_text(json.dumps(curves))
     plot_convergence(curves, args.out / "horizon.png")
-    lines = summary(args, results.notes.get(sc.SUITE, []), runs)
+    lines = summary(args, settings, results.notes.get(sc.SUITE, []), runs)
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -103,6 +103,8 @@ sequence states (`BuildConfig.stated_objects_first`), the entities the probes as
 floor (objects are frequent words of low SI: with the floor only 22% of the small set's targets are
 objects, without it 78%); by default the long-tail entities come first, on the synthetic set its
 people, the probes' subjects (86% of its targets)."""
+ALL_VARIANTS = {**VARIANTS, **INVESTIGATION}
+"""Every variant by name (--case selects among them)."""
 
 
 @dataclass(frozen=True)
@@ -384,8 +386,8 @@ class DatasetRun:
         self.results.note(SUITE, f"{self.name}: step time (calibration, median of {CALIBRATION_STEPS - 1} steps) "
                           + ", ".join(f"{v} {s:.2f} s" for v, s in self.step_s.items())
                           + f"; learning-rate warm-up {LR_WARMUP_SHARE:.0%} of each run's budget: "
-                          + ", ".join(f"{v} {self.config(v, 1.0, 0, self.plan.budget_s).schedule.warmup_steps}"
-                                      for v in self.variants) + " steps in a seed run")
+                          + ", ".join(f"{v} {lr_warmup_steps(self.plan.budget_s, s)}" for v, s in self.step_s.items())
+                          + " steps in a seed run")
 
     def start(self, seed: int) -> dict:
         """The common start of one seed: the warmed-up MLM and the knowledge projection's init, and
@@ -475,7 +477,7 @@ def scaled(plan: DatasetPlan, scale: float) -> DatasetPlan:
 def selected_variants(dataset: str, settings: Settings) -> dict[str, Variant]:
     """The variants whose `<dataset>/<variant>` matches --case (all without it), with dense whenever
     any is selected (the targets come from its curve); {} when none is."""
-    wanted = {v: x for v, x in {**VARIANTS, **INVESTIGATION}.items() if settings.wants(f"{dataset}/{v}")}
+    wanted = {v: x for v, x in ALL_VARIANTS.items() if settings.wants(f"{dataset}/{v}")}
     return {"dense": VARIANTS["dense"], **wanted} if wanted else {}
 
 

@@ -319,8 +319,8 @@ class KnowledgeMemoryBank:
             )
         lengths = self._lengths(final_hidden, attention_mask, lengths)
         check_spans(spans, lengths.to(spans.device))
-        if context_at is not None and (context_at.shape != lengths.shape or bool(
-                ((context_at.cpu() < 0) | (context_at.cpu() >= lengths)).any())):
+        at = None if context_at is None else context_at.cpu()
+        if at is not None and (at.shape != lengths.shape or bool(((at < 0) | (at >= lengths)).any())):
             raise ValueError(f"KnowledgeMemoryBank.update: context_at must hold one position per sequence, "
                              f"inside its real tokens; got {context_at.tolist()} for lengths {lengths.tolist()}")
         if not self._identity:
