@@ -11,6 +11,11 @@ answering each relation's most common stated object (`trelm_fast.probe.relation_
 or below it is the common answers learned, not the facts; stated above held-out is what was learned
 from the text.
 
+--by-statements (a synthetic dataset only): also P@1 on the stated facts in the corpus's own phrasing,
+split by how many corpus sentences state each fact (`STATEMENT_BUCKETS`; counted by
+`synthetic.corpus_phrased`), with each bucket's relation prior in the notes: whether the facts the
+text states most often are learned, when the probes' new phrasing shows nothing.
+
 Writes DIR/curves.json, DIR/horizon.png (`report.plot_convergence`) and DIR/summary.md.
 --quick: the suite's tiny plan (random-init 2-layer model), a few seconds (the CI smoke run).
 """
@@ -32,6 +37,8 @@ import suite_convergence as sc
 from report import plot_convergence
 
 MEASURES = ("p_at_1_stated", "p_at_1_heldout", "valid_mlm_loss")
+STATEMENT_BUCKETS = {"said_1-2": (1, 2), "said_3-9": (3, 9), "said_10+": (10, None)}
+"""--by-statements: probe split name -> (fewest, most) corpus sentences stating a fact (None: no bound)."""
 
 
 def parse_variant(text: str) -> tuple[str, float]:
@@ -58,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-sample", type=int, default=None, metavar="N",
                    help="at most N probe facts per split, every k-th (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--by-statements", action="store_true",
+                   help="also P@1 in the corpus's phrasing by how often the corpus states a fact (synthetic data)")
     p.add_argument("--quick", action="store_true", help="the suite's tiny plan: a smoke run")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -66,25 +75,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def add_statement_splits(evaluate: sc.Evaluator, data_dir: Path) -> list[str]:
+    """Add the `STATEMENT_BUCKETS` probe splits (stated facts in corpus phrasing) to `evaluate`;
+    returns their notes (facts and relation prior per split)."""
+    from trelm_fast.data.loader import load_manifest
+    from trelm_fast.data.sources.synthetic import corpus_phrased, generate
+
+    config = load_manifest(data_dir)["config"]
+    if config.get("source") != "synthetic":
+        raise SystemExit(f"--by-statements: {data_dir} was not built from the synthetic source")
+    raw = generate(config["size"], config["seed"])
+    phrased = corpus_phrased(raw.probes, raw.documents)
+    for split, (low, high) in STATEMENT_BUCKETS.items():
+        evaluate.splits[split] = [p for p, n in phrased if n >= low and (high is None or n <= high)]
+    prior = evaluate.relation_prior()
+    return [f"{split}: {len(evaluate.splits[split])} stated facts said {low}{f'-{high}' if high else '+'} times "
+            f"in the corpus, probed in its phrasing; relation prior {prior[split]:.3f}"
+            for split, (low, high) in STATEMENT_BUCKETS.items()]
+
+
 def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs: dict) -> list[str]:
     """summary.md: the run's settings, the suite's notes (common start, probes and their relation
     prior, step times) and every evaluation of every variant."""
     info = meta(settings, sys.argv[1:])
+    measures = [*MEASURES, *(f"p_at_1_{split}" for split in STATEMENT_BUCKETS if args.by_statements)]
     lines = ["# Convergence horizon: one seed, a long budget", "",
              f"- device: {info['device']}; commit {info['commit']}{' (dirty)' if info['dirty'] else ''}, "
              f"date {info['date']}",
              f"- command: `benchmarks/convergence_horizon.py {' '.join(sys.argv[1:])}`",
              f"- seed {args.seed}, {args.budget_s:g} s of step time per variant, {args.evals} evaluations",
              *(f"- {n}" for n in notes),
-             "", "| variant | lr | steps | s/step | clock s | " + " | ".join(MEASURES) + " |",
-             "|---|---|---|---|---|" + "---|" * len(MEASURES)]
+             "", "| variant | lr | steps | s/step | clock s | " + " | ".join(measures) + " |",
+             "|---|---|---|---|---|" + "---|" * len(measures)]
     for name, (lr, run) in runs.items():
         clocks = run.curve["probe_wall_s"]
         for i, clock in enumerate(clocks):
             last = i == len(clocks) - 1  # steps and s/step once, on the run's final row
             lines.append(f"| {name} | {lr:g} | {run.steps if last else ''} | "
                          f"{f'{run.clock / run.steps:.2f}' if last and run.steps else ''} | {clock:.0f} | "
-                         + " | ".join(f"{run.curve[m][i]:.3f}" for m in MEASURES) + " |")
+                         + " | ".join(f"{run.curve[m][i]:.3f}" for m in measures) + " |")
     return lines
 
 
@@ -98,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     results = Results()
     dataset = sc.DatasetRun(name, plan, {"dense": sc.VARIANTS["dense"], **{v: sc.ALL_VARIANTS[v] for v in variants}},
                             (args.seed,), settings, results)
+    if args.by_statements:
+        for line in add_statement_splits(dataset.evaluate, dataset.data_dir):
+            results.note(sc.SUITE, line)
     start = dataset.start(args.seed)
     dataset.calibrate(start)
     runs = {v: (lr, sc.Run(dataset.config(v, lr, args.seed, plan.budget_s), dataset.data_dirs[v], settings.device,

@@ -1,5 +1,6 @@
 """benchmarks/run.py: the measurement primitives, and `--quick` runs checked against the schema."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -312,3 +313,18 @@ def test_convergence_horizon_runs_variants_at_given_rates(tmp_path):
     assert "most common stated object: stated " in summary and (tmp_path / "horizon.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         convergence_horizon.main(["--quick", "--out", str(tmp_path), "--variant", "trelm"])  # no learning rate
+
+
+def test_convergence_horizon_by_statements_partitions_the_stated_facts(tmp_path):
+    import convergence_horizon
+
+    assert convergence_horizon.main(["--quick", "--out", str(tmp_path), "--budget-s", "0.1", "--evals", "1",
+                                     "--variant", "trelm=1e-3", "--by-statements"]) == 0
+    curve = json.loads((tmp_path / "curves.json").read_text())["tiny/trelm/seed0"]
+    summary = (tmp_path / "summary.md").read_text()
+    said = {split: int(re.search(rf"{re.escape(split)}: (\d+) stated facts said", summary).group(1))
+            for split in convergence_horizon.STATEMENT_BUCKETS}
+    stated = int(re.search(r"probes stated (\d+) facts", summary).group(1))
+    assert sum(said.values()) == stated and said["said_1-2"] > 0  # every stated fact falls in one bucket
+    for split in convergence_horizon.STATEMENT_BUCKETS:
+        assert len(curve[f"p_at_1_{split}"]) == len(curve["probe_wall_s"]) and f"p_at_1_{split}" in summary

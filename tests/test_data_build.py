@@ -41,6 +41,17 @@ def test_synthetic_zipf_long_tail():
     assert -1.6 < slope < -0.6                  # rank-frequency slope near -s (s = 1.1)
 
 
+def test_synthetic_corpus_phrased_counts_the_sentences_stating_each_fact():
+    from trelm_fast.data.sources.synthetic import RELATIONS, corpus_phrased
+
+    raw = generate("tiny", seed=2)
+    stated = corpus_phrased(raw.probes, raw.documents)
+    assert all(n >= 1 and p.template == RELATIONS[p.relation][1][0] for p, n in stated)  # every probe is said
+    assert sum(n for _, n in stated) <= sum(d.text.count(".") for d in raw.documents)  # at most one per sentence
+    assert all(n == 0 for _, n in corpus_phrased(raw.probes_heldout, raw.documents))  # never said
+    assert max(n for _, n in stated) > 1
+
+
 def test_build_deterministic(tmp_path):
     raw = generate("tiny", seed=1)
     raw.documents = raw.documents[:12]

@@ -12,6 +12,8 @@ stated facts that the corpus actually rendered, with a template never used in th
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..formats import Document, Mention, Probe
@@ -147,6 +149,20 @@ def generate(size: str = "tiny", seed: int = 0, heldout_fraction: float = 0.2, z
         stats={"persons": n_people, "facts": len(facts), "facts_heldout": len(heldout),
                "facts_stated": len(rendered), "zipf_s": zipf_s},
     )
+
+
+def corpus_phrased(probes: list[Probe], documents: list[Document]) -> list[tuple[Probe, int]]:
+    """Each probe fact in the phrasing of the corpus (its relation's first corpus template) with the
+    number of corpus sentences that state it (any of the relation's corpus templates, counted in
+    ``documents``' text): what the text teaches about each stated fact, against which a model's
+    P@1 in the probes' own phrasing can be read."""
+    text = "\n".join(d.text for d in documents)
+    out = []
+    for p in probes:
+        templates = RELATIONS[p.relation][1]
+        n = sum(text.count(t.replace("[X]", p.subject).replace("[Y]", p.object)) for t in templates)
+        out.append((replace(p, template=templates[0]), n))
+    return out
 
 
 def _split_template(tpl: str) -> list[str]:
