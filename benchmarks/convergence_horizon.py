@@ -1,5 +1,5 @@
 """`python benchmarks/convergence_horizon.py --out DIR [--dataset small] [--variant dense=1e-4 ...]
-[--budget-s 600] [--evals 10] [--probe-sample N] [--seed 0]`
+[--budget-s 600] [--evals 10] [--probe-sample N] [--seed 0] [--start-pack DIR] [--by-statements]`
 
 A long look at one seed: what each variant learns given far more time than the convergence suite
 can give it (its seed runs get 50 s of step time, so that sweeps, 3 seeds and the ablations fit in
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-sample", type=int, default=None, metavar="N",
                    help="at most N probe facts per split, every k-th (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-pack", type=Path, default=None, metavar="DIR",
+                   help="the dataset and its warm-up from DIR/<dataset> (benchmarks/start_pack.py), no build")
     p.add_argument("--by-statements", action="store_true",
                    help="also P@1 in the corpus's phrasing by how often the corpus states a fact (synthetic data)")
     p.add_argument("--quick", action="store_true", help="the suite's tiny plan: a smoke run")
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     name, plan = ("tiny", sc.QUICK["tiny"]) if args.quick else (args.dataset, sc.DATASETS[args.dataset])
     plan = replace(plan, budget_s=args.budget_s, evals=args.evals)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings.make(args.device, args.quick, args.out, probe_sample=args.probe_sample)
+    settings = Settings.make(args.device, args.quick, args.out, probe_sample=args.probe_sample,
+                             start_pack=args.start_pack)
     results = Results()
     dataset = sc.DatasetRun(name, plan, {"dense": sc.VARIANTS["dense"], **{v: sc.ALL_VARIANTS[v] for v in variants}},
                             (args.seed,), settings, results)

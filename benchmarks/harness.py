@@ -116,6 +116,8 @@ class Settings:
     """Convergence suite: factor on its step-time budgets (below 1: a reduced run, labelled so)."""
     probe_sample: int | None = None
     """Convergence suite: at most this many probe facts per split (None: all; a reduced run)."""
+    start_pack: Path | None = None
+    """Convergence suite: datasets and warm-up from this start pack (`start_pack.py`) instead of building them."""
 
     @classmethod
     def make(cls, device: str, quick: bool, out: Path, **options) -> "Settings":

