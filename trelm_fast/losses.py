@@ -19,9 +19,10 @@ Shapes: B sequences of n tokens, hidden size d, vocabulary V, N labelled positio
   question (no boolean mask, no `nonzero`), gathers the MLM and CKA positions in one index_select
   and runs the head's transform once over both.
 
-The `_at` forms take optional per-row weights (1 real, 0 padding: the padded rows of a batch with
-static shapes, `trelm_fast.data.prepare.pad_static`): the loss is then the mean over the real rows,
-sum(w * loss) / max(1, sum(w)), and a padding row adds exactly 0 to it and to every gradient.
+The `_at` forms take optional per-row weights (1 / N_real for the real rows, 0 for padding: the
+padded rows of a batch with static shapes, `trelm_fast.data.prepare.pad_static`): the loss is then
+sum(w * loss), the mean over the real rows (0 when there are none), and a padding row adds exactly
+0 to it and to every gradient.
 
 Positions are always taken in row-major order of `labels.ne(-100).nonzero()`, so negatives [N, K]
 line up with the flattened labelled positions.
@@ -109,15 +110,15 @@ def mlm_loss(hidden: Tensor, labels: Tensor, head: MLMHead) -> Tensor:
 
 
 def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
-    """values.mean() for weight None, else sum(weight * values) / max(1, sum(weight)) (weights 1 for
-    real rows, 0 for padding: the mean over the real rows, 0 when there are none)."""
+    """values.mean() for weight None, else sum(weight * values) (weights 1 / N_real for the real
+    rows, 0 for padding: the mean over the real rows, 0 when there are none)."""
     if weight is None:
         return values.mean()
-    return (values * weight).sum() / weight.sum().clamp(min=1.0)
+    return (values * weight).sum()
 
 
 def _cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
-    """Mean cross-entropy of logits [N, V] (fp32) against targets [N], over the rows of weight 1."""
+    """Mean cross-entropy of logits [N, V] (fp32) against targets [N] (over the real rows: `weighted_mean`)."""
     if weight is None:
         return F.cross_entropy(logits, targets)
     return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weight)
@@ -285,7 +286,7 @@ def trelm_loss_at(
 
     Equals `trelm_loss(hidden, mlm_labels, cka_labels, ...)`; the counts N_mlm and N_cka come from
     the index shapes (host metadata), so nothing here waits for the device. ``mlm_weight`` [N_mlm],
-    ``cka_weight`` [N_cka]: 1 for real rows, 0 for padding (module docstring).
+    ``cka_weight`` [N_cka]: 1 / N_real for real rows, 0 for padding (module docstring).
     """
     if not 0.0 <= theta <= 1.0:
         raise ValueError(f"trelm_loss: theta must be in [0, 1], got {theta}")

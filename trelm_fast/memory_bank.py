@@ -331,11 +331,13 @@ class KnowledgeMemoryBank:
 
     @torch.no_grad()
     def apply(self, final_hidden: torch.Tensor, spans: torch.Tensor, lengths: torch.Tensor, first: torch.Tensor,
-              rounds: int, skip: torch.Tensor | None = None, context_at: torch.Tensor | None = None) -> None:
+              rounds: int, skip: torch.Tensor | None = None, context_at: torch.Tensor | None = None,
+              padded: bool = False) -> None:
         """`update` without its checks, and without a host sync on a bank whose ids are its rows.
 
-        spans [E, 4] valid for ``lengths`` [B], or empty (start == end: padding, which changes
-        nothing, `trelm_fast.data.prepare.pad_static`; after every real span, with ``first`` False);
+        spans [E, 4] valid for ``lengths`` [B], or with ``padded`` also empty ones (start == end: the
+        padding of `trelm_fast.data.prepare.pad_static`, after every real span, with ``first`` False),
+        which change nothing;
         first [E] bool and rounds (1 + the largest rank of the real spans) from
         `first_in_context_and_rank`; skip: a bool scalar tensor, true to leave the bank unchanged;
         context_at [B]: as in `update` (None: position 0).
@@ -348,7 +350,8 @@ class KnowledgeMemoryBank:
         row, start, end, ent = spans.unbind(1)
         lo = (start - self.window).clamp(min=0)
         hi = torch.minimum(end + self.window, lengths.to(self.device)[row])
-        hi = torch.where(end > start, hi, lo)  # an empty span (padding) gets an empty window: folds in nothing
+        if padded:  # an empty span (padding) gets an empty window: it folds in nothing
+            hi = torch.where(end > start, hi, lo)
         context = hidden[:, 0] if context_at is None else \
             hidden[torch.arange(hidden.shape[0], device=self.device), context_at.to(self.device)]
         if distributed:

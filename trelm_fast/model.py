@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trelm_fast.config import Config, ModelConfig, resolve_model_path
@@ -229,8 +230,8 @@ class TrelmModel(nn.Module):
             h = self.bank.read(spans[which, 3], h, epoch)
         if batch.get("static_shapes"):  # padding positions are row B: a scratch row, written then dropped
             b, n, d = emb.shape
-            flat = torch.cat([emb.reshape(b * n, d), emb.new_zeros(1, d)])
-            return flat.index_put((rows * n + cols,), h.to(emb.dtype))[: b * n].view(b, n, d)
+            flat = F.pad(emb.reshape(b * n, d), (0, 0, 0, 1))
+            return flat.index_put((batch["target_flat"],), h.to(emb.dtype))[: b * n].view(b, n, d)
         return emb.index_put((rows, cols), h.to(emb.dtype))
 
     def embedding_output(self, batch: dict, epoch: float = 0.0) -> Tensor:

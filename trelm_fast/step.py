@@ -430,10 +430,10 @@ class TrainStep:
         ``batch`` (prepared, on the device) when one is due. Returns the refresh's stats."""
         self.model.train()
         self.optimizer.zero_grad()
-        negatives = batch["cka_negatives"][:batch["cka_count"]]  # the attribution pairs them with cka_labels
         if self.router is not None and (self.paths is None or step_index % self.cfg.routing.refresh == 0):
             # a batch without CKA targets on every rank has nothing to attribute: keep the old paths
             if self.paths is None or _any_rank(batch["cka_count"] > 0, self.device):
+                negatives = batch["cka_negatives"][:batch["cka_count"]]  # paired with cka_labels: no padding
                 return self._refresh_paths(batch, step_index, epoch, negatives)
         return {}
 
@@ -479,7 +479,7 @@ class TrainStep:
         for m in micro:
             b = m.batch
             bank.apply(m.hidden, b["entity_spans"], b["lengths"], b["entity_first"], b["entity_rounds"], skip,
-                       context_at=self.model.context_positions(b["lengths"]))
+                       context_at=self.model.context_positions(b["lengths"]), padded=bool(b.get("static_shapes")))
         return {"kmb/lambda": bank.lam(epoch)}
 
     def step(self, batch: dict | list[dict], step_index: int, epoch: float = 0.0) -> StepResult:

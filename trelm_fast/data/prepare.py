@@ -27,10 +27,10 @@ rows that change nothing:
 
 | field | padding rows |
 |---|---|
-| `mlm_positions`, `mlm_targets`, `cka_positions`, `cka_targets` | 0, with `mlm_weight` / `cka_weight` float32 [rows]: 1 real, 0 padding (the losses are means over the real rows) |
+| `mlm_positions`, `mlm_targets`, `cka_positions`, `cka_targets` | 0, with `mlm_weight` / `cka_weight` float32 [rows]: 1 / N_real for the real rows, 0 for padding (the losses sum(w * loss) are means over the real rows) |
 | `cka_negatives` | 0 |
 | `target_spans`, `target_triples` | 0 (the empty span (0, 0, 0, 0), the triple (0, 0)) |
-| `target_positions` | (0, B, 0): row B, one past the batch, a scratch row the injection writes and drops |
+| `target_positions` | (0, B, 0): row B, one past the batch, a scratch row the injection writes and drops; and `target_flat` [P] = row * n + col (B * n for padding) |
 | `entity_spans`, `entity_first` | the empty span (0, 0, 0, 0), False: the bank folds in nothing (`KnowledgeMemoryBank.apply`) |
 
 and `static_shapes` (True) marks the batch. Powers of two keep the distinct shapes few (a count
@@ -101,15 +101,17 @@ def pad_static(batch: dict) -> dict:
     for kind in ("mlm", "cka"):
         real = batch[f"{kind}_count"]
         rows = bucket(real)
-        out[f"{kind}_weight"] = pad_rows(torch.ones(real), rows)
+        out[f"{kind}_weight"] = pad_rows(torch.full((real,), 1.0 / max(real, 1)), rows)
         for name in (f"{kind}_positions", f"{kind}_targets") + (("cka_negatives",) if kind == "cka" else ()):
             if name in batch:
                 out[name] = pad_rows(batch[name], rows)
     targets = bucket(batch["target_spans"].shape[0])
     out["target_spans"], out["target_triples"] = (pad_rows(batch[k], targets) for k in ("target_spans", "target_triples"))
-    scratch = torch.tensor([[0], [batch["input_ids"].shape[0]], [0]])  # (span 0, row B, col 0)
+    b, n = batch["input_ids"].shape
     positions = batch["target_positions"]
-    out["target_positions"] = torch.cat([positions, scratch.expand(3, bucket(positions.shape[1]) - positions.shape[1])], 1)
+    scratch = torch.tensor([[0], [b], [0]]).expand(3, bucket(positions.shape[1]) - positions.shape[1])  # span 0, row B
+    out["target_positions"] = padded = torch.cat([positions, scratch], 1)
+    out["target_flat"] = padded[1] * n + padded[2]
     spans = bucket(batch["entity_spans"].shape[0])
     out["entity_spans"], out["entity_first"] = pad_rows(batch["entity_spans"], spans), pad_rows(batch["entity_first"], spans)
     return out
