@@ -163,7 +163,7 @@ def test_the_setting_is_validated_and_auto_means_cuda():
     assert load_config(None, ["train.static_shapes=always"]).train.static_shapes == "always"
     with pytest.raises(ConfigError, match="train.static_shapes must be one of never, always, auto"):
         load_config(None, ["train.static_shapes=sometimes"])
-    with pytest.raises(ConfigError, match="train.static_shapes must be str"):
+    with pytest.raises(ConfigError, match="train.static_shapes must be str, got True .YAML reads on/off"):
         load_config(None, ["train.static_shapes=on"])  # YAML reads on/off as booleans
     assert static_shapes_on("auto", "cuda:0") and static_shapes_on("auto", torch.device("cuda"))
     assert not static_shapes_on("auto", "cpu") and not static_shapes_on("never", "cuda")

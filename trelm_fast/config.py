@@ -235,7 +235,8 @@ def _check_type(value: Any, tp: Any, name: str, source: str) -> Any:
         return value
     if tp in (str, bool, list, dict) and isinstance(value, tp):
         return value
-    raise ConfigError(f"{source}: {name} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    hint = " (YAML reads on/off/yes/no as booleans: quote a string)" if tp is str and isinstance(value, bool) else ""
+    raise ConfigError(f"{source}: {name} must be {getattr(tp, '__name__', tp)}, got {value!r}{hint}")
 
 
 def _build(cls, data: dict, prefix: str, source: str):
