@@ -8,6 +8,9 @@ For each span e (E spans, in the order given) with bank row `slots[e]`:
         counts[slot] += 1
         gmean[slot] <- gmean[slot] + (cls[cls_index[e]] - gmean[slot]) / counts[slot]
 
+A span with an empty window (hi == lo: the padding of a batch with static shapes) folds in nothing;
+give it cls_index -1 too.
+
 Duplicate rule: spans of the same slot are applied sequentially in span order (a sequential EMA, and
 a running mean in that order). Arithmetic is fp32; each touched bank row is read once, updated in
 registers over all its spans and rounded to the storage dtype once; the kernel reads counts and the
@@ -54,13 +57,13 @@ def group_by_slot(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def window_mean_ref(hidden: torch.Tensor, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: fp32 [E, d], row e the mean of hidden[rows[e], lo[e]:hi[e]] (hi > lo).
+    """Eq. 4: fp32 [E, d], row e the mean of hidden[rows[e], lo[e]:hi[e]] (0 for an empty window).
 
     From prefix sums over the positions (c[:, j] = sum of positions < j): (c[row, hi] - c[row, lo]) /
     (hi - lo); no output size depends on the windows, so nothing waits for the device.
     """
     prefix = F.pad(hidden.float().cumsum(1), (0, 0, 1, 0))  # [R, n + 1, d]
-    return (prefix[rows, hi] - prefix[rows, lo]) / (hi - lo).unsqueeze(1)
+    return (prefix[rows, hi] - prefix[rows, lo]) / (hi - lo).clamp(min=1).unsqueeze(1)
 
 
 def ema_apply_ref(
@@ -74,12 +77,14 @@ def ema_apply_ref(
     gamma: float,
     rounds: int | None = None,
     skip: torch.Tensor | None = None,
+    live: torch.Tensor | None = None,
 ) -> None:
     """Eqs. 5-6 given the window means [E, d]: sequential EMA / running mean per slot, in span order.
 
     Round r applies the r-th span of every slot at once (index_add of deltas that are zero for the
     other spans). ``rounds``: the most spans any slot has (computed, with a host sync, when None);
-    ``skip``: a bool scalar tensor; when true nothing changes.
+    ``skip``: a bool scalar tensor; when true nothing changes; ``live`` [E] bool: the spans whose
+    window mean folds into the local memory (None: all).
     """
     e = slots.numel()
     if e == 0:
@@ -95,7 +100,8 @@ def ema_apply_ref(
     b_count = counts[slot_of_group]
     for r in range(rounds):  # each round touches every group at most once
         now = rank == r
-        b_local.index_add_(0, group, torch.where(now[:, None], gamma * (means - b_local[group]), 0.0))
+        folds = now if live is None else now & live
+        b_local.index_add_(0, group, torch.where(folds[:, None], gamma * (means - b_local[group]), 0.0))
         now &= has_cls
         b_count.index_add_(0, group, now.long())
         step = (cls_rows - b_gmean[group]) / b_count[group, None].clamp(min=1).float()
@@ -109,7 +115,7 @@ def kmb_update_ref(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, co
                    rounds: int | None = None, skip: torch.Tensor | None = None) -> None:
     """PyTorch reference of the fused update (module docstring); updates local, gmean, counts in place."""
     ema_apply_ref(window_mean_ref(hidden, rows, lo, hi), slots, cls, cls_index, local, gmean, counts, gamma,
-                  rounds, skip)
+                  rounds, skip, live=hi > lo)
 
 
 @triton.jit
@@ -143,7 +149,8 @@ def _kmb_update_kernel(
             p_h = hidden_ptr + row * stride_hr + o_p[:, None].to(tl.int64) * stride_hn + o_d[None, :]
             b_h = tl.load(p_h, mask=m_p[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             b_sum += tl.sum(b_h, axis=0)
-        b_local = (1 - gamma) * b_local + gamma * (b_sum / (hi - lo).to(tl.float32))
+        folded = (1 - gamma) * b_local + gamma * (b_sum / tl.maximum(hi - lo, 1).to(tl.float32))
+        b_local = tl.where(hi > lo, folded, b_local)  # an empty window (padding) folds in nothing
         i_c = tl.load(cls_index_ptr + i_e)
         b_count += (i_c >= 0).to(tl.int64)
         m_c = (i_c + 0 * o_d) >= 0  # [BLOCK_D]: this span brings a [CLS] state

@@ -97,9 +97,10 @@ def _kernels(mode: str, monkeypatch, counter_of):
         yield
 
 
-def _plain_step_counts(method, dataset, monkeypatch, kernels="reference", index=3, padded=True):
-    """(op counter, host reads) of step `index` (not a refresh step) of `method` after 3 warm-up steps."""
-    cfg, model, step = setup_step(method, dataset, "routing.refresh=50")
+def _plain_step_counts(method, dataset, monkeypatch, kernels="reference", index=3, padded=True, static="never"):
+    """(op counter, host reads) of step `index` (not a refresh step) of `method` after 3 warm-up steps
+    (``static``: `train.static_shapes`)."""
+    cfg, model, step = setup_step(method, dataset, "routing.refresh=50", f"train.static_shapes={static}")
     batch = make_batch(seed=0)  # its last row is padded
     if not padded:
         batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
@@ -112,11 +113,11 @@ def _plain_step_counts(method, dataset, monkeypatch, kernels="reference", index=
     return counter, reads
 
 
-@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("padded, static", [(True, "never"), (False, "never"), (True, "always")])
 @pytest.mark.parametrize("kernels", ["reference", "launches"])
 @pytest.mark.parametrize("method", ["trelm_fast", "dense_opt", "frozen_dense"])
-def test_a_plain_step_makes_no_host_sync(method, kernels, padded, dataset, monkeypatch):
-    counter, reads = _plain_step_counts(method, dataset, monkeypatch, kernels, padded=padded)
+def test_a_plain_step_makes_no_host_sync(method, kernels, padded, static, dataset, monkeypatch):
+    counter, reads = _plain_step_counts(method, dataset, monkeypatch, kernels, padded=padded, static=static)
     assert counter.syncs() == {}, f"{method}: host syncs in a plain step"
     assert dict(reads.reads) == {}, f"{method}: host reads of tensor values in a plain step"
     if kernels == "launches" and method == "trelm_fast":  # the stubs really stood in for the kernels
@@ -151,12 +152,13 @@ OP_RATIO_TARGET = 1.25
 OP_RATIO_REFERENCE_GUARD = 2.0
 
 
-def _ops(method, dataset, monkeypatch, kernels):
-    return sum(_plain_step_counts(method, dataset, monkeypatch, kernels)[0].ops.values())
+def _ops(method, dataset, monkeypatch, kernels, static="never"):
+    return sum(_plain_step_counts(method, dataset, monkeypatch, kernels, static=static)[0].ops.values())
 
 
-def test_a_plain_trelm_step_launches_at_most_a_quarter_more_ops_than_dense_opt(dataset, monkeypatch):
-    trelm, dense = (_ops(m, dataset, monkeypatch, "launches") for m in ("trelm_fast", "dense_opt"))
+@pytest.mark.parametrize("static", ["never", "always"])
+def test_a_plain_trelm_step_launches_at_most_a_quarter_more_ops_than_dense_opt(static, dataset, monkeypatch):
+    trelm, dense = (_ops(m, dataset, monkeypatch, "launches", static) for m in ("trelm_fast", "dense_opt"))
     assert trelm <= OP_RATIO_TARGET * dense, f"trelm_fast {trelm} ops, dense_opt {dense}"
 
 

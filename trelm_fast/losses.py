@@ -19,6 +19,11 @@ Shapes: B sequences of n tokens, hidden size d, vocabulary V, N labelled positio
   question (no boolean mask, no `nonzero`), gathers the MLM and CKA positions in one index_select
   and runs the head's transform once over both.
 
+The `_at` forms take optional per-row weights (1 / N_real for the real rows, 0 for padding: the
+padded rows of a batch with static shapes, `trelm_fast.data.prepare.pad_static`): the loss is then
+sum(w * loss), the mean over the real rows (0 when there are none), and a padding row adds exactly
+0 to it and to every gradient.
+
 Positions are always taken in row-major order of `labels.ne(-100).nonzero()`, so negatives [N, K]
 line up with the flattened labelled positions.
 """
@@ -104,12 +109,29 @@ def mlm_loss(hidden: Tensor, labels: Tensor, head: MLMHead) -> Tensor:
     return mlm_loss_at(hidden, *labelled_flat(labels), head)
 
 
-def mlm_loss_at(hidden: Tensor, positions: Tensor, targets: Tensor, head: MLMHead) -> Tensor:
-    """`mlm_loss` from flat labelled positions [N] (`labelled_flat`); 0 if there are none."""
+def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    """values.mean() for weight None, else sum(weight * values) (weights 1 / N_real for the real
+    rows, 0 for padding: the mean over the real rows, 0 when there are none)."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum()
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean cross-entropy of logits [N, V] (fp32) against targets [N] (over the real rows: `weighted_mean`)."""
+    if weight is None:
+        return F.cross_entropy(logits, targets)
+    return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weight)
+
+
+def mlm_loss_at(hidden: Tensor, positions: Tensor, targets: Tensor, head: MLMHead,
+                weight: Tensor | None = None) -> Tensor:
+    """`mlm_loss` from flat labelled positions [N] (`labelled_flat`); 0 if there are none; ``weight``
+    [N]: see the module docstring."""
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-    return F.cross_entropy(head.logits(h).float(), targets)
+    return _cross_entropy(head.logits(h).float(), targets, weight)
 
 
 def negative_distribution(token_ids: Tensor, vocab_size: int, power: float = 1.0) -> Tensor:
@@ -214,13 +236,15 @@ def cka_loss(hidden: Tensor, labels: Tensor, negatives: Tensor, head: MLMHead) -
     return cka_loss_at(hidden, *labelled_flat(labels), negatives, head)
 
 
-def cka_loss_at(hidden: Tensor, positions: Tensor, targets: Tensor, negatives: Tensor, head: MLMHead) -> Tensor:
-    """`cka_loss` from flat labelled positions [N] (`labelled_flat`) and their negatives [N, K]; 0 if none."""
+def cka_loss_at(hidden: Tensor, positions: Tensor, targets: Tensor, negatives: Tensor, head: MLMHead,
+                weight: Tensor | None = None) -> Tensor:
+    """`cka_loss` from flat labelled positions [N] (`labelled_flat`) and their negatives [N, K]; 0 if
+    none; ``weight`` [N]: see the module docstring."""
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     logits = cka_logits(h, targets, negatives, head)
-    return -torch.log_softmax(logits, dim=-1)[:, 0].mean()
+    return weighted_mean(-torch.log_softmax(logits, dim=-1)[:, 0], weight)
 
 
 @dataclass
@@ -255,11 +279,14 @@ def trelm_loss_at(
     negatives: Tensor,
     head: MLMHead,
     theta: float = 0.5,
+    mlm_weight: Tensor | None = None,
+    cka_weight: Tensor | None = None,
 ) -> LossOutput:
     """Eq. 3 from flat labelled positions (`labelled_flat` of each label tensor) into hidden [B, n, d].
 
     Equals `trelm_loss(hidden, mlm_labels, cka_labels, ...)`; the counts N_mlm and N_cka come from
-    the index shapes (host metadata), so nothing here waits for the device.
+    the index shapes (host metadata), so nothing here waits for the device. ``mlm_weight`` [N_mlm],
+    ``cka_weight`` [N_cka]: 1 / N_real for real rows, 0 for padding (module docstring).
     """
     if not 0.0 <= theta <= 1.0:
         raise ValueError(f"trelm_loss: theta must be in [0, 1], got {theta}")
@@ -270,10 +297,11 @@ def trelm_loss_at(
     flat = hidden.reshape(-1, hidden.shape[-1])
     t = head.transform(flat.index_select(0, torch.cat([mlm_positions, cka_positions])))
     zero = hidden.sum() * 0.0 if n_mlm == 0 or n_cka == 0 else None
-    mlm = F.cross_entropy(F.linear(t[:n_mlm], head.weight, head.bias).float(), mlm_targets) if n_mlm else zero
+    mlm = _cross_entropy(F.linear(t[:n_mlm], head.weight, head.bias).float(), mlm_targets, mlm_weight) \
+        if n_mlm else zero
     if n_cka:
         logits = _cka_logits(t[n_mlm:], cka_targets, negatives, head)
-        cka = -torch.log_softmax(logits, dim=-1)[:, 0].mean()
+        cka = weighted_mean(-torch.log_softmax(logits, dim=-1)[:, 0], cka_weight)
     else:
         cka = zero
     return LossOutput(theta * mlm + (1.0 - theta) * cka, mlm, cka)

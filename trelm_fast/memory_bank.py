@@ -331,10 +331,14 @@ class KnowledgeMemoryBank:
 
     @torch.no_grad()
     def apply(self, final_hidden: torch.Tensor, spans: torch.Tensor, lengths: torch.Tensor, first: torch.Tensor,
-              rounds: int, skip: torch.Tensor | None = None, context_at: torch.Tensor | None = None) -> None:
+              rounds: int, skip: torch.Tensor | None = None, context_at: torch.Tensor | None = None,
+              padded: bool = False) -> None:
         """`update` without its checks, and without a host sync on a bank whose ids are its rows.
 
-        spans [E, 4] valid for ``lengths`` [B]; first [E] bool and rounds (1 + the largest rank) from
+        spans [E, 4] valid for ``lengths`` [B], or with ``padded`` also empty ones (start == end: the
+        padding of `trelm_fast.data.prepare.pad_static`, after every real span, with ``first`` False),
+        which change nothing;
+        first [E] bool and rounds (1 + the largest rank of the real spans) from
         `first_in_context_and_rank`; skip: a bool scalar tensor, true to leave the bank unchanged;
         context_at [B]: as in `update` (None: position 0).
         """
@@ -346,6 +350,8 @@ class KnowledgeMemoryBank:
         row, start, end, ent = spans.unbind(1)
         lo = (start - self.window).clamp(min=0)
         hi = torch.minimum(end + self.window, lengths.to(self.device)[row])
+        if padded:  # an empty span (padding) gets an empty window: it folds in nothing
+            hi = torch.where(end > start, hi, lo)
         context = hidden[:, 0] if context_at is None else \
             hidden[torch.arange(hidden.shape[0], device=self.device), context_at.to(self.device)]
         if distributed:
@@ -362,16 +368,16 @@ class KnowledgeMemoryBank:
         """Gather (entity id, first-in-context, window mean, context state [CLS]) of all ranks, apply in
         rank order."""
         means = window_mean_ref(hidden, row, lo, hi)
-        ints = torch.stack([ent, first.long()], 1)
+        ints = torch.stack([ent, first.long(), (hi > lo).long()], 1)
         floats = torch.cat([means, context[row].float()], 1)
         ints, floats = self._all_gather_rows(ints), self._all_gather_rows(floats)
         slots = self.slots(ints[:, 0])
         d = self.hidden_size
         cls_index = torch.where(ints[:, 1] > 0, torch.arange(slots.numel(), device=slots.device), -1)
         means, cls = floats[:, :d], floats[:, d:]
-        idx = torch.arange(slots.numel(), device=slots.device)  # each gathered mean is a window of length 1
-        kmb_update(means[:, None], idx, torch.zeros_like(idx), idx.new_ones(idx.shape), slots, cls, cls_index,
-                   self._local, self._gmean, self._counts, self.gamma, skip=skip)
+        zero = torch.zeros_like(slots)  # each gathered mean is a window of length 1 (0 for padding)
+        kmb_update(means[:, None], torch.arange(slots.numel(), device=slots.device), zero, ints[:, 2], slots, cls,
+                   cls_index, self._local, self._gmean, self._counts, self.gamma, skip=skip)
 
     def _all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate x [E_r, ...] of all ranks in rank order (padded to the largest E_r for the collective)."""

@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trelm_fast.config import Config, ModelConfig, resolve_model_path
@@ -212,7 +213,8 @@ class TrelmModel(nn.Module):
         return self.injection(self.kg_entity[target_triples[:, 0]] + self.kg_relation[target_triples[:, 1]])
 
     def input_embeddings(self, batch: dict, epoch: float = 0.0) -> Tensor:
-        """Word embeddings [B, n, d] with eq. 7 applied at every target-span position."""
+        """Word embeddings [B, n, d] with eq. 7 applied at every target-span position (in a batch
+        with static shapes, not at the padding positions, `trelm_fast.data.prepare.pad_static`)."""
         ids = batch["input_ids"]
         words = self.mlm.get_input_embeddings()
         emb = words(ids)
@@ -226,6 +228,10 @@ class TrelmModel(nn.Module):
             h = words.weight[self.mask_token_id].expand(which.numel(), -1)
         if self.bank is not None:
             h = self.bank.read(spans[which, 3], h, epoch)
+        if batch.get("static_shapes"):  # padding positions are row B: a scratch row, written then dropped
+            b, n, d = emb.shape
+            flat = F.pad(emb.reshape(b * n, d), (0, 0, 0, 1))
+            return flat.index_put((batch["target_flat"],), h.to(emb.dtype))[: b * n].view(b, n, d)
         return emb.index_put((rows, cols), h.to(emb.dtype))
 
     def embedding_output(self, batch: dict, epoch: float = 0.0) -> Tensor:

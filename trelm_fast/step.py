@@ -64,8 +64,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from trelm_fast.config import Config
-from trelm_fast.data.prepare import is_prepared, prepare_batch
+from trelm_fast.config import Config, static_shapes_on
+from trelm_fast.data.prepare import is_prepared, pad_rows, pad_static, prepare_batch
 from trelm_fast.distributed import is_distributed
 from trelm_fast.losses import NegativeSampler, cka_loss_at, mlm_loss_at, trelm_loss_at
 from trelm_fast.model import TrelmModel, build_model
@@ -145,8 +145,9 @@ class StepResult:
 
 
 def item_counts(batch: dict) -> tuple[int, int]:
-    """(labelled MLM positions, CKA targets) of a prepared batch (host values: index-field shapes)."""
-    return batch["mlm_targets"].numel(), batch["cka_targets"].numel()
+    """(labelled MLM positions, CKA targets) of a prepared batch (host values; the real ones, not
+    the padding of static shapes)."""
+    return batch["mlm_count"], batch["cka_count"]
 
 
 def item_share(counts: tuple[int, int], totals: tuple[int, int]) -> tuple[float, float]:
@@ -247,6 +248,7 @@ class TrainStep:
                              "a memory bank (use build_step_model)")
         self.head = model.head
         self.device = next(model.parameters()).device
+        self.static_shapes = static_shapes_on(cfg.train.static_shapes, self.device)
         self.precision = MixedPrecision(cfg.train.precision, self.device)
         set_tf32(self.device, cfg.train.tf32)
         rank = dist.get_rank() if is_distributed() else 0
@@ -345,7 +347,8 @@ class TrainStep:
 
     def prepare(self, batch: dict) -> dict:
         """The host batch with the index fields (`prepare_batch`, unless the loader added them) and
-        ``cka_negatives`` [N_cka, K] (drawn from Q with the step's generator, unless present)."""
+        ``cka_negatives`` [N_cka, K] (drawn from Q with the step's generator for the real CKA targets,
+        unless present), padded to static shapes (`pad_static`) when `train.static_shapes` is on."""
         causal = self.model.causal
         if not is_prepared(batch):
             batch = prepare_batch(batch, causal)
@@ -354,16 +357,19 @@ class TrainStep:
                              f"{'a decoder (1)' if causal else 'a masked LM (0)'}: build its collator with "
                              f"causal={causal}")
         if "cka_negatives" not in batch:
-            negatives = self.negatives(batch["cka_targets"], self.cfg.loss.num_negatives, generator=self.generator)
-            batch = {**batch, "cka_negatives": negatives}
-        return batch
+            targets = batch["cka_targets"]
+            real = targets[:batch["cka_count"]]  # the draws do not depend on the padding
+            negatives = self.negatives(real, self.cfg.loss.num_negatives, generator=self.generator)
+            batch = {**batch, "cka_negatives": pad_rows(negatives, targets.shape[0])}
+        return pad_static(batch) if self.static_shapes else batch
 
     def _encoder_mask(self, batch: dict) -> Optional[Tensor]:
         """The attention mask the encoder gets: None for a batch without padding; with padding under
         SDPA attention a 4-D boolean [B, 1, 1, n] (transformers takes a 4-D mask as it is, where from
         a 2-D one it would ask the device whether it is all ones: a host sync); else the 2-D mask,
-        always for decoders (a 4-D mask taken as it is would drop their causal mask)."""
-        if batch["tokens"] == batch["input_ids"].numel():
+        always for decoders (a 4-D mask taken as it is would drop their causal mask). A batch with
+        static shapes always gets the mask (one graph whether or not it has padding)."""
+        if batch["tokens"] == batch["input_ids"].numel() and not batch.get("static_shapes"):
             return None
         mask = batch["attention_mask"]
         if self.model.mlm.config._attn_implementation == "sdpa" and not self.model.causal:
@@ -377,17 +383,19 @@ class TrainStep:
         if kind == "trelm":
             hidden = model(batch, epoch)
             out = trelm_loss_at(hidden, batch["mlm_positions"], batch["mlm_targets"], batch["cka_positions"],
-                                batch["cka_targets"], negatives, head, theta)
+                                batch["cka_targets"], negatives, head, theta,
+                                batch.get("mlm_weight"), batch.get("cka_weight"))
             return out.total, out.mlm, out.cka, hidden
         zero = torch.zeros((), device=self.device)
         if kind == "hf_full_cka":
-            labelled = batch["mlm_targets"].numel() > 0
+            labelled = batch["mlm_count"] > 0
             out = model.mlm(inputs_embeds=model.input_embeddings(batch, epoch),
                             attention_mask=batch["attention_mask"],
                             labels=batch["mlm_labels"] if labelled else None, output_hidden_states=True)
             hidden = out.hidden_states[-1]
             mlm = out.loss if labelled else out.logits.sum() * 0.0  # decoders: transformers shifts the labels
-            cka = cka_loss_at(hidden, batch["cka_positions"], batch["cka_targets"], negatives, head)
+            cka = cka_loss_at(hidden, batch["cka_positions"], batch["cka_targets"], negatives, head,
+                              batch.get("cka_weight"))
             return theta * mlm + (1.0 - theta) * cka, mlm, cka, hidden
         if kind == "hf_stock":
             out = model.mlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -395,7 +403,7 @@ class TrainStep:
             return out.loss, out.loss, zero, None
         hidden = model.encoder_model(input_ids=batch["input_ids"],
                                      attention_mask=batch["attention_mask"]).last_hidden_state
-        mlm = mlm_loss_at(hidden, batch["mlm_positions"], batch["mlm_targets"], head)
+        mlm = mlm_loss_at(hidden, batch["mlm_positions"], batch["mlm_targets"], head, batch.get("mlm_weight"))
         return mlm, mlm, zero, None
 
     # ------------------------------------------------------------------------- the step
@@ -422,10 +430,10 @@ class TrainStep:
         ``batch`` (prepared, on the device) when one is due. Returns the refresh's stats."""
         self.model.train()
         self.optimizer.zero_grad()
-        negatives = batch["cka_negatives"]
         if self.router is not None and (self.paths is None or step_index % self.cfg.routing.refresh == 0):
             # a batch without CKA targets on every rank has nothing to attribute: keep the old paths
-            if self.paths is None or _any_rank(negatives.shape[0] > 0, self.device):
+            if self.paths is None or _any_rank(batch["cka_count"] > 0, self.device):
+                negatives = batch["cka_negatives"][:batch["cka_count"]]  # paired with cka_labels: no padding
                 return self._refresh_paths(batch, step_index, epoch, negatives)
         return {}
 
@@ -471,7 +479,7 @@ class TrainStep:
         for m in micro:
             b = m.batch
             bank.apply(m.hidden, b["entity_spans"], b["lengths"], b["entity_first"], b["entity_rounds"], skip,
-                       context_at=self.model.context_positions(b["lengths"]))
+                       context_at=self.model.context_positions(b["lengths"]), padded=bool(b.get("static_shapes")))
         return {"kmb/lambda": bank.lam(epoch)}
 
     def step(self, batch: dict | list[dict], step_index: int, epoch: float = 0.0) -> StepResult:

@@ -175,7 +175,7 @@ def batches(cfg: Config, data_dir: Path, d: Dist, epoch: int, batch_in_epoch: in
     from trelm_fast.data.loader import MLMCollator, ResumableSampler, TrelmDataset
 
     dataset = TrelmDataset(data_dir, "train", verify=False)
-    collate = MLMCollator.for_config(dataset.manifest, cfg, causal)
+    collate = MLMCollator.for_config(dataset.manifest, cfg, causal, d.device)
     bs = cfg.train.batch_size
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
                                drop_last=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from trelm_fast.config import MASKING, resolve_model_path
+from trelm_fast.config import MASKING, resolve_model_path, static_shapes_on
 
 from .build import FORMAT_VERSION, SPAN_COLUMNS
 from .checksums import verify_checksums
@@ -179,11 +179,12 @@ class MLMCollator:
     Output: input_ids, attention_mask, mlm_labels, cka_labels int64 [B, n]; entity_spans [E, 4],
     target_spans [T, 4] (row, start, end, entity_id); target_triples [T, 2] (head, relation); and
     the index fields of `trelm_fast.data.prepare` (computed here, in the loader's workers, so that
-    the training step asks the device nothing).
+    the training step asks the device nothing), padded to static shapes when ``static``
+    (`trelm_fast.data.prepare.pad_static`).
     """
 
     def __init__(self, manifest: dict, seed: int = 0, mlm_prob: float = 0.15, masking: str = "token",
-                 continuation: torch.Tensor | None = None, causal: bool = False):
+                 continuation: torch.Tensor | None = None, causal: bool = False, static: bool = False):
         if not 0.0 <= mlm_prob <= 1.0:
             raise ValueError(f"mlm_prob must be in [0, 1], got {mlm_prob}")
         if masking not in MASKING:
@@ -193,15 +194,16 @@ class MLMCollator:
             raise ValueError(f"whole-word masking needs continuation, a bool [{t['vocab_size']}] tensor "
                              "(continuation_ids of the dataset's tokenizer)")
         self.mask_id, self.seed, self.mlm_prob = t["mask_id"], seed, mlm_prob
-        self.masking, self.continuation, self.causal = masking, continuation, causal
+        self.masking, self.continuation, self.causal, self.static = masking, continuation, causal, static
         special = torch.tensor(sorted({t["cls_id"], t["sep_id"], t["pad_id"], t["mask_id"]}))
         self.random_ids = torch.arange(t["vocab_size"])[~torch.isin(torch.arange(t["vocab_size"]), special)]
 
     @classmethod
-    def for_config(cls, manifest: dict, cfg, causal: bool = False) -> "MLMCollator":
+    def for_config(cls, manifest: dict, cfg, causal: bool = False, device="cpu") -> "MLMCollator":
         """The collator a trelm_fast Config asks for: ``seed``, ``data.mlm_probability``,
         ``data.masking`` (whole-word masking reads the tokenizer of ``model.path``); ``causal``: the
-        model is a decoder (`FamilyAdapter.causal`), nothing is masked."""
+        model is a decoder (`FamilyAdapter.causal`), nothing is masked; ``train.static_shapes`` on
+        the training ``device``."""
         continuation = None
         if cfg.data.masking == "whole_word" and not causal:
             from .base_model import load_tokenizer
@@ -210,7 +212,8 @@ class MLMCollator:
             check_tokenizer(manifest, tokenizer)
             continuation = continuation_ids(tokenizer)
         return cls(manifest, seed=cfg.seed, mlm_prob=cfg.data.mlm_probability,
-                   masking="token" if causal else cfg.data.masking, continuation=continuation, causal=causal)
+                   masking="token" if causal else cfg.data.masking, continuation=continuation, causal=causal,
+                   static=static_shapes_on(cfg.train.static_shapes, device))
 
     def _unit_starts(self, sample: dict, allowed: torch.Tensor) -> torch.Tensor:
         """bool [n]: the allowed positions that start a masking unit (a unit runs to the next start or
@@ -292,7 +295,7 @@ class MLMCollator:
             "entity_spans": torch.cat(ents).reshape(-1, 4),
             "target_spans": torch.cat(targets).reshape(-1, 4),
             "target_triples": torch.cat(triples).reshape(-1, 2),
-        }, causal=self.causal)
+        }, causal=self.causal, static=self.static)
 
 
 class ResumableSampler(Sampler):
