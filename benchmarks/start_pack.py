@@ -76,7 +76,8 @@ def write_pack(out: Path, name: str, quick: bool) -> Path:
 
     plan = (sc.QUICK if quick else sc.DATASETS)[name]
     log = lambda m: print(f"[start-pack] {name}: {m}", file=sys.stderr, flush=True)  # noqa: E731
-    datasets = {sc.cache_name(plan, v.data): sc.dataset(plan, v.data) for v in sc.ALL_VARIANTS.values()}
+    options = {sc.cache_name(plan, v.data): v.data for v in sc.ALL_VARIANTS.values()}  # each distinct dataset once
+    datasets = {cache: sc.dataset(plan, data) for cache, data in options.items()}
     warm, _ = sc.warm_start(plan, datasets[sc.cache_name(plan, {})], log)
     d = out / name
     if d.exists():
