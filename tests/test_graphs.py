@@ -6,11 +6,9 @@ values) shows here as a difference from the eager step. tests/test_cuda_graphs.p
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from test_model import make_batch, setup_step
-from test_static_shapes import _batches, _tensors
+from test_static_shapes import OpLog, _batches, assert_trained_alike
 from trelm_fast.config import ConfigError
 from trelm_fast.graphs import GraphedStep
 
@@ -26,23 +24,9 @@ def _train(method, dataset, graphs, batches):
     return results, model.state_dict(), step.optimizer.state_dict(), bank, step.paths, step
 
 
-def _compare(a, b):
-    for x, y in zip(a[0], b[0]):
-        assert x.keys() == y.keys()
-        for key in x:
-            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
-    for k in a[1]:
-        torch.testing.assert_close(b[1][k], a[1][k], rtol=1e-5, atol=1e-5, msg=k)
-    opt_a, opt_b = _tensors(a[2]), _tensors(b[2])
-    assert len(opt_a) == len(opt_b) > 0
-    for x, y in zip(opt_a, opt_b):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)  # moments and step counts
-    assert a[2]["dense"]["param_groups"] == b[2]["dense"]["param_groups"]  # lr a float, as saved eagerly
-    if a[3] is not None:
-        for key in ("local", "global_mean", "counts"):
-            torch.testing.assert_close(b[3][key], a[3][key], rtol=1e-5, atol=1e-6)
-    if a[4] is not None:
-        assert all(torch.equal(x, y) for x, y in zip(a[4], b[4]))
+def _compare(eager, graphed):
+    assert_trained_alike(eager, graphed, rel=1e-5)  # the rate and lambda rounded on the device
+    assert eager[2]["dense"]["param_groups"] == graphed[2]["dense"]["param_groups"]  # lr a float, as saved eagerly
 
 
 def _same_shape_batches(count):
@@ -72,18 +56,9 @@ def test_rehearsed_graph_steps_train_as_eager_steps(method, dataset):
     assert step.graphs.captures == 0  # CPU: rehearsed, never captured
 
 
-class _OpArguments(TorchDispatchMode):
-    """Every op run, with its number and dtype arguments (what a captured graph keeps as constants)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        constants = [a for a in tree_leaves((args, kwargs)) if isinstance(a, (bool, int, float, torch.dtype))]
-        self.calls.append((str(func), constants))
-        return func(*args, **kwargs)
+def _constants(flat) -> list:
+    """The number and dtype arguments of an op (what a captured graph keeps as they were)."""
+    return [a for a in flat if isinstance(a, (bool, int, float, torch.dtype))]
 
 
 @pytest.mark.parametrize("method", ["trelm", "dense"])
@@ -99,7 +74,7 @@ def test_a_graph_body_bakes_in_nothing_that_changes(method, dataset, monkeypatch
         body = entry.body
 
         def run():
-            with _OpArguments() as ops:
+            with OpLog(_constants) as ops:
                 out = body()
             runs.append(ops.calls)
             return out
