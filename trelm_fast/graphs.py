@@ -33,7 +33,7 @@ count of the bank's CPU reference) is replaced by its bound, the number of (padd
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -55,7 +55,6 @@ class _Entry:
     runs: int = 0  # eager runs since the last invalidation
     graph: Optional["torch.cuda.CUDAGraph"] = None
     out: Optional[Tensor] = None  # the captured body's output (overwritten by every replay)
-    stream: Optional["torch.cuda.Stream"] = field(default=None, repr=False)
 
 
 class GraphedStep:
@@ -71,6 +70,7 @@ class GraphedStep:
         self.device = step.device
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.epoch = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.capture else None  # warm-up and capture run on it
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
 
@@ -117,20 +117,20 @@ class GraphedStep:
         return _Entry(static, body)
 
     def _eager(self, entry: _Entry) -> Tensor:
-        """The body run eagerly: on a side stream on CUDA (what the capture recipe warms up on)."""
+        """The body run eagerly: on CUDA on the side stream the capture will use (the recipe's warm-up)."""
         if not self.capture:
             return entry.body()
-        if entry.stream is None:
-            entry.stream = torch.cuda.Stream(self.device)
-        entry.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(entry.stream):
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
             out = entry.body()
-        torch.cuda.current_stream(self.device).wait_stream(entry.stream)
+        current.wait_stream(self.stream)
+        out.record_stream(current)  # read there next (the copy): not reused by the side stream before
         return out
 
     def _capture(self, entry: _Entry) -> None:
-        torch.cuda.current_stream(self.device).synchronize()  # warm-up work done before the capture starts
+        """Capture the body (torch.cuda.graph synchronizes first; nothing runs until the replay)."""
         entry.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(entry.graph):
+        with torch.cuda.graph(entry.graph, stream=self.stream):
             entry.out = entry.body()
         self.captures += 1
