@@ -9,9 +9,11 @@ others (the exit status is 1 if any failed):
    so and runs the CPU smoke version on tiny shapes (so CI keeps this script working).
 2. `cuda_tests`: `pytest -m cuda tests` in a subprocess; on CPU they are collected and skipped.
 3. `kernels`: every Triton kernel against its PyTorch reference (kernel_check.py).
-4. `step-bf16`, `step-fp32`: the step suite (suite_step.py) on the generated dataset (no tokenizer
-   package, no weights): GPU: shapes minilm and bert-base, 64 x 128 tokens; CPU: shape tiny, 2 x 32;
-   variants hf_dense, dense_opt, frozen_dense, trelm_fast.
+4. `step-bf16`, `step-fp32`, `step-bf16-graphs`: the step suite (suite_step.py) on the generated
+   dataset (no tokenizer package, no weights): GPU: shapes minilm and bert-base, 64 x 128 tokens;
+   CPU: shape tiny, 2 x 32; variants hf_dense, dense_opt, frozen_dense, trelm_fast; the last with
+   static shapes and CUDA graphs for every variant (`train.cuda_graphs`; on CPU rehearsed eagerly),
+   its cases named `<shape>-bf16-graphs`.
 5. `kernel-speed`: from the kernels suite (suite_kernels.py), the sparse FFN weight gradients at a
    10% path against dense (bf16 operands, the step's tokens and shapes; on CUDA also each path the
    dispatch chooses between) and the fused attribution against the per-layer loop (MiniLM shape).
@@ -39,7 +41,8 @@ from harness import Results, Settings, describe_device, interpret_triton_without
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = "no GPU found: running the CPU smoke version on tiny shapes"
 STEP_VARIANTS = ["hf_dense", "dense_opt", "frozen_dense", "trelm_fast"]
-STEP_PRECISIONS = ("bf16", "fp32")
+STEP_RUNS = {"bf16": ("bf16", False), "fp32": ("fp32", False), "bf16-graphs": ("bf16", True)}
+"""The step part's runs: name -> (train.precision, train.cuda_graphs with static shapes)."""
 STEP = {  # what the step part runs per device type
     "cuda": {"shapes": ["minilm", "bert-base"], "batch_size": 64, "seq_len": 128, "quick": False},
     "cpu": {"shapes": ["tiny"], "batch_size": 2, "seq_len": 32, "quick": True},
@@ -69,6 +72,10 @@ def targets(shapes: list[str]) -> list:
             (f"kernels {shape}: sparse / dense weight gradients at 10% (bf16)",
              lambda r, s=shape: ratio(r, "kernels", f"sparse_ffn_wgrad-{s}-p10", "sparse", "dense"), "<=", 0.25),
         ]
+        graphed = f"{shape}-bf16-graphs"  # every variant captured: the same engineering
+        rows += [(f"step {graphed}: trelm_fast / {base}",
+                  lambda r, c=graphed, b=base: ratio(r, "step", c, "trelm_fast", b), "<=", bar)
+                 for base, bar in (("hf_dense", STEP_TARGET_VS_HF[shape]), ("dense_opt", 0.80))]
     rows.append(("kernels: fused attribution / per-layer loop (m = 20)",
                  lambda r: ratio(r, "kernels", "attribution-minilm", "fused", "naive"), "<=", 0.5))
     return rows
@@ -80,10 +87,11 @@ class Check:
     def __init__(self, device: torch.device, out: Path):
         self.device, self.out = device, out
         step = STEP[device.type]
-        self.settings = {p: Settings.make(device.type, step["quick"], out, shapes=step["shapes"], precision=p,
-                                          batch_size=step["batch_size"], seq_len=step["seq_len"],
-                                          variants=STEP_VARIANTS)
-                         for p in STEP_PRECISIONS}
+        self.settings = {name: Settings.make(device.type, step["quick"], out, shapes=step["shapes"], precision=p,
+                                             batch_size=step["batch_size"], seq_len=step["seq_len"],
+                                             variants=STEP_VARIANTS, cuda_graphs=graphs,
+                                             static_shapes="always" if graphs else "never")
+                         for name, (p, graphs) in STEP_RUNS.items()}
         self.parts: dict[str, dict] = {}
         self.results = Results()
         self.cuda_tests: dict = {}
@@ -163,13 +171,14 @@ class Check:
         walls.append(f"attribution fused/naive {ratio(self.results, 'kernels', 'attribution-minilm', 'fused', 'naive'):.3f}")
         return len(self.results.records) > before, "; ".join(walls)
 
-    def step(self, precision: str) -> tuple[bool, str]:
+    def step(self, run: str) -> tuple[bool, str]:
         import suite_step
 
-        settings = self.settings[precision]
+        settings = self.settings[run]
         before = len(self.results.records)
         suite_step.run(settings, self.results)
-        cases = [suite_step.case_name(s, precision) for s in settings.model_shapes()]
+        cases = [suite_step.case_name(s, settings.precision, cuda_graphs=settings.cuda_graphs)
+                 for s in settings.model_shapes()]
         walls = [f"{c} {v} {self.results.get('step', c, v, 'wall_ms'):.1f} ms" for c in cases for v in STEP_VARIANTS]
         return len(self.results.records) > before, "; ".join(walls)
 
@@ -227,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     check.run("device", check.device_info)
     check.run("cuda_tests", check.cuda_test_run)
     check.run("kernels", check.kernel_checks)
-    for precision in STEP_PRECISIONS:
-        check.run(f"step-{precision}", functools.partial(check.step, precision))
+    for run in STEP_RUNS:
+        check.run(f"step-{run}", functools.partial(check.step, run))
     check.run("kernel-speed", check.kernel_speed)
     summary = check.write()
     failed = [n for n, part in check.parts.items() if not part["passed"]]

@@ -104,6 +104,10 @@ class Settings:
     """Dropout of the step-suite models (BERT's 0.1 by default)."""
     precision: str = "fp32"
     """Training precision of the step suite (the trainer's `train.precision`): fp32, bf16 or fp16."""
+    static_shapes: str = "never"
+    """`train.static_shapes` of the step suite's variants (never, always, auto)."""
+    cuda_graphs: bool = False
+    """`train.cuda_graphs` of the step suite's variants (needs static_shapes always/auto; not trelm_naive)."""
     batch_size: int | None = None
     """Sequences per step-suite batch (None: 8, --quick 2)."""
     seq_len: int = 128
@@ -398,6 +402,8 @@ def meta(settings: Settings, suites: list[str]) -> dict:
         "quick": settings.quick,
         "step_dropout": settings.dropout,
         "step_precision": settings.precision,
+        "step_static_shapes": settings.static_shapes,
+        "step_cuda_graphs": settings.cuda_graphs,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "timing": "triton.testing.do_bench quantiles" if settings.device.type == "cuda" else "perf_counter median after warm-up",

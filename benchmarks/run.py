@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training precision of the step suite (the trainer's train.precision; default fp32); "
                         "its cases are named <shape>-<precision> unless fp32; also the operand dtype of the "
                         "kernels suite's sparse_ffn_wgrad cases")
+    p.add_argument("--static-shapes", choices=("never", "always", "auto"), default="never",
+                   help="step suite: the variants' train.static_shapes (default never)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="step suite: train.cuda_graphs for every variant that supports it (not trelm_naive, "
+                        "which stays eager); needs --static-shapes always or auto; cases get a -graphs suffix")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step-suite batch (default 8, --quick 2)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per step-suite sequence (default 128)")
@@ -69,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.cuda_graphs and args.static_shapes == "never":
+        p.error("--cuda-graphs needs --static-shapes always (or auto on CUDA)")
     if args.probe_sample is not None and args.probe_sample < 1:
         p.error(f"--probe-sample must be >= 1, got {args.probe_sample}")
     if args.budget_scale <= 0:
@@ -99,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.make(args.device, args.quick, args.out, cases=args.case, shapes=args.shape,
-                             dropout=args.dropout, precision=args.precision, batch_size=args.batch_size,
+                             dropout=args.dropout, precision=args.precision, static_shapes=args.static_shapes,
+                             cuda_graphs=args.cuda_graphs, batch_size=args.batch_size,
                              seq_len=args.seq_len, variants=args.variant, model_type=args.model_type,
                              budget_scale=args.budget_scale, probe_sample=args.probe_sample,
                              start_pack=args.start_pack)

@@ -8,7 +8,12 @@ object (`trelm_fast.step.make_step`): `hf_dense`, `dense_opt`, `frozen_dense`, `
 no host sync in a plain step), so `trelm_fast / dense_opt` measures the method and
 `trelm_fast / frozen_dense` routing plus sparse FFN gradients alone. The precision is the trainer's
 `train.precision` (`--precision`, default fp32); a case is named after its shape, with `-bf16` /
-`-fp16` appended at those precisions. Every record carries `device` (the device's name),
+`-fp16` appended at those precisions. `--static-shapes` sets `train.static_shapes`; `--cuda-graphs`
+sets `train.cuda_graphs` for every variant but `trelm_naive` (which stays eager) and appends `-graphs`
+to the case: each plain step is then a CUDA-graph replay (on CPU, its eager rehearsal), the same
+engineering for `dense_opt` as for `trelm_fast` (the warm-up runs come before the measured calls, the
+FLOPs are counted on the capture, and peak_mem_mb is then a replay's, without the graph's own pool).
+Every record carries `device` (the device's name),
 `precision` and the variant's wall-clock percentiles `p20_ms`, `p50_ms`, `p80_ms` (amortized like
 wall_ms, which is p50).
 
@@ -57,7 +62,9 @@ class Variant:
         self.routing = workload.config(shape, name, data_dir, model_type=settings.model_type).routing  # as configured
         sequences = min(batch_size, self.routing.sequences or batch_size)
         self.naive_scaled = name == "trelm_naive" and shape != "minilm" and sequences > 1
-        overrides = [f"model.dropout={settings.dropout}", f"train.precision={settings.precision}"]
+        graphs = settings.cuda_graphs and name != "trelm_naive"  # the per-layer reference stays eager
+        overrides = [f"model.dropout={settings.dropout}", f"train.precision={settings.precision}",
+                     f"train.static_shapes={settings.static_shapes}", f"train.cuda_graphs={str(graphs).lower()}"]
         overrides += ["routing.sequences=1"] if self.naive_scaled else []
         self.step, self.model = workload.build_step(name, shape, data_dir, settings.device, overrides,
                                                     model_type=settings.model_type)
@@ -77,6 +84,9 @@ class Variant:
             _check_finite(self.step)
             self.refresh = {"flops": flops, "peak_mem_mb": peak, "attribution_s": statistics.median(times),
                             "count": count}
+        if self.step.graphs is not None:  # its eager warm-up runs: the first measured call (FLOPs) captures
+            for _ in range(self.step.graphs.warmup):
+                self.step(self.batch, next(self.indices))
 
     def plain_step(self) -> None:
         """A step whose index is not a refresh step; keeps the step's own phase timers."""
@@ -116,10 +126,11 @@ class Variant:
         return values, tags, note
 
 
-def case_name(shape: str, precision: str, model_type: str = "bert") -> str:
-    """The step case of a shape at a precision and family: `<shape>[-<model_type>][-<precision>]`, the
-    family unless BERT, the precision unless fp32."""
-    return "-".join([shape] + [model_type] * (model_type != "bert") + [precision] * (precision != "fp32"))
+def case_name(shape: str, precision: str, model_type: str = "bert", cuda_graphs: bool = False) -> str:
+    """The step case of a shape at a precision and family: `<shape>[-<model_type>][-<precision>][-graphs]`,
+    the family unless BERT, the precision unless fp32, `-graphs` under `train.cuda_graphs`."""
+    return "-".join([shape] + [model_type] * (model_type != "bert") + [precision] * (precision != "fp32")
+                    + ["graphs"] * cuda_graphs)
 
 
 def run(settings: Settings, results: Results) -> None:
@@ -134,7 +145,7 @@ def run(settings: Settings, results: Results) -> None:
     data_dir = workload.generated_dir()
     tf32 = workload.config(None, "hf_dense", data_dir).train.tf32
     for shape in settings.model_shapes():
-        case = case_name(shape, settings.precision, settings.model_type)
+        case = case_name(shape, settings.precision, settings.model_type, settings.cuda_graphs)
         if not settings.wants(case):
             continue
         variants = [Variant(settings, shape, name, data_dir, batch_size, seq_len) for name in names]
@@ -149,6 +160,8 @@ def run(settings: Settings, results: Results) -> None:
         del variants
     results.note(SUITE, f"batch {batch_size} x {seq_len} full-length sequences, {settings.precision} "
                         f"(train.precision; train.tf32 {tf32}: TF32 fp32 matmuls on CUDA), random init, "
-                        f"dropout {settings.dropout:g} (--dropout); the variants' steps are timed interleaved; "
+                        f"dropout {settings.dropout:g} (--dropout), train.static_shapes {settings.static_shapes}, "
+                        f"train.cuda_graphs {str(settings.cuda_graphs).lower()} (trelm_naive eager); "
+                        "the variants' steps are timed interleaved; "
                         "tokens_per_s counts every position; targets: trelm_fast wall_ms ratio <= 0.5 of "
                         "hf_dense on minilm, <= 0.8 of dense_opt and < 1 of frozen_dense")

@@ -9,6 +9,8 @@ step), exactly torch.optim.AdamW's update restricted to that slice:
     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 Unselected slices, and their moments, are not touched at all (no momentum drift, no decay).
+`lr`: a float, or a 0-dim fp32 tensor on the parameter's device read there (the kernel loads it
+through a pointer), so that a CUDA graph capturing the update reads each step's rate.
 `skip` (optional bool scalar tensor on the parameter's device): when true nothing is written; a
 step with a non-finite loss is dropped this way without the host reading the flag.
 `slice_adamw_reference` is index_select + the update + index_copy_ in PyTorch;
@@ -41,9 +43,11 @@ def _slice_adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, idx_ptr, step_ptr, skip_ptr,
     N, stride_ps, stride_pn, stride_gs, stride_gn,
     lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
-    BLOCK_N: tl.constexpr,
+    LR_PTR: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_s, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    if LR_PTR:  # lr is a pointer to the rate (a device tensor)
+        lr = tl.load(lr).to(tl.float32)
     j = tl.load(idx_ptr + i_s)
     t = tl.load(step_ptr + j).to(tl.float32)
     bc1 = 1.0 - tl.exp2(t * log2_beta1)
@@ -89,7 +93,7 @@ def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ste
 
 
 def slice_adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                          steps: Tensor, idx: Tensor, dim: int, lr: float, beta1: float,
+                          steps: Tensor, idx: Tensor, dim: int, lr: float | Tensor, beta1: float,
                           beta2: float, eps: float, weight_decay: float, skip: Tensor | None = None) -> None:
     """In-place lazy AdamW on `param`'s slices `idx` along `dim` (formula in the module docstring)."""
     _check(param, grad, exp_avg, exp_avg_sq, steps, idx, dim)
@@ -108,7 +112,7 @@ def slice_adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_
 
 
 def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                       steps: Tensor, idx: Tensor, dim: int, lr: float, beta1: float,
+                       steps: Tensor, idx: Tensor, dim: int, lr: float | Tensor, beta1: float,
                        beta2: float, eps: float, weight_decay: float, skip: Tensor | None = None) -> None:
     """The fused in-place kernel (CUDA, or CPU under TRITON_INTERPRET=1); same result as the reference."""
     idx, steps = _check(param, grad, exp_avg, exp_avg_sq, steps, idx, dim)
@@ -127,12 +131,12 @@ def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
         param, grad, exp_avg, exp_avg_sq, idx, steps,
         torch.zeros(1, dtype=torch.int32, device=param.device) if skip is None else skip.reshape(1).to(torch.int32),
         n, sp, sn, sg, sgn,
-        lr, beta1, beta2, log2(beta1), log2(beta2), eps, weight_decay,
+        lr, beta1, beta2, log2(beta1), log2(beta2), eps, weight_decay, LR_PTR=isinstance(lr, Tensor),
     )
 
 
 def slice_adamw(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor,
-                idx: Tensor, dim: int, lr: float, beta1: float, beta2: float, eps: float,
+                idx: Tensor, dim: int, lr: float | Tensor, beta1: float, beta2: float, eps: float,
                 weight_decay: float, skip: Tensor | None = None) -> None:
     """Dispatch (`_launch.use_triton`): the Triton kernel for CUDA tensors, the PyTorch reference otherwise."""
     fn = slice_adamw_triton if use_triton(param) else slice_adamw_reference

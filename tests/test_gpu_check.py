@@ -28,7 +28,8 @@ def test_cpu_smoke_run_without_the_wheel(tmp_path):
     assert f"{out / 'summary.md'}" in proc.stdout
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["no_gpu"]
-    assert list(data["parts"]) == ["device", "cuda_tests", "kernels", "step-bf16", "step-fp32", "kernel-speed"]
+    assert list(data["parts"]) == ["device", "cuda_tests", "kernels", "step-bf16", "step-fp32", "step-bf16-graphs",
+                                   "kernel-speed"]
     assert all(p["passed"] for p in data["parts"].values()), data["parts"]
     tests = data["cuda_tests"]
     assert tests["tests"] > 0 and tests["skipped"] == tests["tests"]  # collected, none run without a GPU
@@ -38,7 +39,7 @@ def test_cpu_smoke_run_without_the_wheel(tmp_path):
     assert {r["dtype"] for r in checks} == {"float32", "bfloat16"}
     assert all(r["passed"] for r in checks), [r for r in checks if not r["passed"]]
     step = {(r["case"], r["variant"]) for r in data["records"] if r["suite"] == "step" and r["metric"] == "wall_ms"}
-    assert step == {(c, v) for c in ("tiny", "tiny-bf16") for v in ("hf_dense", "dense_opt", "frozen_dense", "trelm_fast")}
+    assert step == {(c, v) for c in ("tiny", "tiny-bf16", "tiny-bf16-graphs") for v in ("hf_dense", "dense_opt", "frozen_dense", "trelm_fast")}
     steps = [r for r in data["records"] if r["suite"] == "step"]
     assert all(r["precision"] in ("fp32", "bf16") and r["device"].startswith("CPU") for r in steps)
     speed = {(r["case"], r["variant"]) for r in data["records"] if r["suite"] == "kernels" and r["metric"] == "wall_ms"}
@@ -49,5 +50,6 @@ def test_cpu_smoke_run_without_the_wheel(tmp_path):
     assert "## Kernels against their references" in summary and "| tiny-bf16 | hf_dense |" in summary
     targets = summary[summary.index("## Targets (issue 12)"):summary.index("## Parts")]
     assert "| step tiny-bf16: trelm_fast / hf_dense <= 0.5 | " in targets
+    assert "| step tiny-bf16-graphs: trelm_fast / dense_opt <= 0.8 | " in targets
     assert "| kernels: fused attribution / per-layer loop (m = 20) <= 0.5 | " in targets
     assert "not measured" not in targets  # every target of the run has its figure

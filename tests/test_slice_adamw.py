@@ -93,3 +93,15 @@ def test_a_skip_flag_on_the_device_leaves_everything_unchanged(fn):
     fn(p, g, m, v, steps, idx, 1, **HP, skip=torch.tensor(False))
     for a, b in zip((p, m, v), expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [slice_adamw_reference, slice_adamw_triton])
+def test_a_tensor_learning_rate_equals_the_float(fn):
+    """lr as a 0-dim tensor (what a CUDA graph reads on the device) gives the float's update."""
+    p, m, v, steps = _state((23, 9), 0, seed=5)
+    idx, g = _idx(23, 7, seed=6), _rand(7, 9, seed=7)
+    ref = [t.clone() for t in (p, m, v)]
+    slice_adamw_reference(ref[0], g, ref[1], ref[2], steps, idx, 0, **HP)
+    fn(p, g, m, v, steps, idx, 0, **{**HP, "lr": torch.tensor(HP["lr"])})
+    for a, b in zip((p, m, v), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

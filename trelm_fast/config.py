@@ -168,6 +168,12 @@ class TrainConfig:
     is padded up to a power of two with rows that change nothing (`trelm_fast.data.prepare.pad_static`),
     so that a plain step sees few distinct shapes: ``always``, ``never``, or ``auto``: on CUDA only
     (`static_shapes_on`). docs/training.md, "Static shapes".
+
+    ``cuda_graphs``: run each plain step (no path refresh) as a replay of a CUDA graph captured per
+    shape signature (`trelm_fast.graphs.GraphedStep`; docs/training.md, "CUDA graphs"). Needs static
+    shapes (``always``, or ``auto`` on CUDA), fp32 or bf16 (fp16's loss scaler reads the host), no
+    gradient accumulation, one process, and not ``trelm_naive``. On a device other than CUDA the same
+    step body runs eagerly on the static buffers ("rehearsal": same results, no speed-up).
     """
     steps: int = 300
     batch_size: int = 16
@@ -182,6 +188,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_grad_norm: float = 0.0
     static_shapes: str = "never"
+    cuda_graphs: bool = False
     report_to: list = field(default_factory=lambda: ["tensorboard"])
 
 
@@ -450,6 +457,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{s}: train.resume directory {t.resume!r} does not exist")
     _choice(t.precision, PRECISIONS, "train.precision", s)
     _choice(t.static_shapes, STATIC_SHAPES, "train.static_shapes", s)
+    if t.cuda_graphs:
+        check_cuda_graphs(cfg, s)
     _choice(cfg.device.split(":")[0], ("auto", "cpu", "cuda"), "device", s)
 
 
@@ -459,6 +468,26 @@ def static_shapes_on(setting: str, device) -> bool:
     if setting not in STATIC_SHAPES:
         raise ConfigError(f"train.static_shapes must be one of {', '.join(STATIC_SHAPES)}, got {setting!r}")
     return setting == "always" or (setting == "auto" and str(device).split(":")[0] == "cuda")
+
+
+def check_cuda_graphs(cfg: Config, source: str = "<config>", device=None, method: Optional[str] = None) -> None:
+    """Raise ConfigError if `train.cuda_graphs` cannot be on with the rest of ``cfg`` (on ``device``,
+    when known: ``static_shapes: auto`` is off on a device other than CUDA) for ``method`` (default
+    `method.name`)."""
+    t, s = cfg.train, source
+    if t.static_shapes == "never" or (device is not None and not static_shapes_on(t.static_shapes, device)):
+        raise ConfigError(f"{s}: train.cuda_graphs needs static shapes, but train.static_shapes={t.static_shapes} "
+                          f"is off{'' if device is None else f' on {device}'}: set train.static_shapes=always "
+                          "(or auto on CUDA)")
+    if t.precision == "fp16":
+        raise ConfigError(f"{s}: train.cuda_graphs does not support train.precision=fp16 (its loss scaler reads "
+                          "the overflow flag on the host every step): use bf16 or fp32")
+    if t.grad_accum_steps != 1:
+        raise ConfigError(f"{s}: train.cuda_graphs does not support gradient accumulation yet "
+                          f"(train.grad_accum_steps={t.grad_accum_steps}): set it to 1")
+    if (method or cfg.method.name) == "trelm_naive":
+        raise ConfigError(f"{s}: train.cuda_graphs does not support method trelm_naive (the per-layer reference "
+                          "routing): use trelm or trelm_fast")
 
 
 def check_dataset(data_dir, model_dir, source: str = "<config>", max_positions: Optional[int] = None) -> None:

@@ -247,9 +247,10 @@ class KnowledgeMemoryBank:
             )
 
     # ------------------------------------------------------------------------------------- reading
-    def lam(self, epoch: float) -> float:
-        """Eq. 8: lambda0 / beta**epoch (epoch >= 0, fractional epochs allowed)."""
-        if epoch < 0:
+    def lam(self, epoch: float | torch.Tensor) -> float | torch.Tensor:
+        """Eq. 8: lambda0 / beta**epoch (epoch >= 0, fractional epochs allowed); a 0-dim tensor for a
+        0-dim tensor ``epoch`` (read on the device: a CUDA graph's step, `trelm_fast.graphs`)."""
+        if not isinstance(epoch, torch.Tensor) and epoch < 0:
             raise ValueError(f"KnowledgeMemoryBank.lam: epoch must be >= 0, got {epoch}")
         return self.lambda0 / self.beta**epoch
 
@@ -260,7 +261,7 @@ class KnowledgeMemoryBank:
         gmean = torch.where((self._counts[slots] > 0)[:, None], self._gmean[slots].float(), local)
         return 0.5 * (local + gmean)
 
-    def read(self, entity_ids: torch.Tensor, h_e: torch.Tensor, epoch: float) -> torch.Tensor:
+    def read(self, entity_ids: torch.Tensor, h_e: torch.Tensor, epoch: float | torch.Tensor) -> torch.Tensor:
         """Eq. 7: (1 - lam) h_e + lam/2 (M_local + M_global); [T, d] in h_e's dtype, grad flows to h_e only.
 
         entity_ids int64 [T] and h_e [T, d] pair up row by row (T spans or T token positions).

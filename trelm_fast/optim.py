@@ -31,6 +31,11 @@ W1's (and b1's); a fused gate (ModernBERT's [G; W1]) gets rows S and I + S, and 
 transposed (GPT-2's Conv1D) are updated through their nn.Linear-layout views. Paths may change
 between steps: state is kept for all I neurons.
 
+`device_lr=True` (CUDA graphs, `trelm_fast.graphs`): the learning rate lives in a 0-dim fp32
+tensor on the parameters' device, updated in place (`fill_`) when `lr` is set, and read on the
+device by both updates (fused AdamW with a tensor lr, `capturable` on CUDA; the slice kernel through
+a pointer), so a captured step reads each step's rate. Off, the rate is a Python float (no fill).
+
 `step(skip)`: with a bool scalar tensor, the whole update (dense and slices, step counters included)
 is dropped on the device when it is true (the fused AdamW's `found_inf`), so a step with a
 non-finite loss needs no host sync.
@@ -78,7 +83,7 @@ def _modules(model: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else list(model)
 
 
-def _dense_adamw(params: list[Tensor], lr, betas, eps, weight_decay) -> torch.optim.Optimizer | None:
+def _dense_adamw(params: list[Tensor], lr: float | Tensor, betas, eps, weight_decay) -> torch.optim.Optimizer | None:
     if not params:
         return None
     decay = [p for p in params if p.dim() >= 2]
@@ -86,7 +91,10 @@ def _dense_adamw(params: list[Tensor], lr, betas, eps, weight_decay) -> torch.op
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    if isinstance(lr, Tensor) and not fused:
+        raise ValueError("TrelmOptimizer: device_lr needs the fused AdamW (floating-point parameters on CPU or CUDA)")
+    capturable = isinstance(lr, Tensor) and lr.device.type == "cuda"  # CUDA graphs: step counts read on the device
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, capturable=capturable)
 
 
 class TrelmOptimizer:
@@ -95,12 +103,13 @@ class TrelmOptimizer:
     model: one module or several (e.g. the HF model and the trainer's knowledge projection).
     Dense parameters are those requiring grad at construction. Use: backward, (DDP:
     allreduce_slice_grads), step(), zero_grad(); set new paths after step()/zero_grad().
-    `lr` may be changed between steps (schedules): `opt.lr = value`.
+    `lr` may be changed between steps (schedules): `opt.lr = value`; ``device_lr``: keep it in a
+    device tensor too (module docstring).
     """
 
     def __init__(self, model: nn.Module | Iterable[nn.Module], lr: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
+                 weight_decay: float = 0.01, device_lr: bool = False):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"TrelmOptimizer: invalid hyper-parameters lr={lr} betas={betas} eps={eps} "
                              f"weight_decay={weight_decay}")
@@ -113,7 +122,10 @@ class TrelmOptimizer:
                     seen.add(id(p))
                     params.append(p)
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
-        self.dense = _dense_adamw(params, lr, self.betas, eps, weight_decay)
+        trained = params + [f.up.weight for f in self.ffns]
+        self.lr_tensor = torch.tensor(float(lr), device=trained[0].device) if device_lr and trained else None
+        self.dense = _dense_adamw(params, lr if self.lr_tensor is None else self.lr_tensor, self.betas, eps,
+                                  weight_decay)
         self._lr = lr
         self.slice_state: list[dict[str, Tensor] | None] = [None] * len(self.ffns)
 
@@ -124,9 +136,11 @@ class TrelmOptimizer:
     @lr.setter
     def lr(self, value: float) -> None:
         self._lr = float(value)
+        if self.lr_tensor is not None:
+            self.lr_tensor.fill_(self._lr)
         if self.dense is not None:
             for g in self.dense.param_groups:
-                g["lr"] = self._lr
+                g["lr"] = self._lr if self.lr_tensor is None else self.lr_tensor
 
     def trained_tensors(self) -> list[Tensor]:
         """What this optimizer updates from ``.grad``: the dense parameters, then the slice leaves of
@@ -187,7 +201,7 @@ class TrelmOptimizer:
                 for p_b, m_b, v_b, g_b in zip(proj.neuron_blocks(p), proj.neuron_blocks(m), proj.neuron_blocks(v),
                                               proj.neuron_blocks(g, stored=False)):
                     slice_adamw(p_b, g_b, m_b, v_b, st["step"], idx, proj.axis if p.dim() == 2 else 0,
-                                self._lr, b1, b2, self.eps, wd, skip)
+                                self._lr if self.lr_tensor is None else self.lr_tensor, b1, b2, self.eps, wd, skip)
 
     def zero_grad(self) -> None:
         """Drop dense and slice gradients (set to None)."""
@@ -198,10 +212,14 @@ class TrelmOptimizer:
                 t.grad = None
 
     def state_dict(self) -> dict:
-        """Tensors and Python scalars only (readable with torch.load(weights_only=True))."""
+        """Tensors and Python scalars only (readable with torch.load(weights_only=True)); the same with
+        and without ``device_lr`` (the rate and the `capturable` flag as an eager optimizer has them)."""
+        dense = None if self.dense is None else self.dense.state_dict()
+        if dense is not None and self.lr_tensor is not None:
+            dense["param_groups"] = [{**g, "lr": self._lr, "capturable": False} for g in dense["param_groups"]]
         return {
             "lr": self._lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay,
-            "dense": None if self.dense is None else self.dense.state_dict(),
+            "dense": dense,
             "slices": [None if s is None else dict(s) for s in self.slice_state],
         }
 
@@ -214,8 +232,11 @@ class TrelmOptimizer:
                              "(were the same parameters trainable?)")
         self.betas, self.eps, self.weight_decay = tuple(state["betas"]), state["eps"], state["weight_decay"]
         if self.dense is not None:
+            capturable = self.dense.param_groups[0]["capturable"]
             self.dense.load_state_dict(state["dense"])
-        self.lr = state["lr"]
+            for g in self.dense.param_groups:
+                g["capturable"] = capturable
+        self.lr = state["lr"]  # and the device tensor into every group under device_lr
         for i, (f, s) in enumerate(zip(self.ffns, state["slices"])):
             if s is None:
                 self.slice_state[i] = None

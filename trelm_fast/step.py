@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from trelm_fast.config import Config, static_shapes_on
+from trelm_fast.config import Config, ConfigError, check_cuda_graphs, static_shapes_on
 from trelm_fast.data.prepare import is_prepared, pad_rows, pad_static, prepare_batch
 from trelm_fast.distributed import is_distributed
 from trelm_fast.losses import NegativeSampler, cka_loss_at, mlm_loss_at, trelm_loss_at
@@ -265,6 +265,15 @@ class TrainStep:
             self.router = KnowledgeRouter.from_config(model.mlm, cfg.routing,
                                                       autocast=self.precision.attribution_dtype)
         self._setup_parameters()
+        self.graphs = None  # plain steps as CUDA-graph replays (train.cuda_graphs, trelm_fast.graphs)
+        if cfg.train.cuda_graphs:
+            from trelm_fast.graphs import GraphedStep
+
+            check_cuda_graphs(cfg, "train.cuda_graphs", self.device, method)
+            if is_distributed():
+                raise ConfigError("train.cuda_graphs does not support torch.distributed yet (the gradient "
+                                  "all-reduce and the bank's gather are outside the graph): run one process")
+            self.graphs = GraphedStep(self)
 
     # ------------------------------------------------------------------------- set-up
 
@@ -287,7 +296,7 @@ class TrainStep:
         modules = [model.mlm, model.injection]
         self.dense_params = [p for m in modules for p in m.parameters() if p.requires_grad]
         self.optimizer = TrelmOptimizer(modules, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                        weight_decay=o.weight_decay)
+                                        weight_decay=o.weight_decay, device_lr=self.cfg.train.cuda_graphs)
 
     # ------------------------------------------------------------------------- routing
 
@@ -298,6 +307,8 @@ class TrainStep:
         for i, ffn in enumerate(ffn_modules(self.model.mlm)):
             path = routed.get(i)
             ffn.set_path(path)  # host paths: set_path checks them there and moves them
+        if self.graphs is not None:  # new slice leaves and path tensors: the graphs point at the old ones
+            self.graphs.invalidate()
 
     def _refresh_paths(self, batch: dict, step_index: int, epoch: float, negatives: Tensor) -> dict:
         """Attribution (eqs. 9-11) and selection (eq. 12) on this batch; returns timing/path stats."""
@@ -376,7 +387,7 @@ class TrainStep:
             return mask.bool()[:, None, None, :]
         return mask
 
-    def _objective(self, batch: dict, epoch: float) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    def _objective(self, batch: dict, epoch: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """(total, mlm, cka, final hidden states or None) for the method's objective on a prepared batch."""
         model, theta, head = self.model, self.cfg.loss.theta, self.head
         kind, negatives = self.spec.objective, batch["cka_negatives"]
@@ -425,25 +436,31 @@ class TrainStep:
 
     # ------------------------------------------------------------------------- the step's phases
 
+    def refresh_due(self, step_index: int) -> bool:
+        """Whether optimizer step ``step_index`` refreshes the knowledge paths (routed methods: the
+        first step, then every `routing.refresh` steps)."""
+        return self.router is not None and (self.paths is None or step_index % self.cfg.routing.refresh == 0)
+
     def begin(self, batch: dict, step_index: int, epoch: float) -> dict:
         """Start optimizer step ``step_index``: train mode, no gradients, and a path refresh on
         ``batch`` (prepared, on the device) when one is due. Returns the refresh's stats."""
         self.model.train()
         self.optimizer.zero_grad()
-        if self.router is not None and (self.paths is None or step_index % self.cfg.routing.refresh == 0):
+        if self.refresh_due(step_index):
             # a batch without CKA targets on every rank has nothing to attribute: keep the old paths
             if self.paths is None or _any_rank(batch["cka_count"] > 0, self.device):
                 negatives = batch["cka_negatives"][:batch["cka_count"]]  # paired with cka_labels: no padding
                 return self._refresh_paths(batch, step_index, epoch, negatives)
         return {}
 
-    def accumulate(self, batch: dict, epoch: float, weights: tuple[float, float] = (1.0, 1.0),
+    def accumulate(self, batch: dict, epoch: float | Tensor, weights: tuple[float, float] = (1.0, 1.0),
                    backward: Optional[Callable[[Tensor], None]] = None) -> MicroBatch:
         """Forward, loss and backward of one micro-batch (prepared, on the device), its gradients
         added to those already held. ``weights`` scale its MLM and CKA terms: its share of the step's
         labelled positions and CKA targets (`share_of_items`), so that the micro-batches' gradients
         sum to the gradient of their concatenation. ``backward``: the step's precision (fp16 loss
-        scaling) by default; the Hugging Face Trainer passes its accelerator's."""
+        scaling) by default; the Hugging Face Trainer passes its accelerator's. ``epoch``: a float, or
+        a 0-dim tensor read on the device (`trelm_fast.graphs`)."""
         encoder_batch = {**batch, "attention_mask": self._encoder_mask(batch)}
         with self.precision.autocast():
             total, mlm, cka, hidden = self._objective(encoder_batch, epoch)
@@ -472,24 +489,31 @@ class TrainStep:
 
     def update_bank(self, micro: list[MicroBatch], epoch: float, skip: Optional[Tensor]) -> dict:
         """Memory-bank update (eq. 8) from each micro-batch's final hidden states, in order (nothing
-        changes where ``skip`` is true)."""
+        changes where ``skip`` is true); returns its stats."""
+        return {"kmb/lambda": self.model.bank.lam(epoch)} if self.fold_into_bank(micro, skip) else {}
+
+    def fold_into_bank(self, micro: list[MicroBatch], skip: Optional[Tensor]) -> bool:
+        """The bank update of `update_bank` (device work only); False for a method without one."""
         bank = self.model.bank
         if bank is None or micro[0].hidden is None:
-            return {}
+            return False
         for m in micro:
             b = m.batch
             bank.apply(m.hidden, b["entity_spans"], b["lengths"], b["entity_first"], b["entity_rounds"], skip,
                        context_at=self.model.context_positions(b["lengths"]), padded=bool(b.get("static_shapes")))
-        return {"kmb/lambda": bank.lam(epoch)}
+        return True
 
     def step(self, batch: dict | list[dict], step_index: int, epoch: float = 0.0) -> StepResult:
         """Run optimizer step ``step_index`` at ``epoch`` on ``batch`` (the loader's batch contract), or
-        on a list of micro-batches (gradient accumulation, weighted as one batch of all of them)."""
+        on a list of micro-batches (gradient accumulation, weighted as one batch of all of them).
+        Under `train.cuda_graphs` a plain step is a graph replay (`graphed_step`)."""
         t_start = time.perf_counter()
         batches = [self.prepare(b) for b in (batch if isinstance(batch, list) else [batch])]
         counts = [item_counts(b) for b in batches]
         weights = share_of_items(counts)
         stats: dict = {"tokens": sum(b["tokens"] for b in batches), "cka_targets": sum(c[1] for c in counts)}
+        if self.graphs is not None and len(batches) == 1 and not self.refresh_due(step_index):
+            return self.graphed_step(batches[0], step_index, epoch, stats, t_start)
         batches = [move_batch(b, self.device) for b in batches]
         stats.update(self.begin(batches[0], step_index, epoch))
         stats["lr"] = self.optimizer.lr = lr_at(self.cfg, step_index)
@@ -519,6 +543,20 @@ class TrainStep:
             stats.update(bank_stats, **{"time/bank_s": time.perf_counter() - t0})
         stats["time/step_s"] = time.perf_counter() - t_start
         return result
+
+    def graphed_step(self, batch: dict, step_index: int, epoch: float, stats: dict, t_start: float) -> StepResult:
+        """A plain step on the prepared host ``batch`` through `self.graphs` (the copy into its static
+        buffers, then the graph's replay, or its warm-up / capture, or on CPU its rehearsal)."""
+        stats["lr"] = self.optimizer.lr = lr_at(self.cfg, step_index)  # into the device tensor the graph reads
+        self.model.train()
+        out = self.graphs.run(batch, epoch)
+        total, mlm, cka, skip = out[0], out[1], out[2], out[3] > 0
+        self.steps_done += 1
+        self.record(step_index, skip, total)
+        if self.model.bank is not None:
+            stats["kmb/lambda"] = self.model.bank.lam(epoch)
+        stats["time/step_s"] = time.perf_counter() - t_start
+        return StepResult(total, mlm, cka, skip, stats, out[4] if out.numel() > 4 else None)
 
     # ------------------------------------------------------------------------- skipped steps
 
@@ -575,6 +613,8 @@ class TrainStep:
         if state.get("precision") is not None:  # absent in checkpoints written before it was kept
             self.precision.load_state_dict(state["precision"])
         self.paths = None if state["paths"] is None else [torch.as_tensor(p, dtype=torch.long) for p in state["paths"]]
+        if self.graphs is not None:  # the graphs point at the optimizer state just replaced
+            self.graphs.invalidate()
         if self.router is not None:
             self.router.paths = self.paths
             if state.get("path_history") is not None:  # absent in checkpoints written before it was kept
