@@ -3,13 +3,14 @@ no pre-trained weights; the project not pip-installed).
 
     python3 setup.py -q build_ext --inplace && PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out DIR
 
-Parts, in order; each is timed and its pass/fail recorded, and a failing part does not stop the
-others (the exit status is 1 if any failed):
+Parts, in order; each is timed and its pass/fail recorded, a failing part does not stop the
+others (the exit status is 1 if any failed), and the results so far are written after each part
+(a run stopped by a time limit keeps what finished):
 1. `device`: name, Python/torch/CUDA/triton/transformers versions, commit. Without a GPU it says
    so and runs the CPU smoke version on tiny shapes (so CI keeps this script working).
 2. `cuda_tests`: `pytest -m cuda tests` in a subprocess; on CPU they are collected and skipped.
 3. `kernels`: every Triton kernel against its PyTorch reference (kernel_check.py).
-4. `step-bf16`, `step-fp32`, `step-bf16-graphs`: the step suite (suite_step.py) on the generated
+4. `step-bf16`, `step-bf16-graphs` (and `step-fp32` after part 5): the step suite (suite_step.py) on the generated
    dataset (no tokenizer package, no weights): GPU: shapes minilm and bert-base, 64 x 128 tokens;
    CPU: shape tiny, 2 x 32; variants hf_dense, dense_opt, frozen_dense, trelm_fast; the last with
    static shapes and CUDA graphs for every variant (`train.cuda_graphs`; on CPU rehearsed eagerly),
@@ -41,8 +42,9 @@ from harness import Results, Settings, describe_device, interpret_triton_without
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = "no GPU found: running the CPU smoke version on tiny shapes"
 STEP_VARIANTS = ["hf_dense", "dense_opt", "frozen_dense", "trelm_fast"]
-STEP_RUNS = {"bf16": ("bf16", False), "fp32": ("fp32", False), "bf16-graphs": ("bf16", True)}
-"""The step part's runs: name -> (train.precision, train.cuda_graphs with static shapes)."""
+STEP_RUNS = {"bf16": ("bf16", False), "bf16-graphs": ("bf16", True), "fp32": ("fp32", False)}
+"""The step part's runs: name -> (train.precision, train.cuda_graphs with static shapes). fp32 runs
+last, after kernel-speed: issue 12's targets are all bf16."""
 STEP = {  # what the step part runs per device type
     "cuda": {"shapes": ["minilm", "bert-base"], "batch_size": 64, "seq_len": 128, "quick": False},
     "cpu": {"shapes": ["tiny"], "batch_size": 2, "seq_len": 32, "quick": True},
@@ -110,6 +112,7 @@ class Check:
         print(f"[gpu-check] {name}: {'PASSED' if passed else 'FAILED'} in {seconds:.1f} s: {summary}", flush=True)
         if error:
             print(error, file=sys.stderr, flush=True)
+        self.write()
 
     # ------------------------------------------------------------------------------ the parts
 
@@ -236,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     check.run("device", check.device_info)
     check.run("cuda_tests", check.cuda_test_run)
     check.run("kernels", check.kernel_checks)
-    for run in STEP_RUNS:
+    for run in ("bf16", "bf16-graphs"):
         check.run(f"step-{run}", functools.partial(check.step, run))
     check.run("kernel-speed", check.kernel_speed)
-    summary = check.write()
+    check.run("step-fp32", functools.partial(check.step, "fp32"))
+    summary = check.out / "summary.md"
     failed = [n for n, part in check.parts.items() if not part["passed"]]
     print(f"[gpu-check] wrote {args.out / 'results.json'} and {summary}", flush=True)
     print(f"[gpu-check] {'FAILED: ' + ', '.join(failed) if failed else 'all parts passed'}", flush=True)
