@@ -411,7 +411,7 @@ class DatasetRun:
         torch.manual_seed(seed)
         reference = build_step_model("dense", self.config("dense", 1e-4, seed), self.data_dir)
         return {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict(),
-                "figures": self.evaluate(reference.mlm)}
+                "figures": self.evaluate(reference.mlm.to(self.settings.device))}
 
     def sweep(self) -> dict[str, float]:
         """{variant: chosen lr}: each variant's rates in turns on seed 0, lowest final valid MLM loss."""
