@@ -53,6 +53,16 @@ def parse_variant(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--variant {text!r}: {lr!r} is not a learning rate") from None
 
 
+def run_labels(variants: list[tuple[str, float]]) -> dict[str, tuple[str, float]]:
+    """{label: (name, lr)}: a variant's label is its name, or name@lr where a name is given at several
+    rates (`--variant dense=1e-4 --variant dense=3e-4`); a repeated (name, lr) is an error."""
+    names = [name for name, _ in variants]
+    labels = {(f"{name}@{lr:g}" if names.count(name) > 1 else name): (name, lr) for name, lr in variants}
+    if len(labels) < len(variants):
+        raise SystemExit(f"--variant: a variant is given twice at the same rate: {variants}")
+    return labels
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,11 +119,11 @@ def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs
              *(f"- {n}" for n in notes),
              "", "| variant | lr | steps | s/step | clock s | " + " | ".join(measures) + " |",
              "|---|---|---|---|---|" + "---|" * len(measures)]
-    for name, (lr, run) in runs.items():
+    for label, (lr, run) in runs.items():
         clocks = run.curve["probe_wall_s"]
         for i, clock in enumerate(clocks):
             last = i == len(clocks) - 1  # steps and s/step once, on the run's final row
-            lines.append(f"| {name} | {lr:g} | {run.steps if last else ''} | "
+            lines.append(f"| {label} | {lr:g} | {run.steps if last else ''} | "
                          f"{f'{run.clock / run.steps:.2f}' if last and run.steps else ''} | {clock:.0f} | "
                          + " | ".join(f"{run.curve[m][i]:.3f}" for m in measures) + " |")
     return lines
@@ -121,24 +131,26 @@ def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    variants = dict(args.variant or [("dense", 1e-4), ("trelm", 3e-3)])
+    variants = run_labels(args.variant or [("dense", 1e-4), ("trelm", 3e-3)])
     name, plan = ("tiny", sc.QUICK["tiny"]) if args.quick else (args.dataset, sc.DATASETS[args.dataset])
     plan = replace(plan, budget_s=args.budget_s, evals=args.evals)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.make(args.device, args.quick, args.out, probe_sample=args.probe_sample,
                              start_pack=args.start_pack)
     results = Results()
-    dataset = sc.DatasetRun(name, plan, {"dense": sc.VARIANTS["dense"], **{v: sc.ALL_VARIANTS[v] for v in variants}},
+    dataset = sc.DatasetRun(name, plan, {"dense": sc.VARIANTS["dense"],
+                                         **{v: sc.ALL_VARIANTS[v] for v, _ in variants.values()}},
                             (args.seed,), settings, results)
     if args.by_statements:
         for line in add_statement_splits(dataset.evaluate, dataset.data_dir):
             results.note(sc.SUITE, line)
     start = dataset.start(args.seed)
     dataset.calibrate(start)
-    runs = {v: (lr, sc.Run(dataset.config(v, lr, args.seed, plan.budget_s), dataset.data_dirs[v], settings.device,
-                           start, dataset.evaluate, plan.budget_s, plan.evals)) for v, lr in variants.items()}
-    sc.run_in_turns({v: run for v, (_, run) in runs.items()})
-    curves = {f"{name}/{v}/seed{args.seed}": run.curve for v, (_, run) in runs.items()}
+    runs = {label: (lr, sc.Run(dataset.config(v, lr, args.seed, plan.budget_s), dataset.data_dirs[v],
+                               settings.device, start, dataset.evaluate, plan.budget_s, plan.evals))
+            for label, (v, lr) in variants.items()}
+    sc.run_in_turns({label: run for label, (_, run) in runs.items()})
+    curves = {f"{name}/{label}/seed{args.seed}": run.curve for label, (_, run) in runs.items()}
     (args.out / "curves.json").write_text(json.dumps(curves))
     plot_convergence(curves, args.out / "horizon.png")
     lines = summary(args, settings, results.notes.get(sc.SUITE, []), runs)

@@ -12,7 +12,7 @@ no host sync in a plain step), so `trelm_fast / dense_opt` measures the method a
 sets `train.cuda_graphs` for every variant but `trelm_naive` (which stays eager) and appends `-graphs`
 to the case: each plain step is then a CUDA-graph replay (on CPU, its eager rehearsal), the same
 engineering for `dense_opt` as for `trelm_fast` (the warm-up runs come before the measured calls, the
-FLOPs are counted on the capture, and peak_mem_mb is then a replay's, without the graph's own pool).
+FLOPs are counted and peak_mem_mb profiled on the capture, whose memory pool every replay reuses).
 Every record carries `device` (the device's name),
 `precision` and the variant's wall-clock percentiles `p20_ms`, `p50_ms`, `p80_ms` (amortized like
 wall_ms, which is p50).
@@ -169,7 +169,7 @@ def run(settings: Settings, results: Results) -> None:
             continue
         variants = [Variant(settings, shape, name, data_dir, batch_size, seq_len) for name in names]
         measured = measure_many(settings, {v.name: v.plain_step for v in variants}, tokens, quantiles=True,
-                                interleave=True)
+                                interleave=True, profile_first=settings.cuda_graphs)
         for v in variants:
             _check_finite(v.step)
             values, percentiles, note = v.amortized(measured[v.name], tokens)

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import (  # noqa: E402
-    MAX_REPEATS, METRICS, MissingComponent, Results, Settings, count_flops, peak_mem_mb, require, time_ms,
+    MAX_REPEATS, METRICS, MissingComponent, Results, Settings, count_flops, measure_many, peak_mem_mb, require,
+    time_ms,
 )
 
 RECORD_KEYS = {"suite", "case", "variant", "metric", "value", "unit"}
@@ -40,6 +41,26 @@ def test_flops_peak_memory_and_timing_measure_what_they_say(tmp_path):
     calls.clear()
     time_ms(lambda: calls.append(1), settings)
     assert len(calls) == settings.warmup + MAX_REPEATS
+
+
+def test_profile_first_measures_memory_on_the_call_that_allocates_it(tmp_path):
+    """Like a CUDA-graph capture: the first call builds a 4 MiB pool and a matmul, later calls reuse it."""
+    a, b = torch.randn(33, 17), torch.randn(17, 29)
+    pool = []
+
+    def capture_then_replay():
+        if not pool:
+            pool.append(torch.ones(1 << 20))
+            return a @ b
+        return pool[0].add_(1)
+
+    settings = Settings.make("cpu", quick=True, out=tmp_path)
+    settings.min_time_s = 0.0
+    first = measure_many(settings, {"step": capture_then_replay}, profile_first=True)["step"]
+    assert first["flops"] == 2 * 33 * 17 * 29
+    assert first["peak_mem_mb"] == pytest.approx(4.0, rel=0.01)
+    pool.clear()  # the default counts on the first call and profiles a second one: the replay's 0 MiB
+    assert measure_many(settings, {"step": capture_then_replay})["step"]["peak_mem_mb"] < 0.01
 
 
 def test_results_reject_unknown_metrics_and_nan():
@@ -302,17 +323,23 @@ def test_convergence_horizon_runs_variants_at_given_rates(tmp_path):
     import convergence_horizon
 
     assert convergence_horizon.main(["--quick", "--out", str(tmp_path), "--budget-s", "0.2", "--evals", "2",
-                                     "--variant", "trelm=1e-3", "--variant", "no_injection=3e-3"]) == 0
-    curves = json.loads((tmp_path / "curves.json").read_text())
-    assert set(curves) == {"tiny/trelm/seed0", "tiny/no_injection/seed0"}
+                                     "--variant", "trelm=1e-3", "--variant", "no_injection=3e-3",
+                                     "--variant", "dense=1e-4", "--variant", "dense=3e-4"]) == 0
+    curves = json.loads((tmp_path / "curves.json").read_text())  # one name at two rates: two runs, labelled
+    assert set(curves) == {"tiny/trelm/seed0", "tiny/no_injection/seed0", "tiny/dense@0.0001/seed0",
+                           "tiny/dense@0.0003/seed0"}
     for curve in curves.values():  # the common start, then evaluations on the run's own clock
         assert curve["probe_wall_s"][0] == 0.0 and len(curve["probe_wall_s"]) >= 2
         assert curve["loss_wall_s"][-1] >= 0.2
     summary = (tmp_path / "summary.md").read_text()
     assert "| trelm | 0.001 |" in summary and "| no_injection | 0.003 |" in summary
+    assert "| dense@0.0001 | 0.0001 |" in summary and "| dense@0.0003 | 0.0003 |" in summary
     assert "most common stated object: stated " in summary and (tmp_path / "horizon.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         convergence_horizon.main(["--quick", "--out", str(tmp_path), "--variant", "trelm"])  # no learning rate
+    with pytest.raises(SystemExit, match="twice at the same rate"):
+        convergence_horizon.main(["--quick", "--out", str(tmp_path), "--variant", "trelm=1e-3",
+                                  "--variant", "trelm=0.001"])
 
 
 def test_convergence_horizon_by_statements_partitions_the_stated_facts(tmp_path):
