@@ -1,5 +1,6 @@
 """`python benchmarks/convergence_horizon.py --out DIR [--dataset small] [--variant dense=1e-4 ...]
-[--budget-s 600] [--evals 10] [--probe-sample N] [--seed 0] [--start-pack DIR] [--by-statements]`
+[--budget-s 600] [--evals 10] [--probe-sample N] [--seed 0] [--start-pack DIR] [--by-statements]
+[--cuda-graphs]`
 
 A long look at one seed: what each variant learns given far more time than the convergence suite
 can give it (its seed runs get 50 s of step time, so that sweeps, 3 seeds and the ablations fit in
@@ -79,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the dataset and its warm-up from DIR/<dataset> (benchmarks/start_pack.py), no build")
     p.add_argument("--by-statements", action="store_true",
                    help="also P@1 in the corpus's phrasing by how often the corpus states a fact (synthetic data)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="every variant with train.static_shapes=always and train.cuda_graphs=true "
+                        "(plain steps as CUDA-graph replays; on CPU rehearsed eagerly)")
     p.add_argument("--quick", action="store_true", help="the suite's tiny plan: a smoke run")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -115,7 +119,8 @@ def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs
              f"- device: {info['device']}; commit {info['commit']}{' (dirty)' if info['dirty'] else ''}, "
              f"date {info['date']}",
              f"- command: `benchmarks/convergence_horizon.py {' '.join(sys.argv[1:])}`",
-             f"- seed {args.seed}, {args.budget_s:g} s of step time per variant, {args.evals} evaluations",
+             f"- seed {args.seed}, {args.budget_s:g} s of step time per variant, {args.evals} evaluations, "
+             f"train.static_shapes {settings.static_shapes}, train.cuda_graphs {str(settings.cuda_graphs).lower()}",
              *(f"- {n}" for n in notes),
              "", "| variant | lr | steps | s/step | clock s | " + " | ".join(measures) + " |",
              "|---|---|---|---|---|" + "---|" * len(measures)]
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = replace(plan, budget_s=args.budget_s, evals=args.evals)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.make(args.device, args.quick, args.out, probe_sample=args.probe_sample,
-                             start_pack=args.start_pack)
+                             start_pack=args.start_pack, cuda_graphs=args.cuda_graphs,
+                             static_shapes="always" if args.cuda_graphs else "never")
     results = Results()
     dataset = sc.DatasetRun(name, plan, {"dense": sc.VARIANTS["dense"],
                                          **{v: sc.ALL_VARIANTS[v] for v, _ in variants.values()}},

@@ -105,9 +105,9 @@ class Settings:
     precision: str = "fp32"
     """Training precision of the step suite (the trainer's `train.precision`): fp32, bf16 or fp16."""
     static_shapes: str = "never"
-    """`train.static_shapes` of the step suite's variants (never, always, auto)."""
+    """`train.static_shapes` of the step and convergence suites' variants (never, always, auto)."""
     cuda_graphs: bool = False
-    """`train.cuda_graphs` of the step suite's variants (needs static_shapes always/auto; not trelm_naive)."""
+    """`train.cuda_graphs` of the step and convergence suites' variants (needs static_shapes always/auto; not trelm_naive)."""
     batch_size: int | None = None
     """Sequences per step-suite batch (None: 8, --quick 2)."""
     seq_len: int = 128

@@ -47,10 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "its cases are named <shape>-<precision> unless fp32; also the operand dtype of the "
                         "kernels suite's sparse_ffn_wgrad cases")
     p.add_argument("--static-shapes", choices=("never", "always", "auto"), default="never",
-                   help="step suite: the variants' train.static_shapes (default never)")
+                   help="step and convergence suites: the variants' train.static_shapes (default never)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="step suite: train.cuda_graphs for every variant that supports it (not trelm_naive, "
-                        "which stays eager); needs --static-shapes always or auto; cases get a -graphs suffix")
+                   help="step and convergence suites: train.cuda_graphs for every variant that supports it "
+                        "(not trelm_naive, which stays eager); needs --static-shapes always or auto; step "
+                        "cases get a -graphs suffix")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step-suite batch (default 8, --quick 2)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per step-suite sequence (default 128)")

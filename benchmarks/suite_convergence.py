@@ -380,14 +380,16 @@ class DatasetRun:
 
     def config(self, variant: str, lr: float, seed: int, budget_s: float | None = None):
         """The trainer config of one run: constant `lr` after a warm-up of `LR_WARMUP_SHARE` of
-        `budget_s` at the variant's calibrated step time (None: 1 step, the calibration itself)."""
+        `budget_s` at the variant's calibrated step time (None: 1 step, the calibration itself), with
+        the settings' `train.static_shapes` and `train.cuda_graphs` (the same for every variant)."""
         import workload
 
         warmup = 1 if budget_s is None else lr_warmup_steps(budget_s, self.step_s[variant])
         return workload.config(None, self.variants[variant].method, self.data_dirs[variant], [
             f"model.path={self.warm}", "model.init=pretrained", f"train.batch_size={self.plan.batch_size}",
             "train.steps=1000000", "schedule.kind=constant", f"schedule.warmup_steps={warmup}", f"optim.lr={lr}",
-            f"seed={seed}", *self.variants[variant].overrides])
+            f"seed={seed}", f"train.static_shapes={self.settings.static_shapes}",
+            f"train.cuda_graphs={str(self.settings.cuda_graphs).lower()}", *self.variants[variant].overrides])
 
     def calibrate(self, start: dict) -> None:
         """Measure each variant's seconds per step (median of the timed calibration steps)."""

@@ -342,6 +342,24 @@ def test_convergence_horizon_runs_variants_at_given_rates(tmp_path):
                                   "--variant", "trelm=0.001"])
 
 
+def test_convergence_horizon_under_cuda_graphs_graphs_every_run(tmp_path, monkeypatch):
+    import convergence_horizon
+
+    graphed = []
+    run_in_turns = convergence_horizon.sc.run_in_turns
+
+    def record(runs):
+        run_in_turns(runs)
+        graphed.extend((label, run.step.graphs is not None and run.step.graphs.entries != {})
+                       for label, run in runs.items())
+
+    monkeypatch.setattr(convergence_horizon.sc, "run_in_turns", record)
+    assert convergence_horizon.main(["--quick", "--out", str(tmp_path), "--budget-s", "0.3", "--evals", "1",
+                                     "--variant", "trelm=1e-3", "--variant", "dense=1e-4", "--cuda-graphs"]) == 0
+    assert graphed == [("trelm", True), ("dense", True)]  # each run's plain steps went through its graphs
+    assert "train.static_shapes always, train.cuda_graphs true" in (tmp_path / "summary.md").read_text()
+
+
 def test_convergence_horizon_by_statements_partitions_the_stated_facts(tmp_path):
     import convergence_horizon
 
