@@ -1,14 +1,17 @@
 """`python benchmarks/profile_step.py --out DIR [--shape bert-base] [--precision bf16] [--variant NAME ...]
-[--batch-size 64] [--seq-len 128] [--steps 10] [--refresh] [--model-type bert]`
+[--batch-size 64] [--seq-len 128] [--steps 10] [--refresh] [--cuda-graphs] [--model-type bert]`
 
 Where a step's time goes, per step-suite variant (the same step objects and batches as suite_step):
 `--steps` plain steps (after a warm-up) under `torch.profiler`, CPU and (on a GPU) CUDA activities.
 Per variant it writes DIR/<case>-<variant>.txt, the profiler's top ops by device time and by host
 self time, and DIR/profile.json with, per plain step: `wall_ms` (timed unprofiled, median),
 `device_ms` (kernel time, summed), `launches` (kernel launch calls), `syncs` (host waits for the
-GPU: stream, device and event synchronizations) and `ops` (aten ops); the CUDA figures are 0 on CPU.
-A step that is host-bound shows `device_ms` well under `wall_ms`. With `--refresh`, the same for one
-refresh step with paths set (routed variants), as `refresh_*`.
+GPU: stream, device and event synchronizations), `graph_launches` (CUDA-graph replays) and `ops`
+(aten ops); the CUDA figures are 0 on CPU. A step that is host-bound shows `device_ms` well under
+`wall_ms`. With `--refresh`, the same for one refresh step with paths set (routed variants), as
+`refresh_*`. With `--cuda-graphs`, every variant but `trelm_naive` has static shapes and replays its
+plain steps as CUDA graphs (suite_step's `-graphs` cases; on CPU rehearsed eagerly): then `launches`
+and `ops` count what the host still does around a replay, and `device_ms` the replayed kernels.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def _figures(prof, calls: int) -> dict[str, float]:
     device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
     return {"device_ms": device_us / 1e3 / calls, "launches": count(LAUNCHES) / calls, "syncs": count(SYNCS) / calls,
+            "graph_launches": count(("cudaGraphLaunch",)) / calls,
             "ops": sum(e.count for e in events if e.key.startswith("aten::")) / calls}
 
 
@@ -71,7 +75,7 @@ def profile_variant(settings: Settings, shape: str, name: str, steps: int, refre
         walls.append((time.perf_counter() - start) * 1e3)
     prof = _profiled(variant.plain_step, steps, device)
     figures = {"wall_ms": statistics.median(walls), **_figures(prof, steps)}
-    case = suite_step.case_name(shape, settings.precision, settings.model_type)
+    case = suite_step.case_name(shape, settings.precision, settings.model_type, settings.cuda_graphs)
     text = f"# {case} {name}: plain step x {steps}\n\n" + _tables(prof, cuda)
     if refresh and variant.routed:
         index = 10 * variant.routing.refresh  # a refresh step with paths set
@@ -100,15 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="plain steps timed, then as many profiled (default 10)")
     p.add_argument("--refresh", action="store_true", help="also profile one refresh step with paths set")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="static shapes and CUDA-graph replays of the plain steps (not trelm_naive)")
     p.add_argument("--model-type", default="bert", help="model family (as benchmarks/run.py; default bert)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.variant or ["hf_dense", "dense_opt", "frozen_dense", "trelm_fast"]
     settings = Settings.make(args.device, False, args.out, shapes=[args.shape], precision=args.precision,
                              batch_size=args.batch_size, seq_len=args.seq_len, variants=names,
-                             model_type=args.model_type)
+                             model_type=args.model_type, cuda_graphs=args.cuda_graphs,
+                             static_shapes="always" if args.cuda_graphs else "never")
     report = {"device": describe_device(settings.device), "shape": args.shape, "model_type": args.model_type,
-              "precision": args.precision,
+              "precision": args.precision, "cuda_graphs": args.cuda_graphs,
               "batch": [args.batch_size, args.seq_len], "steps": args.steps, "variants": {}}
     for name in names:
         report["variants"][name] = profile_variant(settings, args.shape, name, args.steps, args.refresh, args.out)

@@ -271,6 +271,15 @@ def test_profile_step_reports_where_a_step_goes(tmp_path):
     text = (tmp_path / "tiny-trelm_fast.txt").read_text()
     assert "top ops by host self time" in text and "one refresh step with paths set" in text
 
+    graphed = tmp_path / "graphs"  # the same steps graphed (rehearsed on CPU): the same ops, named -graphs
+    assert profile_step.main(["--out", str(graphed), "--device", "cpu", "--shape", "tiny", "--precision", "fp32",
+                              "--variant", "trelm_fast", "--batch-size", "2", "--seq-len", "32", "--steps", "2",
+                              "--cuda-graphs"]) == 0
+    report = json.loads((graphed / "profile.json").read_text())
+    assert report["cuda_graphs"] and report["variants"]["trelm_fast"]["ops"] > 100
+    assert report["variants"]["trelm_fast"]["graph_launches"] == 0  # no capture on CPU
+    assert (graphed / "tiny-graphs-trelm_fast.txt").is_file()
+
 
 def test_model_type_builds_each_family_on_the_generated_base_model():
     import workload
