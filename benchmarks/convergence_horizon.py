@@ -4,8 +4,9 @@
 
 A long look at one seed: what each variant learns given far more time than the convergence suite
 can give it (its seed runs get 50 s of step time, so that sweeps, 3 seeds and the ablations fit in
-60 minutes). The variants (`suite_convergence` names, each at a given learning rate: no sweep)
-start from the suite's common start (the cached MLM-head warm-up) and advance in turns, each on its
+60 minutes). The variants (`suite_convergence` names or its `CAPACITY` diagnostics, each at a given
+learning rate: no sweep) start from the suite's common start (the cached MLM-head warm-up) and
+advance in turns, each on its
 own step clock (`suite_convergence.Run`), evaluated every budget / evals seconds of it: P@1 on the
 stated and held-out facts and the validation MLM loss. The summary gives, beside them, the P@1 of
 answering each relation's most common stated object (`trelm_fast.probe.relation_prior`): a P@1 at
@@ -38,16 +39,17 @@ import suite_convergence as sc
 from report import plot_convergence
 
 MEASURES = ("p_at_1_stated", "p_at_1_heldout", "valid_mlm_loss")
+HORIZON_VARIANTS = {**sc.ALL_VARIANTS, **sc.CAPACITY}
 STATEMENT_BUCKETS = {"said_1-2": (1, 2), "said_3-9": (3, 9), "said_10+": (10, None)}
 """--by-statements: probe split name -> (fewest, most) corpus sentences stating a fact (None: no bound)."""
 
 
 def parse_variant(text: str) -> tuple[str, float]:
-    """'name=lr' -> (name, lr), name one of the convergence suite's variants."""
+    """'name=lr' -> (name, lr), name one of the convergence suite's variants or its `CAPACITY` diagnostics."""
     name, sep, lr = text.partition("=")
-    if not sep or name not in sc.ALL_VARIANTS:
+    if not sep or name not in HORIZON_VARIANTS:
         raise argparse.ArgumentTypeError(
-            f"--variant must be NAME=LR with NAME one of {', '.join(sc.ALL_VARIANTS)}, got {text!r}")
+            f"--variant must be NAME=LR with NAME one of {', '.join(HORIZON_VARIANTS)}, got {text!r}")
     try:
         return name, float(lr)
     except ValueError:
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                              static_shapes="always" if args.cuda_graphs else "never")
     results = Results()
     dataset = sc.DatasetRun(name, plan, {"dense": sc.VARIANTS["dense"],
-                                         **{v: sc.ALL_VARIANTS[v] for v, _ in variants.values()}},
+                                         **{v: HORIZON_VARIANTS[v] for v, _ in variants.values()}},
                             (args.seed,), settings, results)
     if args.by_statements:
         for line in add_statement_splits(dataset.evaluate, dataset.data_dir):

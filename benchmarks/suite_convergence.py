@@ -104,7 +104,16 @@ floor (objects are frequent words of low SI: with the floor only 22% of the smal
 objects, without it 78%); by default the long-tail entities come first, on the synthetic set its
 people, the probes' subjects (86% of its targets)."""
 ALL_VARIANTS = {**VARIANTS, **INVESTIGATION}
-"""Every variant by name (--case selects among them)."""
+"""Every variant of the suite by name (--case selects among them)."""
+CAPACITY = {
+    "trelm_paths30": Variant("trelm", SLICE_LRS, ("routing.fraction=0.3",)),
+    "trelm_attention": Variant("trelm", SLICE_LRS, ("method.trainable=[head,other,attention,layernorm]",)),
+}
+"""Long-run diagnostics, for benchmarks/convergence_horizon.py only (not run by the suite): does trelm
+level off lower than dense because of what it trains? (On the H100 its P@1 on the facts said 10+
+times levelled off near 0.6 while dense's rose past 0.8 in as many steps.) `trelm_paths30`: paths
+of 30% of each FFN's neurons instead of 10%. `trelm_attention`: attention and layer norms train
+whole beside the paths, outside the paper's method (which updates only FFN paths inside a block)."""
 
 
 @dataclass(frozen=True)
