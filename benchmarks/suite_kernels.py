@@ -221,7 +221,7 @@ def attribution_case(settings: Settings, results: Results) -> None:
         rows = [fused.layers.index(layer) for layer in attr.layers]
         mine = select_paths(attr.scores, r.rule, r.fraction, r.threshold)
         reference = select_paths(fused.scores[rows], r.rule, r.fraction, r.threshold)
-        return [path_jaccard(a, b) for a, b in zip(mine, reference)]
+        return [path_jaccard(a.cpu(), b.cpu()) for a, b in zip(mine, reference)]  # the paths of host tensors
 
     default_overlaps = overlaps(chosen)
     results.add(SUITE, case, "default", "path_jaccard", sum(default_overlaps) / len(default_overlaps))

@@ -7,8 +7,8 @@ from torch import Tensor
 
 
 def path_jaccard(a: Tensor, b: Tensor) -> float:
-    """|a & b| / |a | b| of two index sets, tensors on any device or arrays (1.0 when both are empty)."""
-    a_set, b_set = set(torch.as_tensor(a).tolist()), set(torch.as_tensor(b).tolist())
+    """|a & b| / |a | b| of two host index sets (1.0 when both are empty)."""
+    a_set, b_set = set(np.asarray(a).tolist()), set(np.asarray(b).tolist())
     union = len(a_set | b_set)
     return 1.0 if union == 0 else len(a_set & b_set) / union
 
