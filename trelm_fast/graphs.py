@@ -26,8 +26,8 @@ Refresh steps stay eager (`TrainStep.step`). A refresh whose paths have the size
 place and keeps the slice leaves (`TrelmFFN.set_path`), so the graphs survive it and the next plain
 step replays. A path of another size (rules `threshold`, `global_budget`) gets a new buffer and new
 leaves, which a captured graph would not see, so `TrainStep._apply_paths` then calls `invalidate`:
-every graph is dropped (the buffers stay) and each signature warms up and is captured again; so does
-loading a step's state. (That graphs survive a refresh is checked by rehearsal on CPU,
+every graph is dropped (the buffers stay) and each signature warms up and is captured again, as
+after `TrainStep.load_state_dict`. (That graphs survive a refresh is checked by rehearsal on CPU,
 tests/test_graphs.py, not yet by a capture on a GPU.) At most `max_graphs` signatures are kept (the
 least recently used one is dropped).
 
