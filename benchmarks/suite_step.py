@@ -19,10 +19,13 @@ wall_ms, which is p50).
 
 Routed variants refresh their knowledge paths every R steps (`routing.refresh`), so their figures
 are amortized: wall_ms = (median step without a refresh) + (attribution time) / R, and likewise
-flops; `attribution_share` = (attribution time / R) / wall_ms. Under `--cuda-graphs` a refresh
-also drops the graphs, so the time of the warm-up runs and the capture that follow it, beyond as
-many replays, is timed once and counted in the attribution time (one batch shape: in training each
-shape in use is captured again). The first refresh (no paths yet)
+flops; `attribution_share` = (attribution time / R) / wall_ms. Under `--cuda-graphs` the graphs are
+captured first (warm-up runs + 1 plain steps), then one more refresh is made and the same number of
+plain steps after it are timed once: replays where the graphs survived the refresh (path sizes
+unchanged, as under `top_fraction`), warm-up runs and a capture where it dropped them
+(`GraphedStep.captures` says which; the note says whether they were kept). Their time beyond as
+many replays is counted in the attribution time (one batch shape: in training each shape in use
+is captured again after a refresh that drops the graphs). The first refresh (no paths yet)
 counts the refresh step's FLOPs and profiles its memory; the attribution time is the median of the
 step's own timer (`time/attribution_s`) over the `REFRESHES` (--quick: 2) refreshes that follow,
 made with paths already set, as in training. peak_mem_mb is the larger of the refresh step's and
@@ -88,16 +91,21 @@ class Variant:
             _check_finite(self.step)
             self.refresh = {"flops": flops, "peak_mem_mb": peak, "attribution_s": statistics.median(times),
                             "count": count}
-        self.recapture_s = 0.0
+        self.after_refresh_s, self.recaptured = 0.0, False
         if self.step.graphs is not None:
             graphs = self.step.graphs
-            if self.routed:  # what each refresh costs again: its warm-up runs and the capture, timed once
+            if self.routed:  # what a refresh costs the plain steps after it: replays, or a recapture
+                for _ in range(graphs.warmup + 1):  # warm-up runs and the capture
+                    self.step(self.batch, next(self.indices))
+                self.step(self.batch, (self.refresh["count"] + 1) * self.routing.refresh)
+                captures = graphs.captures
                 _sync(settings.device)
                 t0 = time.perf_counter()
                 for _ in range(graphs.warmup + 1):
                     self.step(self.batch, next(self.indices))
                 _sync(settings.device)
-                self.recapture_s = time.perf_counter() - t0
+                self.after_refresh_s = time.perf_counter() - t0
+                self.recaptured = graphs.captures > captures
                 graphs.invalidate()
             for _ in range(graphs.warmup):  # the eager warm-up runs: the first measured call (FLOPs) captures
                 self.step(self.batch, next(self.indices))
@@ -123,11 +131,13 @@ class Variant:
         attr_ms = 0.0
         if self.routed:
             attr_ms = self.refresh["attribution_s"] * 1e3 * self.scale / self.routing.refresh
-            if self.recapture_s:  # beyond the replays those warm-up and capture steps stand in for
-                runs = self.step.graphs.warmup + 1
-                recapture_ms = max(0.0, self.recapture_s * 1e3 - runs * values["wall_ms"])
-                note += f"; recapture after a refresh {recapture_ms:.0f} ms beyond {runs} replays, amortized"
-                attr_ms += recapture_ms / self.routing.refresh
+            if self.after_refresh_s:  # beyond as many replays
+                graphs, runs = self.step.graphs, self.step.graphs.warmup + 1
+                extra_ms = max(0.0, self.after_refresh_s * 1e3 - runs * values["wall_ms"])
+                kept = ("recaptured" if self.recaptured else "kept") if graphs.capture else "rehearsed, none captured"
+                note += (f"; after a refresh (graphs {kept}) the {runs} plain steps took {extra_ms:.0f} ms "
+                         f"beyond {runs} replays, amortized")
+                attr_ms += extra_ms / self.routing.refresh
         tags = {f"p{q}_ms": t + attr_ms for q, t in zip((20, 50, 80), quantiles)}
         if not self.routed:
             return values, tags, note

@@ -52,6 +52,6 @@ def test_cpu_smoke_run_without_the_wheel(tmp_path):
     assert "| step tiny-bf16: trelm_fast / hf_dense <= 0.5 | " in targets
     assert "| step tiny-bf16-graphs: trelm_fast / dense_opt <= 0.8 | " in targets
     assert "| step tiny-bf16-graphs trelm_fast / stock eager hf_dense (tiny-bf16, the part before) <= 0.5 | " in targets
-    assert "tiny-bf16-graphs trelm_fast: " in summary and "recapture after a refresh" in summary  # amortized in
+    assert "tiny-bf16-graphs trelm_fast: " in summary and "after a refresh (graphs rehearsed, none captured)" in summary  # amortized in
     assert "| kernels: fused attribution / per-layer loop (m = 20) <= 0.5 | " in targets
     assert "not measured" not in targets  # every target of the run has its figure

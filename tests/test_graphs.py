@@ -17,9 +17,9 @@ from trelm_fast.graphs import GraphedStep
 SETTINGS = ("train.static_shapes=always", "routing.refresh=3", "schedule.warmup_steps=5", "train.max_grad_norm=1.0")
 
 
-def _train(method, dataset, graphs, batches):
+def _train(method, dataset, graphs, batches, *extra):
     """Losses and final state of steps 0..len-1 on ``batches``, the epoch changing every step."""
-    cfg, model, step = setup_step(method, dataset, *SETTINGS, f"train.cuda_graphs={str(graphs).lower()}")
+    cfg, model, step = setup_step(method, dataset, *SETTINGS, f"train.cuda_graphs={str(graphs).lower()}", *extra)
     results = [step(b, i, epoch=0.25 * i).scalars() for i, b in enumerate(batches)]
     bank = None if model.bank is None else model.bank.state_dict()
     return results, model.state_dict(), step.optimizer.state_dict(), bank, step.paths, step
@@ -43,18 +43,31 @@ def _same_shape_batches(count):
     return out
 
 
-@pytest.mark.parametrize("method", ["trelm", "dense", "dense_opt"])
-def test_rehearsed_graph_steps_train_as_eager_steps(method, dataset):
-    # step 0 refreshes (eager), steps 1-2 run bodies, step 3 refreshes (invalidating), 4-7 run them
-    # again on other batches; a batch of another shape in between (its own signature)
+@pytest.mark.parametrize("method,rule", [("trelm", "top_fraction"), ("trelm", "threshold"), ("dense", None),
+                                         ("dense_opt", None)])
+def test_rehearsed_graph_steps_train_as_eager_steps(method, rule, dataset):
+    # trelm: steps 0, 3 and 6 refresh (eager), the others run bodies (one body at 1, 2, 4 and 7, on four
+    # batches; a batch of another shape at 5, its own signature); dense methods: bodies at every step
     batches = _same_shape_batches(8)
     batches[5] = _batches(1)[0]
-    eager, graphed = (_train(method, dataset, g, batches) for g in (False, True))
+    extra = () if rule is None else (f"routing.rule={rule}",)
+    eager, graphed = (_train(method, dataset, g, batches, *extra) for g in (False, True))
     _compare(eager, graphed)
     step = graphed[5]
     assert step.graphs is not None and eager[5].graphs is None
-    assert len(step.graphs.entries) == 2  # one body ran at steps 1, 2, 4 and 7, on four batches
+    assert len(step.graphs.entries) == 2
     assert step.graphs.captures == 0  # CPU: rehearsed, never captured
+    # a body's runs since the last invalidation: a refresh keeping every path size (top_fraction) keeps
+    # the graphs, one changing a size drops them all (threshold: here at steps 3 and 6, so the body of
+    # step 5's shape has run 0 times since, the other one once, at 7)
+    sizes = [m.sum(1).tolist() for m in step.router.history.masks] if step.router is not None else []
+    runs = sorted(e.runs for e in step.graphs.entries.values())
+    if rule == "top_fraction":
+        assert sizes[0] == sizes[1] == sizes[2] and runs == [1, 4]
+    elif rule == "threshold":
+        assert sizes[0] != sizes[1] != sizes[2] and runs == [0, 1]
+    else:
+        assert runs == [1, 7]
 
 
 def _constants(flat) -> list:

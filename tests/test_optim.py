@@ -218,3 +218,48 @@ def test_lr_setter_zero_grad_and_bad_hyperparameters():
     f.set_path(torch.tensor([4]))  # allowed after zero_grad
     with pytest.raises(ValueError, match="invalid hyper-parameters"):
         TrelmOptimizer(m, lr=1e-3, betas=(0.9, 1.0))
+
+
+# per refresh, one path per layer: the sizes stay (3 and 2 ids), the ids change (int32 ids in the last)
+SAME_SIZE_PATHS = [[torch.tensor([0, 5, 6]), torch.tensor([2, 36])],
+                   [torch.tensor([1, 5, 30]), torch.tensor([3, 9])],
+                   [torch.tensor([4, 7, 8], dtype=torch.int32), torch.tensor([0, 36], dtype=torch.int32)]]
+
+
+def test_a_same_size_path_is_copied_in_place_and_trains_as_fresh_leaves():
+    """set_path with as many ids keeps the path buffer and the leaves (what a CUDA graph points at)
+    and trains exactly as a path set on fresh leaves (cleared first: the allocating route)."""
+    base = swap_ffn(_model())
+    configure_trainable(base)
+    kept, fresh = copy.deepcopy(base), copy.deepcopy(base)
+    opt_kept, opt_fresh = TrelmOptimizer(kept, **HP), TrelmOptimizer(fresh, **HP)
+    given = [[p.clone() for p in paths] for paths in SAME_SIZE_PATHS]
+    tensors = None
+    for it, paths in enumerate(SAME_SIZE_PATHS):
+        for f, g, p in zip(ffn_modules(kept), ffn_modules(fresh), paths):
+            f.set_path(p)
+            g.set_path(None)
+            g.set_path(p)
+            assert f.path is not p and torch.equal(f.path, p.long()) and f.path.dtype == torch.int64
+        now = [t for f in ffn_modules(kept) for t in (f.path, *f.leaves)]
+        if tensors is not None:
+            assert all(a is b for a, b in zip(now, tensors, strict=True))  # the same objects
+        tensors = now
+        assert all(not t.any() and t.grad is None for f in ffn_modules(kept) for t in f.leaves)
+        loss_kept, loss_fresh = _loss(kept, _ids(it)), _loss(fresh, _ids(it))
+        assert torch.equal(loss_kept, loss_fresh)
+        loss_kept.backward(), loss_fresh.backward()
+        for f, g in zip(ffn_modules(kept), ffn_modules(fresh)):
+            assert all(torch.equal(a.grad, b.grad) for a, b in zip(f.leaves, g.leaves, strict=True))
+        opt_kept.step(), opt_fresh.step()
+        opt_kept.zero_grad(), opt_fresh.zero_grad()
+    for (n, p), (_, q) in zip(kept.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    for a, b in zip(opt_kept.slice_state, opt_fresh.slice_state, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for paths, copies in zip(SAME_SIZE_PATHS, given):  # the callers' tensors were never written to
+        assert all(torch.equal(p, c) for p, c in zip(paths, copies))
+    f = ffn_modules(kept)[0]
+    f.set_path(torch.tensor([1, 2, 3, 4]))  # another size: a new buffer and new leaves
+    assert f.path is not tensors[0] and all(t is not old for t in f.leaves for old in tensors)
+    assert f.leaves[0].shape == (4, D)

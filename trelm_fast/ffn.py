@@ -175,7 +175,9 @@ class PathSliced:
         return torch.cat([idx + b * n for b in range(self.blocks)])
 
     def _set_path(self, idx: Tensor | None) -> None:
-        """Install a validated path and fresh zero slice leaves (or clear them)."""
+        """Install a validated path and fresh zero slice leaves (or clear them). ``idx`` (int64, on
+        the weight's device) becomes the module's path buffer as it is: `TrelmFFN.set_path` passes
+        one buffer of its own to all its projections and later copies same-size paths into it."""
         self.path, self.weight_slice, self.bias_slice = idx, None, None
         if idx is None:
             return
@@ -327,7 +329,12 @@ class TrelmFFN(nn.Module):
     def set_path(self, indices: Tensor | None) -> None:
         """Set the knowledge path S (sorted unique ids in [0, I)) or clear it with None.
 
-        Creates fresh zero slice leaves; refuses while the current leaves hold gradients (call the
+        A path of as many ids as the current one, on the same device, is copied into the current
+        path buffer in place and the slice leaves stay (still zero, without gradients): what a
+        captured CUDA graph of the step points at stays valid (`trelm_fast.graphs`), which is every
+        refresh under the default rule `top_fraction`. Otherwise the path buffer is a new copy of
+        ``indices`` (never the caller's tensor, which a later in-place update would overwrite) and
+        the slice leaves are fresh zeros. Refuses while the current leaves hold gradients (call the
         optimizer's step()/zero_grad() first, otherwise those gradients would be lost).
         """
         where = f"TrelmFFN.set_path (layer {self.layer_idx})"
@@ -348,7 +355,12 @@ class TrelmFFN(nn.Module):
                                  f"[{int(idx.min())}, {int(idx.max())}]")
             if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise ValueError(f"{where}: indices must be sorted and unique")
-            idx = idx.to(device=self.up.weight.device, dtype=torch.int64)
+        device, current = self.up.weight.device, self.path
+        if idx is not None and current is not None and current.numel() == idx.numel() and current.device == device:
+            current.copy_(idx)  # shared by every projection of the layer
+            return
+        if idx is not None:
+            idx = idx.to(device=device, dtype=torch.int64, copy=True)
         for lin in self.linears:
             lin._set_path(idx)
 

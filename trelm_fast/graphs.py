@@ -21,10 +21,15 @@ On another device the body runs eagerly on the static buffers ("rehearsal"): the
 would be captured, so the CPU tests catch a value baked in at capture time (a Python float read by
 the body, a host value of the first batch of a signature).
 
-Refresh steps stay eager (`TrainStep.step`); a refresh gives every routed layer new slice leaves and
-path tensors, which a captured graph would still point to, so `invalidate` drops every graph (the
-buffers stay) and each signature warms up and is captured again. At most `max_graphs` signatures are
-kept (the least recently used one is dropped).
+Refresh steps stay eager (`TrainStep.step`). A refresh whose paths have the sizes of the old ones
+(every refresh under the default rule `top_fraction`) copies them into the layers' path buffers in
+place and keeps the slice leaves (`TrelmFFN.set_path`), so the graphs survive it and the next plain
+step replays. A path of another size (rules `threshold`, `global_budget`) gets a new buffer and new
+leaves, which a captured graph would not see, so `TrainStep._apply_paths` then calls `invalidate`:
+every graph is dropped (the buffers stay) and each signature warms up and is captured again, as
+after `TrainStep.load_state_dict`. (That graphs survive a refresh is checked by rehearsal on CPU,
+tests/test_graphs.py, not yet by a capture on a GPU.) At most `max_graphs` signatures are kept (the
+least recently used one is dropped).
 
 Host values of a batch that the body reads must be the same for every batch of a signature:
 `signature` holds them (`mlm_count > 0`: `dense`'s objective branches on it); `entity_rounds` (the loop
@@ -75,7 +80,8 @@ class GraphedStep:
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
 
     def invalidate(self) -> None:
-        """Drop every captured graph (after new paths or loaded state: the graphs point at old tensors)."""
+        """Drop every captured graph (after paths of another size or loaded state: the graphs point
+        at old tensors)."""
         for e in self.entries.values():
             e.graph, e.out, e.runs = None, None, 0
 

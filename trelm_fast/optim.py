@@ -144,7 +144,7 @@ class TrelmOptimizer:
 
     def trained_tensors(self) -> list[Tensor]:
         """What this optimizer updates from ``.grad``: the dense parameters, then the slice leaves of
-        the current paths (`TrelmFFN.leaves`; new leaves after every path change)."""
+        the current paths (`TrelmFFN.leaves`; new leaves after a change of path size)."""
         dense = [] if self.dense is None else [p for g in self.dense.param_groups for p in g["params"]]
         return dense + [t for f in self.ffns for t in f.leaves]
 

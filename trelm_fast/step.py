@@ -301,13 +301,23 @@ class TrainStep:
     # ------------------------------------------------------------------------- routing
 
     def _apply_paths(self) -> None:
+        """Set `self.paths` on the routed layers (no path elsewhere). The CUDA graphs are dropped only
+        when some layer got a new path buffer or new slice leaves (a path of another size): a
+        same-size path is copied into the old buffer (`TrelmFFN.set_path`), which the graphs read."""
         from trelm_fast.ffn import ffn_modules
 
+        ffns = ffn_modules(self.model.mlm)
+
+        def path_tensors() -> list:
+            return [t for ffn in ffns for t in (ffn.path, *ffn.leaves)]
+
+        before = path_tensors()
         routed = dict(zip(self.router.layers, self.paths))
-        for i, ffn in enumerate(ffn_modules(self.model.mlm)):
-            path = routed.get(i)
-            ffn.set_path(path)  # host paths: set_path checks them there and moves them
-        if self.graphs is not None:  # new slice leaves and path tensors: the graphs point at the old ones
+        for i, ffn in enumerate(ffns):
+            ffn.set_path(routed.get(i))  # host paths: set_path checks them there and moves them
+        after = path_tensors()
+        reallocated = len(after) != len(before) or any(a is not b for a, b in zip(after, before))
+        if self.graphs is not None and reallocated:  # the graphs point at the old tensors
             self.graphs.invalidate()
 
     def _refresh_paths(self, batch: dict, step_index: int, epoch: float, negatives: Tensor) -> dict:
