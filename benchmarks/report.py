@@ -125,7 +125,8 @@ def convergence_table(results: Results) -> list[str]:
 
 def ratio(results: Results, suite: str, case: str, variant: str, base: str, metric: str = "wall_ms",
           base_case: str | None = None) -> float | None:
-    """`metric` of (case, variant) / that of (base_case, default case, base); None if either is missing."""
+    """`metric` of (case, variant) over `metric` of (base_case, or case if None, base); None if either
+    is missing."""
     value, ref = results.get(suite, case, variant, metric), results.get(suite, base_case or case, base, metric)
     return value / ref if value is not None and ref else None
 
