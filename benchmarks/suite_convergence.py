@@ -420,9 +420,10 @@ class DatasetRun:
         its figures (evaluated once, the first point of every curve of the seed)."""
         build_step_model = require("trelm_fast.step", "build_step_model")
         torch.manual_seed(seed)
-        reference = build_step_model("dense", self.config("dense", 1e-4, seed), self.data_dir)
+        reference = build_step_model("dense", self.config("dense", 1e-4, seed), self.data_dir,
+                                     device=self.settings.device)
         return {"mlm": reference.mlm.state_dict(), "injection": reference.injection.state_dict(),
-                "figures": self.evaluate(reference.mlm.to(self.settings.device))}
+                "figures": self.evaluate(reference.mlm)}
 
     def sweep(self) -> dict[str, float]:
         """{variant: chosen lr}: each variant's rates in turns on seed 0, lowest final valid MLM loss."""
