@@ -45,6 +45,7 @@ METRICS = {
     "time_to_target_s": "s",
     "efficiency": "1",
     "attribution_share": "1",
+    "back_to_back_ms": "ms",  # the `step` suite on CUDA: steps with one synchronize per window
     "path_jaccard": "1",
     # the `limit` suite's device figures and floors
     "flops_per_s": "FLOP/s",

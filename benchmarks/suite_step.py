@@ -29,7 +29,11 @@ is captured again after a refresh that drops the graphs). The first refresh (no 
 counts the refresh step's FLOPs and profiles its memory; the attribution time is the median of the
 step's own timer (`time/attribution_s`) over the `REFRESHES` (--quick: 2) refreshes that follow,
 made with paths already set, as in training. peak_mem_mb is the larger of the refresh step's and
-a plain step's. Non-finite losses are checked once, after the timed steps (a check per step would
+a plain step's. On CUDA, `back_to_back_ms` (amortized the same way) is the median time per plain step
+over windows of `BACK_TO_BACK` steps with one device synchronize per window, as training runs them:
+wall_ms ends every step with a synchronize, so it adds the host's preparation of a step to the GPU's
+run of it, where back to back the host prepares a step while the GPU runs the one before (the batch
+copied from page-locked memory: `trelm_fast.step.page_locked`). Non-finite losses are checked once, after the timed steps (a check per step would
 be a host sync per step). `trelm_naive`'s per-layer, per-sequence
 loop is linear in the sequences: outside `minilm` it is run on 1 sequence (`routing.sequences=1`) and
 its time and FLOPs are multiplied by the number of sequences the configuration attributes (said in
@@ -41,12 +45,14 @@ import itertools
 import statistics
 import time
 
-from harness import Results, Settings, _sync, count_and_profile, describe_device, measure_many
+from harness import Results, Settings, _sync, count_and_profile, describe_device, measure_many, time_quantiles
 
 SUITE = "step"
 VARIANTS = ("hf_dense", "dense_opt", "frozen_dense", "trelm_naive", "trelm_fast")
 REFRESHES = 3
 """Refreshes with paths set whose median attribution time is reported (--quick: 2)."""
+BACK_TO_BACK = 10
+"""Plain steps per window of the back-to-back timing (CUDA)."""
 PHASES = ("forward_backward", "optimizer", "bank")
 """The step's own timers (`time/<phase>_s` in its stats; `other` = the rest of `time/step_s`:
 negative sampling, moving the batch), reported as a breakdown in the notes. Host time: on CUDA the
@@ -139,6 +145,8 @@ class Variant:
                          f"beyond {runs} replays, amortized")
                 attr_ms += extra_ms / self.routing.refresh
         tags = {f"p{q}_ms": t + attr_ms for q, t in zip((20, 50, 80), quantiles)}
+        if "back_to_back_ms" in values:
+            values["back_to_back_ms"] += attr_ms
         if not self.routed:
             return values, tags, note
         r, refresh = self.routing, self.routing.refresh
@@ -153,6 +161,14 @@ class Variant:
                 + f", every R = {refresh} steps (m {r.m} {r.quadrature}, layers {r.layers or 'all'}, "
                 f"sequences {r.sequences or 'all'}); " + note)
         return values, tags, note
+
+
+def back_to_back(settings: Settings, variants: list[Variant]) -> dict[str, float]:
+    """{variant: median ms per plain step} over windows of `BACK_TO_BACK` plain steps, each window
+    ended by one device synchronize, the variants' windows interleaved."""
+    windows = time_quantiles({v.name: (lambda v=v: [v.plain_step() for _ in range(BACK_TO_BACK)]) for v in variants},
+                             settings, warmup=1, interleave=True)
+    return {name: q[1] / BACK_TO_BACK for name, q in windows.items()}
 
 
 def case_name(shape: str, precision: str, model_type: str = "bert", cuda_graphs: bool = False) -> str:
@@ -180,6 +196,9 @@ def run(settings: Settings, results: Results) -> None:
         variants = [Variant(settings, shape, name, data_dir, batch_size, seq_len) for name in names]
         measured = measure_many(settings, {v.name: v.plain_step for v in variants}, tokens, quantiles=True,
                                 interleave=True, profile_first=settings.cuda_graphs)
+        if settings.device.type == "cuda":
+            for name, ms in back_to_back(settings, variants).items():
+                measured[name]["back_to_back_ms"] = ms
         for v in variants:
             _check_finite(v.step)
             values, percentiles, note = v.amortized(measured[v.name], tokens)

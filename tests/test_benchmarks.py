@@ -164,6 +164,26 @@ def test_step_suite_precision_batch_size_seq_len_and_variants(tmp_path):
         assert int(shares["forward_backward"].rstrip("%")) > 20
 
 
+def test_back_to_back_times_windows_of_plain_steps_per_step(tmp_path):
+    import time
+
+    import suite_step
+
+    class Plain:  # a variant whose plain step takes at least `seconds`
+        def __init__(self, name, seconds):
+            self.name, self.seconds, self.calls = name, seconds, 0
+
+        def plain_step(self):
+            self.calls += 1
+            time.sleep(self.seconds)
+
+    variants = [Plain("a", 0.002), Plain("b", 0.004)]
+    ms = suite_step.back_to_back(Settings.make("cpu", quick=True, out=tmp_path), variants)
+    window = suite_step.BACK_TO_BACK
+    assert all(v.calls % window == 0 and v.calls >= 2 * window for v in variants)  # whole windows, warm-up + timed
+    assert 2.0 <= ms["a"] < 2.0 * window / 2 and 4.0 <= ms["b"]  # per step, not per window
+
+
 def test_a_failing_suite_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
     import run
 

@@ -47,3 +47,28 @@ def test_captured_steps_train_as_eager_steps_without_host_syncs(method, captures
     _compare(eager, graphed)
     assert graphed[5].graphs.captures == captures
     assert graphed[6] >= 4  # replayed steps checked for host syncs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [True, False])
+def test_plain_steps_copy_their_batch_from_page_locked_memory(graphs, dataset):
+    # A copy from pageable memory waits for the stream (the CUDA runtime stages it), so the host could
+    # not prepare a step while the GPU runs the previous one; set_sync_debug_mode does not see it.
+    from torch.profiler import ProfilerActivity, profile
+
+    from trelm_fast.step import build_step_model, make_step
+
+    cfg = tiny_config(*SETTINGS, "routing.refresh=6", "train.precision=fp32",
+                      f"train.cuda_graphs={str(graphs).lower()}")
+    step = make_step("trelm", build_step_model("trelm", cfg, dataset, device="cuda"), cfg)
+    batches = _same_shape_batches(6)
+    for i in range(4):  # the refresh at 0; with graphs the warm-up at 1-2 and the capture at 3
+        step(batches[i], i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in (4, 5):
+            step(batches[i], i)
+        torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "Memcpy HtoD" in e.name]
+    assert copies, "no host-to-device copy was profiled"
+    assert not [c for c in copies if "Pageable" in c]

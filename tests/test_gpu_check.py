@@ -54,4 +54,6 @@ def test_cpu_smoke_run_without_the_wheel(tmp_path):
     assert "| step tiny-bf16-graphs trelm_fast / stock eager hf_dense (tiny-bf16, the part before) <= 0.5 | " in targets
     assert "tiny-bf16-graphs trelm_fast: " in summary and "after a refresh (graphs rehearsed, none captured)" in summary  # amortized in
     assert "| kernels: fused attribution / per-layer loop (m = 20) <= 0.5 | " in targets
-    assert "not measured" not in targets  # every target of the run has its figure
+    back_to_back = [line for line in targets.splitlines() if " back to back: " in line]
+    assert back_to_back and all("not measured" in line for line in back_to_back)  # CUDA only: nothing overlaps on CPU
+    assert not [line for line in targets.splitlines() if "not measured" in line and line not in back_to_back]

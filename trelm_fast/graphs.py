@@ -6,7 +6,7 @@ on tensors of the same shapes every time, only their contents change: the recipe
 `GraphedStep` keeps, per shape signature of the batch (`signature`):
 
 - static device buffers, one per tensor field of the batch, into which each step's batch is copied
-  (`copy_(..., non_blocking=True)`);
+  (`copy_(..., non_blocking=True)`, from page-locked host memory: `trelm_fast.step.page_locked`);
 - the step body, built once per signature: zero the gradients (set to None, so the captured backward
   writes them afresh on every replay), forward + loss + backward (`TrainStep.accumulate`), clip and
   optimizer step (`TrainStep.finish`), memory-bank update (`TrainStep.fold_into_bank`); it returns one
@@ -28,7 +28,7 @@ step replays. A path of another size (rules `threshold`, `global_budget`) gets a
 leaves, which a captured graph would not see, so `TrainStep._apply_paths` then calls `invalidate`:
 every graph is dropped (the buffers stay) and each signature warms up and is captured again, as
 after `TrainStep.load_state_dict`. (That graphs survive a refresh is checked by rehearsal on CPU,
-tests/test_graphs.py, not yet by a capture on a GPU.) At most `max_graphs` signatures are kept (the
+tests/test_graphs.py, and by capture on a GPU, tests/test_cuda_graphs.py.) At most `max_graphs` signatures are kept (the
 least recently used one is dropped).
 
 Host values of a batch that the body reads must be the same for every batch of a signature:
@@ -43,6 +43,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from trelm_fast.step import page_locked
 
 
 def signature(batch: dict) -> tuple:
@@ -95,7 +97,7 @@ class GraphedStep:
         self.entries.move_to_end(key)
         for k, buf in entry.batch.items():
             if isinstance(buf, Tensor):
-                buf.copy_(batch[k], non_blocking=True)
+                buf.copy_(page_locked(batch[k], buf.device), non_blocking=True)
         self.epoch.fill_(epoch)
         if entry.graph is None and (not self.capture or entry.runs < self.warmup):
             entry.runs += 1

@@ -224,9 +224,24 @@ def any_rank_flag(flag: Tensor) -> Tensor:
     return t > 0
 
 
+def page_locked(t: Tensor, device) -> Tensor:
+    """``t``, in page-locked host memory when it is a CPU tensor bound for a CUDA ``device``.
+
+    An asynchronous host-to-device copy from pageable memory is staged by the CUDA runtime, which
+    first waits for the stream: the host would stop at every step's batch copy until the previous
+    step's kernels finish, and prepare the next step while the GPU idles. From page-locked memory the
+    copy is queued and the host goes on (PyTorch's pinned-memory allocator keeps the block until the
+    copy is done)."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu" or t.is_pinned():
+        return t
+    return t.pin_memory()
+
+
 def move_batch(batch: dict, device) -> dict:
-    """Tensors of ``batch`` on ``device`` (asynchronous copies; tensors already there untouched)."""
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) and v.device != device else v)
+    """Tensors of ``batch`` on ``device`` (asynchronous copies, from page-locked memory for CUDA:
+    `page_locked`; tensors already there untouched)."""
+    return {k: (page_locked(v, device).to(device, non_blocking=True) if isinstance(v, Tensor) and v.device != device
+                else v)
             for k, v in batch.items()}
 
 
