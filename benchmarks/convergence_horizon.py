@@ -18,13 +18,17 @@ split by how many corpus sentences state each fact (`STATEMENT_BUCKETS`; counted
 `synthetic.corpus_phrased`), with each bucket's relation prior in the notes: whether the facts the
 text states most often are learned, when the probes' new phrasing shows nothing.
 
-Writes DIR/curves.json, DIR/horizon.png (`report.plot_convergence`) and DIR/summary.md.
+Writes DIR/curves.json, DIR/horizon.png (`report.plot_convergence`) and DIR/summary.md. curves.json
+and summary.md are rewritten after every evaluation of any run (each atomically), with a progress line
+on stdout, so a run cut off (a device time limit) keeps what it had evaluated; until the last write the
+summary says it is incomplete. The plot is drawn at the end only.
 --quick: the suite's tiny plan (random-init 2-layer model), a few seconds (the CI smoke run).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -112,12 +116,22 @@ def add_statement_splits(evaluate: sc.Evaluator, data_dir: Path) -> list[str]:
             for split, (low, high) in STATEMENT_BUCKETS.items()]
 
 
-def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs: dict) -> list[str]:
+def shown_measures(args: argparse.Namespace) -> list[str]:
+    """The curve keys the summary and the progress lines show."""
+    return [*MEASURES, *(f"p_at_1_{split}" for split in STATEMENT_BUCKETS if args.by_statements)]
+
+
+def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs: dict,
+            complete: bool = True) -> list[str]:
     """summary.md: the run's settings, the suite's notes (common start, probes and their relation
-    prior, step times) and every evaluation of every variant."""
+    prior, step times) and every evaluation of every variant made so far (`complete` False: the
+    runs are not all done, said in an "incomplete" line)."""
     info = meta(settings, sys.argv[1:])
-    measures = [*MEASURES, *(f"p_at_1_{split}" for split in STATEMENT_BUCKETS if args.by_statements)]
+    measures = shown_measures(args)
+    evaluated = sum(len(run.curve["probe_wall_s"]) for _, run in runs.values())
     lines = ["# Convergence horizon: one seed, a long budget", "",
+             *([] if complete else [f"- incomplete: written after {evaluated} of {len(runs) * (args.evals + 1)} "
+                                    "evaluations (each run's start and its planned ones; the runs were still going)"]),
              f"- device: {info['device']}; commit {info['commit']}{' (dirty)' if info['dirty'] else ''}, "
              f"date {info['date']}",
              f"- command: `benchmarks/convergence_horizon.py {' '.join(sys.argv[1:])}`",
@@ -134,6 +148,27 @@ def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs
                          f"{f'{run.clock / run.steps:.2f}' if last and run.steps else ''} | {clock:.0f} | "
                          + " | ".join(f"{run.curve[m][i]:.3f}" for m in measures) + " |")
     return lines
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it: a kill mid-write leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, curves: dict, lines: list[str]) -> None:
+    """DIR/curves.json and DIR/summary.md, each written atomically."""
+    write_atomically(out / "curves.json", json.dumps(curves))
+    write_atomically(out / "summary.md", "\n".join(lines) + "\n")
+
+
+def progress(label: str, run: sc.Run, evals: int, measures: list[str]) -> str:
+    """One stdout line on a run's latest evaluation: the label, the evaluation's number out of
+    evals + 1 (the start's included), the run's clock and the measures."""
+    clocks = run.curve["probe_wall_s"]
+    return (f"[horizon] {label} eval {len(clocks)}/{evals + 1} clock {clocks[-1]:.1f} s: "
+            + " ".join(f"{m} {run.curve[m][-1]:.3f}" for m in measures))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,12 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     runs = {label: (lr, sc.Run(dataset.config(v, lr, args.seed, plan.budget_s), dataset.data_dirs[v],
                                settings.device, start, dataset.evaluate, plan.budget_s, plan.evals))
             for label, (v, lr) in variants.items()}
-    sc.run_in_turns({label: run for label, (_, run) in runs.items()})
     curves = {f"{name}/{label}/seed{args.seed}": run.curve for label, (_, run) in runs.items()}
-    (args.out / "curves.json").write_text(json.dumps(curves))
+    notes = results.notes.get(sc.SUITE, [])
+
+    def after_eval(label: str, run: sc.Run) -> None:
+        write_results(args.out, curves, summary(args, settings, notes, runs, complete=False))
+        print(progress(label, run, args.evals, shown_measures(args)), flush=True)
+
+    sc.run_in_turns({label: run for label, (_, run) in runs.items()}, after_eval)
+    lines = summary(args, settings, notes, runs)
+    write_results(args.out, curves, lines)
     plot_convergence(curves, args.out / "horizon.png")
-    lines = summary(args, settings, results.notes.get(sc.SUITE, []), runs)
-    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -308,12 +308,23 @@ def lr_warmup_steps(budget_s: float, step_s: float) -> int:
     return max(1, round(LR_WARMUP_SHARE * budget_s / step_s))
 
 
-def run_in_turns(runs: dict) -> None:
-    """Advance every run one step at a time, in turns, until each is done."""
+def run_in_turns(runs: dict, after_eval=None) -> None:
+    """Advance every run one step at a time, in turns, until each is done.
+
+    `after_eval(key, run)`, if given, is called once per evaluation on a run's curve as it is made:
+    first for a run evaluated at the common start (recorded when a `Run` is built), then after each
+    `advance()` that added one."""
+    if after_eval is not None:
+        for key, r in runs.items():
+            if r.curve["probe_wall_s"]:
+                after_eval(key, r)
     while any(not r.done for r in runs.values()):
-        for r in runs.values():
+        for key, r in runs.items():
             if not r.done:
+                evaluations = len(r.curve["probe_wall_s"])
                 r.advance()
+                if after_eval is not None and len(r.curve["probe_wall_s"]) > evaluations:
+                    after_eval(key, r)
 
 
 def targets_from(curve: dict) -> dict[str, float]:

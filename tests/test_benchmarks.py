@@ -348,7 +348,7 @@ def test_step_suite_refuses_an_unknown_family(tmp_path):
     assert bad.returncode == 2 and "--model-type must be one of bert, " in bad.stderr
 
 
-def test_convergence_horizon_runs_variants_at_given_rates(tmp_path):
+def test_convergence_horizon_runs_variants_at_given_rates(tmp_path, capsys):
     import convergence_horizon
 
     assert convergence_horizon.main(["--quick", "--out", str(tmp_path), "--budget-s", "0.2", "--evals", "2",
@@ -364,6 +364,10 @@ def test_convergence_horizon_runs_variants_at_given_rates(tmp_path):
     assert "| trelm | 0.001 |" in summary and "| no_injection | 0.003 |" in summary
     assert "| dense@0.0001 | 0.0001 |" in summary and "| dense@0.0003 | 0.0003 |" in summary
     assert "most common stated object: stated " in summary and (tmp_path / "horizon.png").stat().st_size > 0
+    assert "incomplete" not in summary
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[horizon] ")]
+    assert len(progress) == sum(len(curve["probe_wall_s"]) for curve in curves.values())  # one per evaluation
+    assert progress[0].startswith("[horizon] trelm eval 1/3 clock 0.0 s: p_at_1_stated ")
     with pytest.raises(SystemExit):
         convergence_horizon.main(["--quick", "--out", str(tmp_path), "--variant", "trelm"])  # no learning rate
     with pytest.raises(SystemExit, match="twice at the same rate"):
@@ -395,8 +399,8 @@ def test_convergence_horizon_under_cuda_graphs_graphs_every_run(tmp_path, monkey
     graphed = []
     run_in_turns = convergence_horizon.sc.run_in_turns
 
-    def record(runs):
-        run_in_turns(runs)
+    def record(runs, after_eval=None):
+        run_in_turns(runs, after_eval)
         graphed.extend((label, run.step.graphs is not None and run.step.graphs.entries != {})
                        for label, run in runs.items())
 
@@ -405,6 +409,64 @@ def test_convergence_horizon_under_cuda_graphs_graphs_every_run(tmp_path, monkey
                                      "--variant", "trelm=1e-3", "--variant", "dense=1e-4", "--cuda-graphs"]) == 0
     assert graphed == [("trelm", True), ("dense", True)]  # each run's plain steps went through its graphs
     assert "train.static_shapes always, train.cuda_graphs true" in (tmp_path / "summary.md").read_text()
+
+
+def test_run_in_turns_reports_each_evaluation_once_as_it_is_made():
+    import suite_convergence as sc
+
+    class Counting:
+        """A stand-in `sc.Run`: evaluated at its start (or not), then every `every` steps, done after `steps`."""
+
+        def __init__(self, every: int, steps: int, start: bool = True):
+            self.curve = {"probe_wall_s": [0.0] if start else []}
+            self.every, self.budget, self.steps = every, steps, 0
+
+        @property
+        def done(self):
+            return self.steps >= self.budget
+
+        def advance(self):
+            self.steps += 1
+            if self.steps % self.every == 0:
+                self.curve["probe_wall_s"].append(float(self.steps))
+
+    runs = {"a": Counting(2, 5), "b": Counting(3, 6), "c": Counting(4, 4, start=False)}
+    seen = []
+    sc.run_in_turns(runs, lambda label, run: seen.append((label, list(run.curve["probe_wall_s"]))))
+    assert seen == [("a", [0.0]), ("b", [0.0]),  # the start's, then in the order the turns made them
+                    ("a", [0.0, 2.0]), ("b", [0.0, 3.0]), ("a", [0.0, 2.0, 4.0]), ("c", [4.0]),
+                    ("b", [0.0, 3.0, 6.0])]
+    assert all(r.done for r in runs.values())
+
+
+def test_convergence_horizon_cut_off_keeps_the_finished_evaluations(tmp_path, monkeypatch, capsys):
+    import convergence_horizon
+    import suite_convergence as sc
+
+    class CutOff(Exception):
+        """Stands for a time limit killing the run."""
+
+    evaluate, calls = sc.Evaluator.__call__, []
+
+    def cut_off_at_the_third(self, mlm):  # 1: the common start, 2: a run's first evaluation, 3: cut off
+        calls.append(mlm)
+        if len(calls) == 3:
+            raise CutOff
+        return evaluate(self, mlm)
+
+    monkeypatch.setattr(sc.Evaluator, "__call__", cut_off_at_the_third)
+    with pytest.raises(CutOff):
+        convergence_horizon.main(["--quick", "--out", str(tmp_path), "--budget-s", "0.2", "--evals", "2",
+                                  "--variant", "trelm=1e-3", "--variant", "dense=1e-4"])
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert sorted(len(c["probe_wall_s"]) for c in curves.values()) == [1, 2]  # both starts, one evaluation
+    assert max(c["probe_wall_s"][-1] for c in curves.values()) >= 0.1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- incomplete: written after 3 of 6 evaluations" in summary
+    assert len([row for row in summary.splitlines() if row.startswith(("| trelm |", "| dense |"))]) == 3
+    assert not (tmp_path / "horizon.png").exists() and not list(tmp_path.glob(".*.tmp"))
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[horizon] ")]
+    assert len(progress) == 3 and any(" eval 2/3 " in line for line in progress)
 
 
 def test_convergence_horizon_by_statements_partitions_the_stated_facts(tmp_path):
