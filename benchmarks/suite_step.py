@@ -33,9 +33,9 @@ a plain step's. On CUDA, `back_to_back_ms` (amortized the same way) is the media
 over windows of `BACK_TO_BACK` steps with one device synchronize per window, as training runs them:
 wall_ms ends every step with a synchronize, so it adds the host's preparation of a step to the GPU's
 run of it, where back to back the host prepares a step while the GPU runs the one before (the batch
-copied from page-locked memory: `trelm_fast.step.page_locked`). Non-finite losses are checked once, after the timed steps (a check per step would
-be a host sync per step). `trelm_naive`'s per-layer, per-sequence
-loop is linear in the sequences: outside `minilm` it is run on 1 sequence (`routing.sequences=1`) and
+copied from page-locked memory: `trelm_fast.step.page_locked`). Non-finite losses are checked once,
+after the timed steps (a check per step would be a host sync per step). `trelm_naive`'s per-layer,
+per-sequence loop is linear in the sequences: outside `minilm` it is run on 1 sequence (`routing.sequences=1`) and
 its time and FLOPs are multiplied by the number of sequences the configuration attributes (said in
 the notes).
 """

@@ -28,8 +28,8 @@ step replays. A path of another size (rules `threshold`, `global_budget`) gets a
 leaves, which a captured graph would not see, so `TrainStep._apply_paths` then calls `invalidate`:
 every graph is dropped (the buffers stay) and each signature warms up and is captured again, as
 after `TrainStep.load_state_dict`. (That graphs survive a refresh is checked by rehearsal on CPU,
-tests/test_graphs.py, and by capture on a GPU, tests/test_cuda_graphs.py.) At most `max_graphs` signatures are kept (the
-least recently used one is dropped).
+tests/test_graphs.py, and by capture on a GPU, tests/test_cuda_graphs.py.) At most `max_graphs`
+signatures are kept (the least recently used one is dropped).
 
 Host values of a batch that the body reads must be the same for every batch of a signature:
 `signature` holds them (`mlm_count > 0`: `dense`'s objective branches on it); `entity_rounds` (the loop
