@@ -4,7 +4,7 @@
 
 A long look at one seed: what each variant learns given far more time than the convergence suite
 can give it (its seed runs get 50 s of step time, so that sweeps, 3 seeds and the ablations fit in
-60 minutes). The variants (`suite_convergence` names or its `CAPACITY` diagnostics, each at a given
+60 minutes). The variants (`suite_convergence` names or its `DIAGNOSTICS`, each at a given
 learning rate: no sweep) start from the suite's common start (the cached MLM-head warm-up) and
 advance in turns, each on its
 own step clock (`suite_convergence.Run`), evaluated every budget / evals seconds of it: P@1 on the
@@ -43,13 +43,13 @@ import suite_convergence as sc
 from report import plot_convergence
 
 MEASURES = ("p_at_1_stated", "p_at_1_heldout", "valid_mlm_loss")
-HORIZON_VARIANTS = {**sc.ALL_VARIANTS, **sc.CAPACITY}
+HORIZON_VARIANTS = {**sc.ALL_VARIANTS, **sc.DIAGNOSTICS}
 STATEMENT_BUCKETS = {"said_1-2": (1, 2), "said_3-9": (3, 9), "said_10+": (10, None)}
 """--by-statements: probe split name -> (fewest, most) corpus sentences stating a fact (None: no bound)."""
 
 
 def parse_variant(text: str) -> tuple[str, float]:
-    """'name=lr' -> (name, lr), name one of the convergence suite's variants or its `CAPACITY` diagnostics."""
+    """'name=lr' -> (name, lr), name one of the convergence suite's variants or its `DIAGNOSTICS`."""
     name, sep, lr = text.partition("=")
     if not sep or name not in HORIZON_VARIANTS:
         raise argparse.ArgumentTypeError(

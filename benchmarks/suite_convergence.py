@@ -105,15 +105,18 @@ objects, without it 78%); by default the long-tail entities come first, on the s
 people, the probes' subjects (86% of its targets)."""
 ALL_VARIANTS = {**VARIANTS, **INVESTIGATION}
 """Every variant of the suite by name (--case selects among them)."""
-CAPACITY = {
+DIAGNOSTICS = {
     "trelm_paths30": Variant("trelm", SLICE_LRS, ("routing.fraction=0.3",)),
     "trelm_attention": Variant("trelm", SLICE_LRS, ("method.trainable=[head,other,attention,layernorm]",)),
+    "trelm_theta08": Variant("trelm", SLICE_LRS, ("loss.theta=0.8",)),
 }
-"""Long-run diagnostics, for benchmarks/convergence_horizon.py only (not run by the suite): does trelm
-level off lower than dense because of what it trains? (On the H100 its P@1 on the facts said 10+
-times levelled off near 0.6 while dense's rose past 0.8 in as many steps.) `trelm_paths30`: paths
-of 30% of each FFN's neurons instead of 10%. `trelm_attention`: attention and layer norms train
-whole beside the paths, outside the paper's method (which updates only FFN paths inside a block)."""
+"""Long-run diagnostics, for benchmarks/convergence_horizon.py only (not run by the suite): why does
+trelm level off lower than dense? (On the H100 its P@1 on the facts said 10+ times levelled off near
+0.6 while dense's rose past 0.8 in as many steps.) What it trains: `trelm_paths30`, paths of 30% of
+each FFN's neurons instead of 10%; `trelm_attention`, attention and layer norms trained whole beside
+the paths, outside the paper's method (which updates only FFN paths inside a block). How it weighs
+its objective: `trelm_theta08`, theta = 0.8 in eq. 3 (0.8 MLM + 0.2 CKA instead of 0.5 each; the
+probes ask for a masked object, an MLM prediction)."""
 
 
 @dataclass(frozen=True)

@@ -375,7 +375,7 @@ def test_convergence_horizon_runs_variants_at_given_rates(tmp_path, capsys):
                                   "--variant", "trelm=0.001"])
 
 
-def test_capacity_diagnostics_change_only_what_they_name():
+def test_horizon_diagnostics_change_only_what_they_name():
     import suite_convergence as sc
     import workload
     from trelm_fast.optim import configure_trainable
@@ -383,14 +383,16 @@ def test_capacity_diagnostics_change_only_what_they_name():
 
     data_dir = workload.generated_dir()
     base = workload.config("tiny", "trelm", data_dir)
-    wider = workload.config("tiny", "trelm", data_dir, list(sc.CAPACITY["trelm_paths30"].overrides))
+    wider = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_paths30"].overrides))
     assert (base.routing.fraction, wider.routing.fraction) == (0.1, 0.3)
-    cfg = workload.config("tiny", "trelm", data_dir, list(sc.CAPACITY["trelm_attention"].overrides))
+    cfg = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_attention"].overrides))
     model = build_step_model("trelm", cfg, data_dir)
     names = configure_trainable(model.mlm, cfg.method.trainable)
     assert any(".attention." in n for n in names) and not any("word_embeddings" in n for n in names)
     assert not any(".intermediate." in n for n in names)  # the FFN still trains through its paths only
-    assert not set(sc.CAPACITY) & set(sc.ALL_VARIANTS)  # the suite does not run them
+    mix = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_theta08"].overrides))
+    assert (base.loss.theta, mix.loss.theta) == (0.5, 0.8) and mix.routing == base.routing
+    assert not set(sc.DIAGNOSTICS) & set(sc.ALL_VARIANTS)  # the suite does not run them
 
 
 def test_convergence_horizon_under_cuda_graphs_graphs_every_run(tmp_path, monkeypatch):
