@@ -392,6 +392,8 @@ def test_horizon_diagnostics_change_only_what_they_name():
     assert not any(".intermediate." in n for n in names)  # the FFN still trains through its paths only
     mix = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_theta08"].overrides))
     assert (base.loss.theta, mix.loss.theta) == (0.5, 0.8) and mix.routing == base.routing
+    both = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_theta08_paths30"].overrides))
+    assert (both.loss.theta, both.routing) == (mix.loss.theta, wider.routing)
     assert not set(sc.DIAGNOSTICS) & set(sc.ALL_VARIANTS)  # the suite does not run them
 
 
