@@ -394,6 +394,8 @@ def test_horizon_diagnostics_change_only_what_they_name():
     assert (base.loss.theta, mix.loss.theta) == (0.5, 0.8) and mix.routing == base.routing
     both = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_theta08_paths30"].overrides))
     assert (both.loss.theta, both.routing) == (mix.loss.theta, wider.routing)
+    chance = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_random_paths"].overrides))
+    assert chance.routing.rule == "random" and chance.routing.fraction == base.routing.fraction
     assert not set(sc.DIAGNOSTICS) & set(sc.ALL_VARIANTS)  # the suite does not run them
 
 

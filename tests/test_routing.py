@@ -184,6 +184,10 @@ def test_selection_rules():
     assert [p.tolist() for p in glob] == [[1, 4], [0]]
     assert select_paths(-scores.abs() - 1, "threshold")[0].numel() == 0
     assert all(p.dtype == torch.int64 for p in top + thr + glob)
+    chance = [select_paths(scores, "random", fraction=0.34, step=s) for s in (7, 7, 8)]
+    assert [p.tolist() for p in chance[0]] == [p.tolist() for p in chance[1]]  # seeded by the step
+    assert all(p.numel() == 2 and p.unique().numel() == 2 and (p.diff() > 0).all() for p in chance[0])
+    assert [p.tolist() for p in chance[0]] != [p.tolist() for p in chance[2]]
     with pytest.raises(ValueError, match="routing.rule"):
         select_paths(scores, "best")
     with pytest.raises(ValueError, match="routing.fraction"):
@@ -235,6 +239,20 @@ def test_router_refresh_cycle():
     assert router.history.steps == [0, 5]
     with pytest.raises(ValueError, match="routing.refresh"):
         KnowledgeRouter(model, refresh=0)
+
+
+def test_router_random_rule_draws_paths_without_attribution(monkeypatch):
+    import trelm_fast.routing.router as router_module
+
+    model = _model()
+    hidden, mask, labels, neg = _batch()
+    monkeypatch.setattr(router_module, "attribute", lambda *a, **k: pytest.fail("the random rule attributed"))
+    router = KnowledgeRouter(model, refresh=5, fraction=0.2, layers=[0, 2], rule="random")
+    paths = router.refresh(0, hidden, mask, labels, neg)
+    assert [p.numel() for p in paths] == [7, 7] and all((p[1:] > p[:-1]).all() for p in paths)
+    assert [p.tolist() for p in paths] == [p.tolist() for p in select_paths(torch.zeros(2, 37), "random", 0.2, step=0)]
+    router.refresh(5, hidden, mask, labels, neg)
+    assert router.stats["routing/jaccard_mean"] < 1.0 and "routing/prob" not in router.stats
 
 
 def test_router_from_config_and_autocast():

@@ -143,6 +143,7 @@ def _ffn_changes(model, before, after):
 
 @pytest.mark.parametrize("method, extra", [
     ("trelm", ()),
+    ("trelm", ("routing.rule=random",)),  # the control: paths drawn without attribution
     ("trelm_naive", ("optim.weight_decay=0",)),  # masked dense gradients + AdamW: no decay drift
     ("no_kmb", ("routing.layers=[1]",)),
 ])

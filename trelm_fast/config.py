@@ -424,7 +424,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if not 0.0 < r.fraction <= 1.0:
         raise ConfigError(f"{s}: routing.fraction must be in (0, 1], got {r.fraction}")
     _positive(r.refresh, "routing.refresh", s)
-    _choice(r.rule, ("top_fraction", "threshold", "global_budget"), "routing.rule", s)
+    _choice(r.rule, ("top_fraction", "threshold", "global_budget", "random"), "routing.rule", s)
     if not 0.0 < r.threshold <= 1.0:
         raise ConfigError(f"{s}: routing.threshold must be in (0, 1], got {r.threshold}")
     _positive(r.sequences, "routing.sequences", s, allow_zero=True)

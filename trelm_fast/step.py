@@ -353,7 +353,8 @@ class TrainStep:
                 attr = attribute_reference(self.model.mlm, hidden, batch["attention_mask"], batch["cka_labels"],
                                            negatives, m=r.m, quadrature_rule=r.quadrature,
                                            layers=self.router.layers, sequences=r.sequences, head=self.head)
-            paths = [p.cpu() for p in select_paths(reduce_scores(attr.scores), r.rule, r.fraction, r.threshold)]
+            paths = [p.cpu() for p in select_paths(reduce_scores(attr.scores), r.rule, r.fraction, r.threshold,
+                                                   step_index)]
             stats = path_stats(self.router.layers, paths, self.paths)
             self.router.paths = paths
         self.paths = paths

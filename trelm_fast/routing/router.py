@@ -64,17 +64,24 @@ class KnowledgeRouter:
         return self.paths is None or step % self.refresh_every == 0
 
     def refresh(self, step: int, hidden: Tensor, attention_mask: Tensor, cka_labels: Tensor, negatives: Tensor) -> list[Tensor]:
-        """Attribute this batch, sum scores over ranks, select; updates `paths`, `stats`, `history`."""
-        attr = attribute(
-            self.model, hidden, attention_mask, cka_labels, negatives, m=self.m, quadrature_rule=self.quadrature,
-            layers=self.layers, sequences=self.sequences, max_copies=self.max_copies, autocast=self.autocast,
-        )
-        paths = select_paths(reduce_scores(attr.scores), self.rule, self.fraction, self.threshold)
+        """Attribute this batch, sum scores over ranks, select; updates `paths`, `stats`, `history`.
+        The `random` rule (a control) attributes nothing."""
+        attr = None
+        if self.rule == "random":  # the control draws its paths without scores
+            scores = torch.zeros(len(self.layers), self.intermediate_size, device=hidden.device)
+        else:
+            attr = attribute(
+                self.model, hidden, attention_mask, cka_labels, negatives, m=self.m, quadrature_rule=self.quadrature,
+                layers=self.layers, sequences=self.sequences, max_copies=self.max_copies, autocast=self.autocast,
+            )
+            scores = reduce_scores(attr.scores)
+        paths = select_paths(scores, self.rule, self.fraction, self.threshold, step)
         # the refresh's device->host copies: all paths at once, then P (the device is idle by then)
         host = list(torch.cat(paths).cpu().split([len(p) for p in paths]))
         self.stats = path_stats(self.layers, host, self.paths)
-        self.stats["routing/prob"] = attr.prob
-        self.stats["routing/targets"] = float(attr.num_targets)
+        if attr is not None:
+            self.stats["routing/prob"] = attr.prob
+            self.stats["routing/targets"] = float(attr.num_targets)
         self.paths = host
         self.history.record(step, self.paths)
         return self.paths
