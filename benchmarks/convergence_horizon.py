@@ -18,6 +18,9 @@ split by how many corpus sentences state each fact (`STATEMENT_BUCKETS`; counted
 `synthetic.corpus_phrased`), with each bucket's relation prior in the notes: whether the facts the
 text states most often are learned, when the probes' new phrasing shows nothing.
 
+With a `dense` run, the summary ends with the time to a mark per measure: 80% of that run's gain
+(`suite_convergence.target_of`, the suite's target), the clock interpolated between evaluations.
+
 Writes DIR/curves.json, DIR/horizon.png (`report.plot_convergence`) and DIR/summary.md. curves.json
 and summary.md are rewritten after every evaluation of any run (each atomically), with a progress line
 on stdout, so a run cut off (a device time limit) keeps what it had evaluated; until the last write the
@@ -124,8 +127,8 @@ def shown_measures(args: argparse.Namespace) -> list[str]:
 def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs: dict,
             complete: bool = True) -> list[str]:
     """summary.md: the run's settings, the suite's notes (common start, probes and their relation
-    prior, step times) and every evaluation of every variant made so far (`complete` False: the
-    runs are not all done, said in an "incomplete" line)."""
+    prior, step times), every evaluation of every variant made so far (`complete` False: the
+    runs are not all done, said in an "incomplete" line) and the time-to-mark table (`mark_lines`)."""
     info = meta(settings, sys.argv[1:])
     measures = shown_measures(args)
     evaluated = sum(len(run.curve["probe_wall_s"]) for _, run in runs.values())
@@ -147,7 +150,48 @@ def summary(args: argparse.Namespace, settings: Settings, notes: list[str], runs
             lines.append(f"| {label} | {lr:g} | {run.steps if last else ''} | "
                          f"{f'{run.clock / run.steps:.2f}' if last and run.steps else ''} | {clock:.0f} | "
                          + " | ".join(f"{run.curve[m][i]:.3f}" for m in measures) + " |")
-    return lines
+    return lines + mark_lines(runs, measures)
+
+
+def crossing(clocks: list[float], values: list[float], target: float, lower_is_better: bool) -> float | None:
+    """The clock at which a curve first meets `target`, linear between the two evaluations around it
+    (the first clock when it starts there; None: never)."""
+    sign = -1.0 if lower_is_better else 1.0
+    for i, (clock, value) in enumerate(zip(clocks, values)):
+        if sign * value >= sign * target:
+            if i == 0:
+                return clock
+            before = values[i - 1]
+            return clocks[i - 1] + (clock - clocks[i - 1]) * (target - before) / (value - before)
+    return None
+
+
+def mark_lines(runs: dict, measures: list[str]) -> list[str]:
+    """The time-to-mark table. Per measure the mark is `suite_convergence.target_of` the reference
+    run's curve (the first run of `dense`: 80% of its gain from the start to its best evaluation);
+    each run's clock where it meets the mark, interpolated between evaluations, and its ratio to the
+    reference's. No lines without a dense run of at least two evaluations."""
+    reference = next((label for label in runs if label == "dense" or label.startswith("dense@")), None)
+    if reference is None or len(runs[reference][1].curve["probe_wall_s"]) < 2:
+        return []
+    lower = {m: m == "valid_mlm_loss" for m in measures}
+    marks = {m: sc.target_of(runs[reference][1].curve[m], lower[m]) for m in measures}
+    times = {label: {m: crossing(run.curve["probe_wall_s"], run.curve[m], marks[m], lower[m]) for m in measures}
+             for label, (_, run) in runs.items()}
+
+    def cell(label: str, m: str) -> str:
+        t, t_ref = times[label][m], times[reference][m]
+        if abs(marks[m]) == float("inf"):
+            return "no mark"
+        if t is None:
+            return "not reached"
+        return f"{t:.0f} s" + (f" ({t / t_ref:.2f}x)" if t_ref and label != reference else "")
+
+    return ["", f"Time to the mark: 80% of `{reference}`'s gain from the start to its best evaluation, "
+            "the clock interpolated between evaluations (ratio to its time):", "",
+            "| variant | " + " | ".join(f"{m} {'<=' if lower[m] else '>='} {marks[m]:.3f}" for m in measures) + " |",
+            "|---|" + "---|" * len(measures),
+            *(f"| {label} | " + " | ".join(cell(label, m) for m in measures) + " |" for label in runs)]
 
 
 def write_atomically(path: Path, text: str) -> None:

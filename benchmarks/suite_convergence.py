@@ -333,18 +333,18 @@ def run_in_turns(runs: dict, after_eval=None) -> None:
                     after_eval(key, r)
 
 
+def target_of(values: list[float], lower_is_better: bool) -> float:
+    """80% of a curve's improvement from its start to its best value (inf / -inf: no improvement)."""
+    if lower_is_better:
+        low = min(values)
+        return values[0] - FRACTION * (values[0] - low) if low < values[0] else float("-inf")
+    best = max(values)
+    return values[0] + FRACTION * (best - values[0]) if best > values[0] else float("inf")
+
+
 def targets_from(curve: dict) -> dict[str, float]:
-    """80% of dense's improvement from the common start per measure (inf / -inf: no improvement)."""
-    targets = {}
-    for measure, key in MEASURES.items():
-        values = curve[key]
-        if key == "valid_mlm_loss":
-            low = min(values)
-            targets[measure] = values[0] - FRACTION * (values[0] - low) if low < values[0] else float("-inf")
-        else:
-            best = max(values)
-            targets[measure] = values[0] + FRACTION * (best - values[0]) if best > values[0] else float("inf")
-    return targets
+    """`target_of` dense's curve, per measure."""
+    return {measure: target_of(curve[key], key == "valid_mlm_loss") for measure, key in MEASURES.items()}
 
 
 def first_reached(curve: dict, targets: dict[str, float]) -> dict[str, float | None]:

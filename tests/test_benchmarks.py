@@ -364,7 +364,7 @@ def test_convergence_horizon_runs_variants_at_given_rates(tmp_path, capsys):
     assert "| trelm | 0.001 |" in summary and "| no_injection | 0.003 |" in summary
     assert "| dense@0.0001 | 0.0001 |" in summary and "| dense@0.0003 | 0.0003 |" in summary
     assert "most common stated object: stated " in summary and (tmp_path / "horizon.png").stat().st_size > 0
-    assert "incomplete" not in summary
+    assert "incomplete" not in summary and "Time to the mark: 80% of `dense@0.0001`'s gain" in summary
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[horizon] ")]
     assert len(progress) == sum(len(curve["probe_wall_s"]) for curve in curves.values())  # one per evaluation
     assert progress[0].startswith("[horizon] trelm eval 1/3 clock 0.0 s: p_at_1_stated ")
@@ -373,6 +373,34 @@ def test_convergence_horizon_runs_variants_at_given_rates(tmp_path, capsys):
     with pytest.raises(SystemExit, match="twice at the same rate"):
         convergence_horizon.main(["--quick", "--out", str(tmp_path), "--variant", "trelm=1e-3",
                                   "--variant", "trelm=0.001"])
+
+
+def test_horizon_time_to_mark_interpolates_against_dense():
+    from types import SimpleNamespace
+
+    import convergence_horizon as ch
+
+    assert ch.crossing([0, 100, 200], [0.1, 0.3, 0.5], 0.4, False) == pytest.approx(150.0)
+    assert ch.crossing([0, 100, 200], [5.0, 3.0, 1.0], 2.0, True) == pytest.approx(150.0)
+    assert ch.crossing([0, 100], [0.1, 0.2], 0.3, False) is None
+    assert ch.crossing([0, 100], [0.1, 0.2], 0.1, False) == 0
+    clocks = [0.0, 100.0, 200.0, 300.0]
+
+    def run(p_at_1, loss):
+        return 1e-3, SimpleNamespace(curve={"probe_wall_s": clocks, "p_at_1_stated": p_at_1, "valid_mlm_loss": loss})
+
+    runs = {"dense@0.0003": run([0.0, 0.2, 0.4, 0.5], [5.0, 3.0, 2.0, 1.0]),
+            "trelm": run([0.0, 0.5, 0.5, 0.5], [5.0, 4.0, 3.0, 2.0]),
+            "flat": run([0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0])}
+    lines = ch.mark_lines(runs, ["p_at_1_stated", "valid_mlm_loss"])
+    assert "`dense@0.0003`" in lines[1]
+    assert "| variant | p_at_1_stated >= 0.400 | valid_mlm_loss <= 1.800 |" in lines
+    # dense meets P@1 0.4 at 200 s and loss 1.8 at 220 s; trelm meets the P@1 mark at 80 s, never the loss's
+    assert "| dense@0.0003 | 200 s | 220 s |" in lines and "| trelm | 80 s (0.40x) | not reached |" in lines
+    assert "| flat | not reached | not reached |" in lines
+    assert ch.mark_lines({"trelm": runs["trelm"]}, ["p_at_1_stated"]) == []  # no dense run, no mark
+    runs["dense@0.0003"][1].curve["p_at_1_stated"] = [0.0] * 4  # dense never improves: no mark
+    assert "| trelm | no mark |" in ch.mark_lines(runs, ["p_at_1_stated"])
 
 
 def test_horizon_diagnostics_change_only_what_they_name():
@@ -469,7 +497,7 @@ def test_convergence_horizon_cut_off_keeps_the_finished_evaluations(tmp_path, mo
     assert max(c["probe_wall_s"][-1] for c in curves.values()) >= 0.1
     summary = (tmp_path / "summary.md").read_text()
     assert "- incomplete: written after 3 of 6 evaluations" in summary
-    assert len([row for row in summary.splitlines() if row.startswith(("| trelm |", "| dense |"))]) == 3
+    assert len([row for row in summary.splitlines() if row.startswith(("| trelm | 0.001 |", "| dense | 0.0001 |"))]) == 3
     assert not (tmp_path / "horizon.png").exists() and not list(tmp_path.glob(".*.tmp"))
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[horizon] ")]
     assert len(progress) == 3 and any(" eval 2/3 " in line for line in progress)
