@@ -6,12 +6,11 @@ weights, equal to one process training on the mean of the two ranks' losses.
 import copy
 from datetime import timedelta
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 
 STEPS = 3
 
@@ -43,14 +42,14 @@ def _loss(model, rank, step):
     return model(input_ids=ids).logits.pow(2).mean()
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, store, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from trelm_fast.optim import TrelmOptimizer, allreduce_slice_grads
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         model = _model()
         ddp = DDP(model)
@@ -83,8 +82,5 @@ def _worker(rank, world, port, out_dir):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_ranks_identical_and_equal_to_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, (2, str(tmp_path / "store"), str(tmp_path)), 2)
     assert all((tmp_path / f"rank{r}.pt").exists() for r in range(2))

@@ -4,8 +4,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from ranks import spawn_ranks
 from trelm_fast import KnowledgeMemoryBank
 
 D, N_ROWS, SEQ, STEPS = 16, 2, 21, 3
@@ -45,7 +45,7 @@ def _worker(rank, world, store, out):
 def test_two_ranks_hold_the_same_bank_as_one_process_in_rank_order(tmp_path):
     world = 2
     out = tmp_path / "bank"
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(out)), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, str(tmp_path / "store"), str(out)), world)
     states = [torch.load(f"{out}.{r}") for r in range(world)]
     for key in ("local", "global_mean", "counts", "entity_ids"):
         assert torch.equal(states[0][key], states[1][key]), key

@@ -1,14 +1,13 @@
 """Under DDP every rank must select the same knowledge paths: scores are summed over ranks first."""
 import os
 from datetime import timedelta
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 
+from ranks import spawn_ranks
 from trelm_fast.losses import sample_negatives
 from trelm_fast.routing import KnowledgeRouter, attribute, select_paths
 
@@ -32,9 +31,9 @@ def _rank_batch(rank):
     return hidden, torch.ones(3, 7, dtype=torch.long), labels, neg
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+def _worker(rank, world, store, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         torch.set_num_threads(1)
         router = KnowledgeRouter(_model(), m=4, fraction=0.2)
@@ -44,15 +43,9 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_select_identical_paths_from_summed_scores(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, str(tmp_path / "store"), str(tmp_path)), world)
     got = [torch.load(tmp_path / f"paths{r}.pt") for r in range(world)]
     assert all(torch.equal(a, b) for a, b in zip(got[0], got[1]))
     model = _model()

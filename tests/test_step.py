@@ -214,9 +214,9 @@ def _ddp_worker(rank, world, init_file, dataset, out):
 @pytest.mark.distributed
 def test_ddp_ranks_agree(dataset, tmp_path):
     """2 gloo ranks, different batches: weights, memory bank and paths stay identical."""
-    import torch.multiprocessing as mp
+    from ranks import spawn_ranks
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), dataset, str(tmp_path)), nprocs=2)
+    spawn_ranks(_ddp_worker, (2, str(tmp_path / "init"), dataset, str(tmp_path)), 2)
     for method in ("trelm", "dense"):
         a, b = (torch.load(tmp_path / f"{method}{r}.pt", weights_only=True) for r in (0, 1))
         for n in a["params"]:
