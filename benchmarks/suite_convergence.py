@@ -118,8 +118,9 @@ trelm level off lower than dense? (On the H100 its P@1 on the facts said 10+ tim
 each FFN's neurons instead of 10%; `trelm_attention`, attention and layer norms trained whole beside
 the paths, outside the paper's method (which updates only FFN paths inside a block). How it weighs
 its objective: `trelm_theta08`, theta = 0.8 in eq. 3 (0.8 MLM + 0.2 CKA instead of 0.5 each; the
-probes ask for a masked object, an MLM prediction). `trelm_theta08_paths30`: both changes at once. Whether attribution matters:
-`trelm_random_paths`, paths drawn at random at every refresh (`routing.rule=random`, no attribution)."""
+probes ask for a masked object, an MLM prediction). `trelm_theta08_paths30`: both changes at once.
+Whether attribution matters: `trelm_random_paths`, paths drawn at random at every refresh
+(`routing.rule=random`, no attribution)."""
 
 
 @dataclass(frozen=True)

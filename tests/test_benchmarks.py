@@ -497,7 +497,8 @@ def test_convergence_horizon_cut_off_keeps_the_finished_evaluations(tmp_path, mo
     assert max(c["probe_wall_s"][-1] for c in curves.values()) >= 0.1
     summary = (tmp_path / "summary.md").read_text()
     assert "- incomplete: written after 3 of 6 evaluations" in summary
-    assert len([row for row in summary.splitlines() if row.startswith(("| trelm | 0.001 |", "| dense | 0.0001 |"))]) == 3
+    rows = [row for row in summary.splitlines() if row.startswith(("| trelm | 0.001 |", "| dense | 0.0001 |"))]
+    assert len(rows) == 3
     assert not (tmp_path / "horizon.png").exists() and not list(tmp_path.glob(".*.tmp"))
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[horizon] ")]
     assert len(progress) == 3 and any(" eval 2/3 " in line for line in progress)
