@@ -1,7 +1,8 @@
 """`spawn_ranks`: a test's ranks in spawned processes, with a deadline.
 
 `mp.spawn` waits for its ranks without a limit, and pytest joins its child processes at exit, so one
-hung rank (seen twice in full CI runs, never reproduced alone) would stall CI past pytest-timeout.
+hung rank (seen in 3 full CI runs, in `test_ffn_ddp` twice on 2026-11-27, never when run alone)
+would stall CI past pytest-timeout.
 Here every rank still running at the deadline is killed and the test fails, naming the ranks.
 """
 import time
