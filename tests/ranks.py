@@ -1,10 +1,15 @@
-"""`spawn_ranks`: a test's ranks in spawned processes, with a deadline.
+"""`spawn_ranks`: a test's ranks in spawned processes, with a deadline and the stacks of hung ranks.
 
 `mp.spawn` waits for its ranks without a limit, and pytest joins its child processes at exit, so one
 hung rank (seen in 3 full CI runs, in `test_ffn_ddp` twice on 2026-11-27, never when run alone)
-would stall CI past pytest-timeout.
-Here every rank still running at the deadline is killed and the test fails, naming the ranks.
+would stall CI past pytest-timeout, whose stack dump shows only the parent.
+Here every rank still running at the deadline dumps its threads' Python stacks (faulthandler, on
+SIGUSR1) into the failure message, then is killed.
 """
+import faulthandler
+import os
+import signal
+import tempfile
 import time
 
 import pytest
@@ -14,18 +19,40 @@ DEADLINE_S = 240.0
 """Below pytest-timeout's 300 s per test (pyproject.toml)."""
 
 
+def _rank_main(rank: int, fn, args: tuple, stack_dir: str) -> None:
+    """A rank's entry point: `fn(rank, *args)`, dumping its stacks to `stack_dir/rank{rank}` on SIGUSR1."""
+    with open(os.path.join(stack_dir, f"rank{rank}"), "w") as stacks:
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        fn(rank, *args)
+
+
+def _stacks_of(ranks: list[int], processes, stack_dir: str) -> str:
+    """Signal each of `ranks` to dump its stacks; their text, one block per rank."""
+    for rank in ranks:
+        os.kill(processes[rank].pid, signal.SIGUSR1)
+    time.sleep(2.0)
+    blocks = []
+    for rank in ranks:
+        with open(os.path.join(stack_dir, f"rank{rank}")) as f:
+            blocks.append(f"--- rank {rank} ---\n{f.read().strip() or '(no stack dumped)'}")
+    return "\n".join(blocks)
+
+
 def spawn_ranks(fn, args: tuple, world: int, deadline_s: float = DEADLINE_S) -> None:
     """`mp.spawn(fn, args, nprocs=world)`; a rank's exception is raised here; ranks still running
-    after `deadline_s` are killed and the test fails."""
-    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
-    end = time.monotonic() + deadline_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > end:
-                alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
-                pytest.fail(f"ranks {alive} of {world} still running after {deadline_s:.0f} s; killed")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
+    after `deadline_s` dump their stacks into the failure and are killed."""
+    with tempfile.TemporaryDirectory(prefix="rank-stacks-") as stack_dir:
+        ctx = mp.start_processes(_rank_main, args=(fn, args, stack_dir), nprocs=world, join=False,
+                                 start_method="spawn")
+        end = time.monotonic() + deadline_s
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > end:
+                    alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+                    pytest.fail(f"ranks {alive} of {world} still running after {deadline_s:.0f} s; killed.\n"
+                                f"{_stacks_of(alive, ctx.processes, stack_dir)}")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join(5)

@@ -1,4 +1,4 @@
-"""The deadline of `ranks.spawn_ranks`: a hung rank fails the test instead of stalling the run."""
+"""The deadline of `ranks.spawn_ranks`: a hung rank fails the test, with its stack, instead of stalling the run."""
 import time
 
 import pytest
@@ -18,8 +18,9 @@ def _fail_on_rank_0(rank):
 
 def test_a_hung_rank_is_killed_at_the_deadline():
     start = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match=r"ranks \[1\] of 2 still running"):
+    with pytest.raises(pytest.fail.Exception, match=r"ranks \[1\] of 2 still running") as failure:
         spawn_ranks(_hang_on_rank_1, (), 2, deadline_s=5.0)
+    assert "--- rank 1 ---" in str(failure.value) and "_hang_on_rank_1" in str(failure.value)
     assert time.monotonic() - start < 60
 
 
