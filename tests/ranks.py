@@ -1,8 +1,8 @@
 """`spawn_ranks`: a test's ranks in spawned processes, with a deadline and the stacks of hung ranks.
 
 `mp.spawn` waits for its ranks without a limit, and pytest joins its child processes at exit, so one
-hung rank (seen in 3 full CI runs, in `test_ffn_ddp` twice on 2026-11-27, never when run alone)
-would stall CI past pytest-timeout, whose stack dump shows only the parent.
+hung rank would stall CI past pytest-timeout, whose stack dump shows only the parent. (Seen in 3
+full CI runs: `test_ffn_ddp`'s DDP teardown deadlock, explained there.)
 Here every rank still running at the deadline dumps its threads' Python stacks (faulthandler, on
 SIGUSR1) into the failure message, then is killed.
 """
