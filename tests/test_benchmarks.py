@@ -403,6 +403,36 @@ def test_horizon_time_to_mark_interpolates_against_dense():
     assert "| trelm | no mark |" in ch.mark_lines(runs, ["p_at_1_stated"])
 
 
+def test_horizon_seeds_compares_each_seed_with_its_own_dense(tmp_path):
+    import json
+
+    import horizon_seeds
+
+    clocks = [0.0, 100.0, 200.0]
+
+    def write(run_dir, curves):
+        run_dir.mkdir()
+        (run_dir / "curves.json").write_text(json.dumps(
+            {key: {"probe_wall_s": clocks, "p_at_1_x": p_at_1} for key, p_at_1 in curves.items()}))
+
+    # seed 0: dense's mark is 0.4 (80% of 0.5), met at 150 s; trelm meets it at 50 s (0.33x)
+    write(tmp_path / "a", {"small/dense/seed0": [0.0, 0.3, 0.5], "small/trelm/seed0": [0.0, 0.8, 0.8]})
+    # seed 1, another run directory: dense's mark 0.16 (80% of 0.2) at 160 s; trelm never
+    write(tmp_path / "b", {"small/dense@0.0003/seed1": [0.0, 0.1, 0.2], "small/trelm/seed1": [0.0, 0.1, 0.1]})
+    assert horizon_seeds.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out"),
+                               "--measure", "p_at_1_x"]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| trelm | 50 s (0.33x) / 0.800 | not reached / 0.100 | 0.33x (0.33-0.33); not reached in 1 of 2 | 0.450 |" \
+        in summary
+    assert "| dense | 150 s / 0.500 |" in summary and "| dense@0.0003 |  | 160 s / 0.200 |" in summary
+    assert f"`small/trelm/seed1` {tmp_path / 'b'}" in summary and (tmp_path / "out" / "seeds.png").exists()
+    write(tmp_path / "c", {"small/trelm/seed0": [0.0, 0.1, 0.2]})
+    with pytest.raises(SystemExit, match=r"small/trelm/seed0 is in both .*a and .*c"):
+        horizon_seeds.main([str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"missing/curves.json: no such file"):
+        horizon_seeds.main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+
+
 def test_horizon_diagnostics_change_only_what_they_name():
     import suite_convergence as sc
     import workload

@@ -1,0 +1,129 @@
+"""`python benchmarks/horizon_seeds.py --out DIR RUN_DIR [RUN_DIR ...] [--measure p_at_1_said_10+ ...]`
+
+Several `convergence_horizon.py` runs, read back from their curves.json, as one result over seeds.
+Per seed and measure, the mark is 80% of that seed's `dense` gain (`suite_convergence.target_of`, as
+in the horizon's own time-to-mark table). Each variant's time to it is interpolated between
+evaluations (`convergence_horizon.crossing`), with its ratio to dense's time and its value at the
+end. Per variant, the median and range of those ratios over the seeds follow, and one plot of every
+curve (`report.plot_convergence`: a colour per variant, a line per seed).
+
+Runs of one seed made in separate calls share the common start and the data order, not the
+machine's moment, so the summary names the directory of every curve. A curve key
+(`<dataset>/<label>/seed<k>`) found in two directories is an error: say which one to use by leaving
+the other out. Writes DIR/summary.md and DIR/seeds.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from convergence_horizon import crossing, write_atomically
+from report import plot_convergence
+from suite_convergence import target_of
+
+DEFAULT_MEASURES = ("p_at_1_said_10+", "valid_mlm_loss")
+
+
+def load_curves(run_dirs: list[Path]) -> tuple[dict[str, dict], dict[str, Path]]:
+    """Every curve of `run_dirs` by key, and the directory each came from."""
+    curves, source = {}, {}
+    for run_dir in run_dirs:
+        path = run_dir / "curves.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file (not a convergence_horizon.py output directory)")
+        for key, curve in json.loads(path.read_text()).items():
+            if key in curves:
+                raise SystemExit(f"{key} is in both {source[key]} and {run_dir}: leave one of them out")
+            curves[key], source[key] = curve, run_dir
+    return curves, source
+
+
+def is_dense(label: str) -> bool:
+    return label == "dense" or label.startswith("dense@")
+
+
+def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, tuple[float | None, float | None, float]]]:
+    """variant label -> seed -> (time to that seed's dense mark, ratio to dense's time, final value).
+    Seeds without a dense curve of at least two evaluations, or whose dense never improves the
+    measure, are left out; ratio None where either time is missing."""
+    lower = measure == "valid_mlm_loss"
+    by_seed: dict[int, dict[str, dict]] = {}
+    for key, curve in curves.items():
+        _, label, seed = key.split("/")
+        if measure in curve:
+            by_seed.setdefault(int(seed.removeprefix("seed")), {})[label] = curve
+    rows: dict[str, dict[int, tuple]] = {}
+    for seed, runs in sorted(by_seed.items()):
+        dense = next((c for label, c in runs.items() if is_dense(label)), None)
+        if dense is None or len(dense["probe_wall_s"]) < 2:
+            continue
+        mark = target_of(dense[measure], lower)
+        if abs(mark) == float("inf"):
+            continue
+        t_dense = crossing(dense["probe_wall_s"], dense[measure], mark, lower)
+        for label, curve in runs.items():
+            t = crossing(curve["probe_wall_s"], curve[measure], mark, lower)
+            ratio = t / t_dense if t is not None and t_dense and not is_dense(label) else None
+            rows.setdefault(label, {})[seed] = (t, ratio, curve[measure][-1])
+    return rows
+
+
+def measure_lines(curves: dict[str, dict], measure: str) -> list[str]:
+    """The per-seed table and the per-variant line over seeds for one measure."""
+    rows = seed_rows(curves, measure)
+    if not rows:
+        return [f"## {measure}", "", "No seed has a dense run that improves it: no mark.", ""]
+    seeds = sorted({s for per_seed in rows.values() for s in per_seed})
+    lines = [f"## {measure}", "",
+             "Cells: time to the seed's dense mark (ratio to dense's time) / value at the end.", "",
+             "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | median ratio (range) | median final |",
+             "|---|" + "---|" * (len(seeds) + 2)]
+    for label, per_seed in rows.items():
+        cells = []
+        for s in seeds:
+            if s not in per_seed:
+                cells.append("")
+                continue
+            t, ratio, final = per_seed[s]
+            cells.append(("not reached" if t is None else f"{t:.0f} s" + (f" ({ratio:.2f}x)" if ratio else ""))
+                         + f" / {final:.3f}")
+        ratios = [r for _, r, _ in per_seed.values() if r is not None]
+        missed = sum(t is None for t, _, _ in per_seed.values())
+        spread = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "")
+        spread += f"{'; ' if ratios else ''}not reached in {missed} of {len(per_seed)}" if missed else ""
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {spread} | "
+                     f"{statistics.median(f for _, _, f in per_seed.values()):.3f} |")
+    return lines + [""]
+
+
+def summary(curves: dict[str, dict], source: dict[str, Path], measures: list[str]) -> list[str]:
+    marks = {m: "lower" if m == "valid_mlm_loss" else "higher" for m in measures}
+    return ["# Convergence horizon over seeds", "",
+            f"- command: `benchmarks/horizon_seeds.py {' '.join(sys.argv[1:])}`",
+            "- the mark per seed and measure: 80% of that seed's dense gain from the start to its best "
+            "evaluation (" + ", ".join(f"{m}: {d} is better" for m, d in marks.items()) + ")",
+            "- curves, from: " + "; ".join(f"`{k}` {source[k]}" for k in curves), "",
+            *[line for m in measures for line in measure_lines(curves, m)]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="convergence_horizon.py --out directories")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--measure", action="append", default=None,
+                   help=f"a curve key (repeatable; default {' '.join(DEFAULT_MEASURES)})")
+    args = p.parse_args(argv)
+    curves, source = load_curves(args.run_dirs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = summary(curves, source, args.measure or list(DEFAULT_MEASURES))
+    write_atomically(args.out / "summary.md", "\n".join(lines) + "\n")
+    plot_convergence(curves, args.out / "seeds.png")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
