@@ -4,7 +4,9 @@
 hung rank would stall CI past pytest-timeout, whose stack dump shows only the parent. (Seen in 3
 full CI runs: `test_ffn_ddp`'s DDP teardown deadlock, explained there.)
 Here every rank still running at the deadline dumps its threads' Python stacks (faulthandler, on
-SIGUSR1) into the failure message, then is killed.
+SIGUSR1) into the failure message, then is killed. A hang inside C++ shows there only as the Python
+line that called it; its native frames need `py-spy dump --native --pid PID` while the rank hangs
+(how the DDP deadlock was found: under CPU load it hung within a few runs of the test alone).
 """
 import faulthandler
 import os
