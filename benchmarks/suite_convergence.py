@@ -111,6 +111,7 @@ DIAGNOSTICS = {
     "trelm_theta08": Variant("trelm", SLICE_LRS, ("loss.theta=0.8",)),
     "trelm_theta08_paths30": Variant("trelm", SLICE_LRS, ("loss.theta=0.8", "routing.fraction=0.3")),
     "trelm_random_paths": Variant("trelm", SLICE_LRS, ("routing.rule=random",)),
+    "trelm_embeddings": Variant("trelm", SLICE_LRS, ("method.trainable=[head,other,embeddings]",)),
 }
 """Long-run diagnostics, for benchmarks/convergence_horizon.py only (not run by the suite): why does
 trelm level off lower than dense? (On the H100 its P@1 on the facts said 10+ times levelled off near
@@ -120,7 +121,9 @@ the paths, outside the paper's method (which updates only FFN paths inside a blo
 its objective: `trelm_theta08`, theta = 0.8 in eq. 3 (0.8 MLM + 0.2 CKA instead of 0.5 each; the
 probes ask for a masked object, an MLM prediction). `trelm_theta08_paths30`: both changes at once.
 Whether attribution matters: `trelm_random_paths`, paths drawn at random at every refresh
-(`routing.rule=random`, no attribution)."""
+(`routing.rule=random`, no attribution). What `kmb_only` trains that `trelm` freezes:
+`trelm_embeddings`, the embeddings trained beside the paths, the tied MLM decoder (the word
+embedding matrix, against which every object prediction is scored) among them."""
 
 
 @dataclass(frozen=True)

@@ -454,6 +454,10 @@ def test_horizon_diagnostics_change_only_what_they_name():
     assert (both.loss.theta, both.routing) == (mix.loss.theta, wider.routing)
     chance = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_random_paths"].overrides))
     assert chance.routing.rule == "random" and chance.routing.fraction == base.routing.fraction
+    cfg = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_embeddings"].overrides))
+    names = configure_trainable(build_step_model("trelm", cfg, data_dir).mlm, cfg.method.trainable)
+    assert any("word_embeddings" in n for n in names) and not any(".attention." in n for n in names)
+    assert not any(".intermediate." in n for n in names)
     assert not set(sc.DIAGNOSTICS) & set(sc.ALL_VARIANTS)  # the suite does not run them
 
 
