@@ -8,6 +8,7 @@ SIGUSR1) into the failure message, then is killed. A hang inside C++ shows there
 line that called it; its native frames need `py-spy dump --native --pid PID` while the rank hangs
 (how the DDP deadlock was found: under CPU load it hung within a few runs of the test alone).
 """
+import contextlib
 import faulthandler
 import os
 import signal
@@ -31,7 +32,8 @@ def _rank_main(rank: int, fn, args: tuple, stack_dir: str) -> None:
 def _stacks_of(ranks: list[int], processes, stack_dir: str) -> str:
     """Signal each of `ranks` to dump its stacks; their text, one block per rank."""
     for rank in ranks:
-        os.kill(processes[rank].pid, signal.SIGUSR1)
+        with contextlib.suppress(ProcessLookupError):  # it may have ended since
+            os.kill(processes[rank].pid, signal.SIGUSR1)
     time.sleep(2.0)
     blocks = []
     for rank in ranks:
