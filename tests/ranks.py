@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -37,8 +38,9 @@ def _stacks_of(ranks: list[int], processes, stack_dir: str) -> str:
     time.sleep(2.0)
     blocks = []
     for rank in ranks:
-        with open(os.path.join(stack_dir, f"rank{rank}")) as f:
-            blocks.append(f"--- rank {rank} ---\n{f.read().strip() or '(no stack dumped)'}")
+        path = Path(stack_dir, f"rank{rank}")
+        text = path.read_text().strip() if path.exists() else "(not started: still importing)"
+        blocks.append(f"--- rank {rank} ---\n{text or '(no stack dumped)'}")
     return "\n".join(blocks)
 
 

@@ -19,9 +19,9 @@ def _fail_on_rank_0(rank):
 def test_a_hung_rank_is_killed_at_the_deadline():
     start = time.monotonic()
     with pytest.raises(pytest.fail.Exception, match=r"ranks \[1\] of 2 still running") as failure:
-        spawn_ranks(_hang_on_rank_1, (), 2, deadline_s=5.0)
+        spawn_ranks(_hang_on_rank_1, (), 2, deadline_s=20.0)  # time for both to start on a loaded machine
     assert "--- rank 1 ---" in str(failure.value) and "_hang_on_rank_1" in str(failure.value)
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 90
 
 
 def test_a_rank_error_is_raised():
