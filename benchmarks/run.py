@@ -24,7 +24,7 @@ from harness import SUITES, MissingComponent, Results, Settings, interpret_trito
 if __name__ == "__main__":
     interpret_triton_without_gpu()
 from report import plot_convergence, plot_step_throughput, summary_markdown
-from suite_step import VARIANTS
+from suite_step import DIAGNOSTICS, VARIANTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step-suite batch (default 8, --quick 2)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per step-suite sequence (default 128)")
-    p.add_argument("--variant", action="append", default=None, choices=VARIANTS,
-                   help="step-suite variants to run (repeatable; default all)")
+    p.add_argument("--variant", action="append", default=None, choices=[*VARIANTS, *DIAGNOSTICS],
+                   help="step-suite variants to run (repeatable; default all but the diagnostics: "
+                        f"{', '.join(DIAGNOSTICS)})")
     p.add_argument("--model-type", default="bert", metavar="TYPE",
                    help="model family of the step suite and the kernels suite's attribution case, any family "
                         "trelm_fast has an adapter for (bert, roberta, distilbert, gpt2, llama, ...; default bert): the "

@@ -4,7 +4,7 @@ Cases `minilm` and `bert-base` (workload.SHAPES; --quick: `minilm` only, batch 2
 selects others), batch 8 x 128 full-length sequences (workload.full_batch; `--batch-size`, `--seq-len`),
 random init, the generated dataset (workload.generated_dir). Each variant is the trainer's own step
 object (`trelm_fast.step.make_step`): `hf_dense`, `dense_opt`, `frozen_dense`, `trelm_naive`,
-`trelm_fast` (`--variant` selects some); they share every generic speed-up (precision, fused AdamW,
+`trelm_fast` (`--variant` selects some, and runs the `DIAGNOSTICS`); they share every generic speed-up (precision, fused AdamW,
 no host sync in a plain step), so `trelm_fast / dense_opt` measures the method and
 `trelm_fast / frozen_dense` routing plus sparse FFN gradients alone. The precision is the trainer's
 `train.precision` (`--precision`, default fp32); a case is named after its shape, with `-bf16` /
@@ -49,6 +49,10 @@ from harness import Results, Settings, _sync, count_and_profile, describe_device
 
 SUITE = "step"
 VARIANTS = ("hf_dense", "dense_opt", "frozen_dense", "trelm_naive", "trelm_fast")
+DIAGNOSTICS = {"trelm_fast_embeddings": ("trelm_fast", ("method.trainable=[head,other,embeddings]",))}
+"""Step variants run only when `--variant` names them: name -> (the trainer's method, its config
+overrides). `trelm_fast_embeddings`: `trelm_fast` with the embeddings (the tied MLM decoder among
+them) trained, the convergence diagnostic `trelm_embeddings`' step."""
 REFRESHES = 3
 """Refreshes with paths set whose median attribution time is reported (--quick: 2)."""
 BACK_TO_BACK = 10
@@ -72,14 +76,15 @@ class Variant:
         import workload
 
         self.name = name
-        self.routing = workload.config(shape, name, data_dir, model_type=settings.model_type).routing  # as configured
+        method, extra = DIAGNOSTICS.get(name, (name, ()))
+        self.routing = workload.config(shape, method, data_dir, model_type=settings.model_type).routing  # as configured
         sequences = min(batch_size, self.routing.sequences or batch_size)
         self.naive_scaled = name == "trelm_naive" and shape != "minilm" and sequences > 1
         graphs = settings.cuda_graphs and name != "trelm_naive"  # the per-layer reference stays eager
         overrides = [f"model.dropout={settings.dropout}", f"train.precision={settings.precision}",
                      f"train.static_shapes={settings.static_shapes}", f"train.cuda_graphs={str(graphs).lower()}"]
         overrides += ["routing.sequences=1"] if self.naive_scaled else []
-        self.step, self.model = workload.build_step(name, shape, data_dir, settings.device, overrides,
+        self.step, self.model = workload.build_step(method, shape, data_dir, settings.device, [*overrides, *extra],
                                                     model_type=settings.model_type)
         self.batch = workload.full_batch(data_dir, batch_size, seq_len, causal=workload.is_causal(settings.model_type))
         self.routed = self.step.router is not None

@@ -164,6 +164,22 @@ def test_step_suite_precision_batch_size_seq_len_and_variants(tmp_path):
         assert int(shares["forward_backward"].rstrip("%")) > 20
 
 
+def test_step_diagnostic_trains_the_embeddings_beside_the_paths(tmp_path):
+    import suite_step
+    import workload
+
+    variant = suite_step.Variant(Settings.make("cpu", quick=True, out=tmp_path), "tiny", "trelm_fast_embeddings",
+                                 workload.generated_dir(), 2, 40)
+    trained = {n for n, p in variant.model.named_parameters() if p.requires_grad}
+    assert any("word_embeddings" in n for n in trained) and not any(".attention." in n for n in trained)
+    assert variant.routed and variant.refresh  # routed like trelm_fast: its paths were set and refreshed
+    word = next(p for n, p in variant.model.named_parameters() if "word_embeddings" in n)
+    before = word.detach().clone()
+    variant.plain_step()
+    assert not torch.equal(before, word.detach())
+    assert "trelm_fast_embeddings" not in suite_step.VARIANTS  # run only when --variant names it
+
+
 def test_back_to_back_times_windows_of_plain_steps_per_step(tmp_path):
     import time
 
