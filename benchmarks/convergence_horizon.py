@@ -166,18 +166,45 @@ def crossing(clocks: list[float], values: list[float], target: float, lower_is_b
     return None
 
 
+def lower_is_better(measure: str) -> bool:
+    """The validation loss falls as a run learns; every P@1 rises."""
+    return measure == "valid_mlm_loss"
+
+
+def is_dense(label: str) -> bool:
+    """A run label of `dense`: `dense`, or `dense@<lr>` where it runs at several rates."""
+    return label == "dense" or label.startswith("dense@")
+
+
+def dense_reference(curves: dict[str, dict]) -> str | None:
+    """The label of the first `dense` run among `curves` (label -> curve); None without one, or when
+    it has fewer than two evaluations."""
+    reference = next((label for label in curves if is_dense(label)), None)
+    return reference if reference is not None and len(curves[reference]["probe_wall_s"]) >= 2 else None
+
+
+def times_to_mark(curves: dict[str, dict], reference: str, measure: str) -> tuple[float, dict[str, float | None]]:
+    """The mark of `measure`, `suite_convergence.target_of` the reference's curve (80% of its gain from
+    the start to its best evaluation; +-inf: no gain), and each curve's clock where it first meets it
+    (`crossing`; None: never)."""
+    lower = lower_is_better(measure)
+    mark = sc.target_of(curves[reference][measure], lower)
+    return mark, {label: crossing(c["probe_wall_s"], c[measure], mark, lower) for label, c in curves.items()}
+
+
 def mark_lines(runs: dict, measures: list[str]) -> list[str]:
-    """The time-to-mark table. Per measure the mark is `suite_convergence.target_of` the reference
-    run's curve (the first run of `dense`: 80% of its gain from the start to its best evaluation);
-    each run's clock where it meets the mark, interpolated between evaluations, and its ratio to the
-    reference's. No lines without a dense run of at least two evaluations."""
-    reference = next((label for label in runs if label == "dense" or label.startswith("dense@")), None)
-    if reference is None or len(runs[reference][1].curve["probe_wall_s"]) < 2:
+    """The time-to-mark table (`times_to_mark` against `dense_reference`): each run's clock where it
+    meets the mark, interpolated between evaluations, and its ratio to the reference's. No lines
+    without a dense run of at least two evaluations."""
+    curves = {label: run.curve for label, (_, run) in runs.items()}
+    reference = dense_reference(curves)
+    if reference is None:
         return []
-    lower = {m: m == "valid_mlm_loss" for m in measures}
-    marks = {m: sc.target_of(runs[reference][1].curve[m], lower[m]) for m in measures}
-    times = {label: {m: crossing(run.curve["probe_wall_s"], run.curve[m], marks[m], lower[m]) for m in measures}
-             for label, (_, run) in runs.items()}
+    marks, times = {}, {label: {} for label in runs}
+    for m in measures:
+        marks[m], per_run = times_to_mark(curves, reference, m)
+        for label, t in per_run.items():
+            times[label][m] = t
 
     def cell(label: str, m: str) -> str:
         t, t_ref = times[label][m], times[reference][m]
@@ -189,7 +216,8 @@ def mark_lines(runs: dict, measures: list[str]) -> list[str]:
 
     return ["", f"Time to the mark: 80% of `{reference}`'s gain from the start to its best evaluation, "
             "the clock interpolated between evaluations (ratio to its time):", "",
-            "| variant | " + " | ".join(f"{m} {'<=' if lower[m] else '>='} {marks[m]:.3f}" for m in measures) + " |",
+            "| variant | " + " | ".join(f"{m} {'<=' if lower_is_better(m) else '>='} {marks[m]:.3f}"
+                                        for m in measures) + " |",
             "|---|" + "---|" * len(measures),
             *(f"| {label} | " + " | ".join(cell(label, m) for m in measures) + " |" for label in runs)]
 

@@ -1,10 +1,10 @@
 """`python benchmarks/horizon_seeds.py --out DIR RUN_DIR [RUN_DIR ...] [--measure p_at_1_said_10+ ...]`
 
 Several `convergence_horizon.py` runs, read back from their curves.json, as one result over seeds.
-Per seed and measure, the mark is 80% of that seed's `dense` gain (`suite_convergence.target_of`, as
-in the horizon's own time-to-mark table). Each variant's time to it is interpolated between
-evaluations (`convergence_horizon.crossing`), with its ratio to dense's time and its value at the
-end. Per variant, the median and range of those ratios over the seeds follow, and one plot of every
+Per seed and measure, the mark is 80% of that seed's `dense` gain and each variant's time to it is
+interpolated between evaluations, as in the horizon's own time-to-mark table
+(`convergence_horizon.times_to_mark`), with its ratio to dense's time and its value at the end.
+Per variant, the median and range of those ratios over the seeds follow, and one plot of every
 curve (`report.plot_convergence`: a colour per variant, a line per seed).
 
 Runs of one seed made in separate calls share the common start and the data order, not the
@@ -20,9 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from convergence_horizon import crossing, write_atomically
+from convergence_horizon import dense_reference, is_dense, lower_is_better, times_to_mark, write_atomically
 from report import plot_convergence
-from suite_convergence import target_of
 
 DEFAULT_MEASURES = ("p_at_1_said_10+", "valid_mlm_loss")
 
@@ -41,15 +40,10 @@ def load_curves(run_dirs: list[Path]) -> tuple[dict[str, dict], dict[str, Path]]
     return curves, source
 
 
-def is_dense(label: str) -> bool:
-    return label == "dense" or label.startswith("dense@")
-
-
 def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, tuple[float | None, float | None, float]]]:
     """variant label -> seed -> (time to that seed's dense mark, ratio to dense's time, final value).
-    Seeds without a dense curve of at least two evaluations, or whose dense never improves the
-    measure, are left out; ratio None where either time is missing."""
-    lower = measure == "valid_mlm_loss"
+    Seeds without a dense curve of at least two evaluations (`dense_reference`), or whose dense never
+    improves the measure, are left out; ratio None where either time is missing."""
     by_seed: dict[int, dict[str, dict]] = {}
     for key, curve in curves.items():
         _, label, seed = key.split("/")
@@ -57,17 +51,15 @@ def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, tupl
             by_seed.setdefault(int(seed.removeprefix("seed")), {})[label] = curve
     rows: dict[str, dict[int, tuple]] = {}
     for seed, runs in sorted(by_seed.items()):
-        dense = next((c for label, c in runs.items() if is_dense(label)), None)
-        if dense is None or len(dense["probe_wall_s"]) < 2:
+        reference = dense_reference(runs)
+        if reference is None:
             continue
-        mark = target_of(dense[measure], lower)
+        mark, times = times_to_mark(runs, reference, measure)
         if abs(mark) == float("inf"):
             continue
-        t_dense = crossing(dense["probe_wall_s"], dense[measure], mark, lower)
-        for label, curve in runs.items():
-            t = crossing(curve["probe_wall_s"], curve[measure], mark, lower)
-            ratio = t / t_dense if t is not None and t_dense and not is_dense(label) else None
-            rows.setdefault(label, {})[seed] = (t, ratio, curve[measure][-1])
+        for label, t in times.items():
+            ratio = t / times[reference] if t is not None and times[reference] and not is_dense(label) else None
+            rows.setdefault(label, {})[seed] = (t, ratio, runs[label][measure][-1])
     return rows
 
 
@@ -100,11 +92,10 @@ def measure_lines(curves: dict[str, dict], measure: str) -> list[str]:
 
 
 def summary(curves: dict[str, dict], source: dict[str, Path], measures: list[str]) -> list[str]:
-    marks = {m: "lower" if m == "valid_mlm_loss" else "higher" for m in measures}
     return ["# Convergence horizon over seeds", "",
             f"- command: `benchmarks/horizon_seeds.py {' '.join(sys.argv[1:])}`",
-            "- the mark per seed and measure: 80% of that seed's dense gain from the start to its best "
-            "evaluation (" + ", ".join(f"{m}: {d} is better" for m, d in marks.items()) + ")",
+            "- the mark per seed and measure: 80% of that seed's dense gain from the start to its best evaluation ("
+            + ", ".join(f"{m}: {'lower' if lower_is_better(m) else 'higher'} is better" for m in measures) + ")",
             "- curves, from: " + "; ".join(f"`{k}` {source[k]}" for k in curves), "",
             *[line for m in measures for line in measure_lines(curves, m)]]
 
