@@ -4,18 +4,17 @@ Cases `minilm` and `bert-base` (workload.SHAPES; --quick: `minilm` only, batch 2
 selects others), batch 8 x 128 full-length sequences (workload.full_batch; `--batch-size`, `--seq-len`),
 random init, the generated dataset (workload.generated_dir). Each variant is the trainer's own step
 object (`trelm_fast.step.make_step`): `hf_dense`, `dense_opt`, `frozen_dense`, `trelm_naive`,
-`trelm_fast` (`--variant` selects some, and runs the `DIAGNOSTICS`); they share every generic speed-up (precision, fused AdamW,
-no host sync in a plain step), so `trelm_fast / dense_opt` measures the method and
-`trelm_fast / frozen_dense` routing plus sparse FFN gradients alone. The precision is the trainer's
-`train.precision` (`--precision`, default fp32); a case is named after its shape, with `-bf16` /
-`-fp16` appended at those precisions. `--static-shapes` sets `train.static_shapes`; `--cuda-graphs`
-sets `train.cuda_graphs` for every variant but `trelm_naive` (which stays eager) and appends `-graphs`
-to the case: each plain step is then a CUDA-graph replay (on CPU, its eager rehearsal), the same
-engineering for `dense_opt` as for `trelm_fast` (the warm-up runs come before the measured calls, the
-FLOPs are counted and peak_mem_mb profiled on the capture, whose memory pool every replay reuses).
-Every record carries `device` (the device's name),
-`precision` and the variant's wall-clock percentiles `p20_ms`, `p50_ms`, `p80_ms` (amortized like
-wall_ms, which is p50).
+`trelm_fast` (`--variant` selects some, and runs the `DIAGNOSTICS`); they share every generic speed-up
+(precision, fused AdamW, no host sync in a plain step), so `trelm_fast / dense_opt` measures the method
+and `trelm_fast / frozen_dense` routing plus sparse FFN gradients alone. The precision is the trainer's
+`train.precision` (`--precision`, default fp32); a case is named after its shape, with `-bf16` / `-fp16`
+appended at those precisions. `--static-shapes` sets `train.static_shapes`; `--cuda-graphs` sets
+`train.cuda_graphs` for every variant but `trelm_naive` (which stays eager) and appends `-graphs` to the
+case: each plain step is then a CUDA-graph replay (on CPU, its eager rehearsal), the same engineering
+for `dense_opt` as for `trelm_fast` (the warm-up runs come before the measured calls, the FLOPs are
+counted and peak_mem_mb profiled on the capture, whose memory pool every replay reuses). Every record
+carries `device` (the device's name), `precision` and the variant's wall-clock percentiles `p20_ms`,
+`p50_ms`, `p80_ms` (amortized like wall_ms, which is p50).
 
 Routed variants refresh their knowledge paths every R steps (`routing.refresh`), so their figures
 are amortized: wall_ms = (median step without a refresh) + (attribution time) / R, and likewise

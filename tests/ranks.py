@@ -25,7 +25,7 @@ DEADLINE_S = 240.0
 
 def _rank_main(rank: int, fn, args: tuple, stack_dir: str) -> None:
     """A rank's entry point: `fn(rank, *args)`, dumping its stacks to `stack_dir/rank{rank}` on SIGUSR1."""
-    with open(os.path.join(stack_dir, f"rank{rank}"), "w") as stacks:
+    with Path(stack_dir, f"rank{rank}").open("w") as stacks:
         faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
         fn(rank, *args)
 
