@@ -107,11 +107,12 @@ ALL_VARIANTS = {**VARIANTS, **INVESTIGATION}
 """Every variant of the suite by name (--case selects among them)."""
 DIAGNOSTICS = {
     "trelm_paths30": Variant("trelm", SLICE_LRS, ("routing.fraction=0.3",)),
-    "trelm_attention": Variant("trelm", SLICE_LRS, ("method.trainable=[head,other,attention,layernorm]",)),
+    "trelm_attention": Variant("trelm", SLICE_LRS,
+                               ("method.trainable=[embeddings,head,other,attention,layernorm]",)),
     "trelm_theta08": Variant("trelm", SLICE_LRS, ("loss.theta=0.8",)),
     "trelm_theta08_paths30": Variant("trelm", SLICE_LRS, ("loss.theta=0.8", "routing.fraction=0.3")),
     "trelm_random_paths": Variant("trelm", SLICE_LRS, ("routing.rule=random",)),
-    "trelm_embeddings": Variant("trelm", SLICE_LRS, ("method.trainable=[head,other,embeddings]",)),
+    "trelm_frozen_embeddings": Variant("trelm", SLICE_LRS, ("method.trainable=[head,other]",)),
 }
 """Long-run diagnostics, for benchmarks/convergence_horizon.py only (not run by the suite): why does
 trelm level off lower than dense? (On the H100 its P@1 on the facts said 10+ times levelled off near
@@ -121,9 +122,10 @@ the paths, outside the paper's method (which updates only FFN paths inside a blo
 its objective: `trelm_theta08`, theta = 0.8 in eq. 3 (0.8 MLM + 0.2 CKA instead of 0.5 each; the
 probes ask for a masked object, an MLM prediction). `trelm_theta08_paths30`: both changes at once.
 Whether attribution matters: `trelm_random_paths`, paths drawn at random at every refresh
-(`routing.rule=random`, no attribution). What `kmb_only` trains that `trelm` freezes:
-`trelm_embeddings`, the embeddings trained beside the paths, the tied MLM decoder (the word
-embedding matrix, against which every object prediction is scored) among them."""
+(`routing.rule=random`, no attribution). What training the embeddings is worth:
+`trelm_frozen_embeddings`, the embeddings frozen, the tied MLM decoder (the word embedding matrix,
+against which every object prediction is scored) among them, as `trelm` did before 2026-11-27 (the
+runs that made the embeddings the default named the other side `trelm_embeddings`)."""
 
 
 @dataclass(frozen=True)

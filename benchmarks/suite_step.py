@@ -48,10 +48,11 @@ from harness import Results, Settings, _sync, count_and_profile, describe_device
 
 SUITE = "step"
 VARIANTS = ("hf_dense", "dense_opt", "frozen_dense", "trelm_naive", "trelm_fast")
-DIAGNOSTICS = {"trelm_fast_embeddings": ("trelm_fast", ("method.trainable=[head,other,embeddings]",))}
+DIAGNOSTICS = {"trelm_fast_frozen_embeddings": ("trelm_fast", ("method.trainable=[head,other]",))}
 """Step variants run only when `--variant` names them: name -> (the trainer's method, its config
-overrides). `trelm_fast_embeddings`: `trelm_fast` with the embeddings (the tied MLM decoder among
-them) trained, the convergence diagnostic `trelm_embeddings`' step."""
+overrides). `trelm_fast_frozen_embeddings`: `trelm_fast` with the embeddings (the tied MLM decoder
+among them) frozen, the default before 2026-11-27, the convergence diagnostic
+`trelm_frozen_embeddings`' step."""
 REFRESHES = 3
 """Refreshes with paths set whose median attribution time is reported (--quick: 2)."""
 BACK_TO_BACK = 10

@@ -123,7 +123,7 @@ def _kmb_update_kernel(
     hidden_ptr, rows_ptr, lo_ptr, hi_ptr, slots_ptr, cls_ptr, cls_index_ptr, order_ptr, offsets_ptr,
     local_ptr, gmean_ptr, counts_ptr, skip_ptr,
     gamma, d, stride_hr, stride_hn, stride_c,
-    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SKIP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_g, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -132,7 +132,9 @@ def _kmb_update_kernel(
     g_start = tl.load(offsets_ptr + i_g)
     g_end = tl.load(offsets_ptr + i_g + 1)
     live = g_start < g_end  # programs past the G distinct slots have an empty group
-    m_d = m_d & ((o_d * 0 + g_start) < g_end) & ((o_d * 0 + tl.load(skip_ptr)) == 0)  # [BLOCK_D]
+    m_d = m_d & ((o_d * 0 + g_start) < g_end)  # [BLOCK_D]
+    if HAS_SKIP:  # skip_ptr: the bool flag itself; a skipped step stores nothing
+        m_d = m_d & ((o_d * 0 + tl.load(skip_ptr).to(tl.int32)) == 0)
     slot = tl.load(slots_ptr + tl.load(order_ptr + tl.where(live, g_start, 0))).to(tl.int64)  # a real row
     b_local = tl.load(local_ptr + slot * d + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_gmean = tl.load(gmean_ptr + slot * d + o_d, mask=m_d, other=0.0).to(tl.float32)
@@ -182,17 +184,15 @@ def kmb_update_triton(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean,
     order, offsets, _ = group_by_slot(slots)
     block_d = max(16, min(triton.next_power_of_2(d), 128))
     grid = (offsets.numel() - 1, triton.cdiv(d, block_d))
-    keep = None if skip is None else ~skip.reshape(1)
     _kmb_update_kernel[grid](
         hidden, rows, lo, hi, slots, cls, cls_index, order, offsets,
-        local, gmean, counts, torch.zeros(1, dtype=torch.int32, device=hidden.device) if skip is None
-        else skip.reshape(1).to(torch.int32),
+        local, gmean, counts, counts if skip is None else skip,  # without a flag the pointer is not read
         float(gamma), d, hidden.stride(0), hidden.stride(1), cls.stride(0),
-        BLOCK_W=BLOCK_W, BLOCK_D=block_d,
+        HAS_SKIP=skip is not None, BLOCK_W=BLOCK_W, BLOCK_D=block_d,
     )
     # every d-block program reads the old count, so the new counts are written after the kernel
     added = cls_index >= 0
-    counts.index_add_(0, slots, (added if keep is None else added & keep).long())
+    counts.index_add_(0, slots, (added if skip is None else added & ~skip).long())
 
 
 def kmb_update(hidden, rows, lo, hi, slots, cls, cls_index, local, gmean, counts, gamma: float,

@@ -43,7 +43,7 @@ def _slice_adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, idx_ptr, step_ptr, skip_ptr,
     N, stride_ps, stride_pn, stride_gs, stride_gn,
     lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
-    LR_PTR: tl.constexpr, BLOCK_N: tl.constexpr,
+    LR_PTR: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_s, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     if LR_PTR:  # lr is a pointer to the rate (a device tensor)
@@ -54,7 +54,9 @@ def _slice_adamw_kernel(
     bc2 = 1.0 - tl.exp2(t * log2_beta2)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    m_store = m_n & ((o_n * 0 + tl.load(skip_ptr)) == 0)  # a skipped step stores nothing
+    m_store = m_n
+    if HAS_SKIP:  # skip_ptr: the bool flag itself; a skipped step stores nothing
+        m_store = m_store & ((o_n * 0 + tl.load(skip_ptr).to(tl.int32)) == 0)
     o_p = j * stride_ps + o_n * stride_pn
     b_p = tl.load(p_ptr + o_p, mask=m_n, other=0.0).to(tl.float32)
     b_m = tl.load(m_ptr + o_p, mask=m_n, other=0.0).to(tl.float32)
@@ -128,10 +130,10 @@ def slice_adamw_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
     log2 = lambda b: math.log2(b) if b > 0 else float("-inf")  # noqa: E731
     grid = lambda meta: (k, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _slice_adamw_kernel[grid](
-        param, grad, exp_avg, exp_avg_sq, idx, steps,
-        torch.zeros(1, dtype=torch.int32, device=param.device) if skip is None else skip.reshape(1).to(torch.int32),
+        param, grad, exp_avg, exp_avg_sq, idx, steps, steps if skip is None else skip,  # no flag: not read
         n, sp, sn, sg, sgn,
         lr, beta1, beta2, log2(beta1), log2(beta2), eps, weight_decay, LR_PTR=isinstance(lr, Tensor),
+        HAS_SKIP=skip is not None,
     )
 
 

@@ -164,20 +164,23 @@ def test_step_suite_precision_batch_size_seq_len_and_variants(tmp_path):
         assert int(shares["forward_backward"].rstrip("%")) > 20
 
 
-def test_step_diagnostic_trains_the_embeddings_beside_the_paths(tmp_path):
+def test_step_diagnostic_freezes_the_embeddings_the_default_trains(tmp_path):
     import suite_step
     import workload
 
-    variant = suite_step.Variant(Settings.make("cpu", quick=True, out=tmp_path), "tiny", "trelm_fast_embeddings",
-                                 workload.generated_dir(), 2, 40)
-    trained = {n for n, p in variant.model.named_parameters() if p.requires_grad}
-    assert any("word_embeddings" in n for n in trained) and not any(".attention." in n for n in trained)
-    assert variant.routed and variant.refresh  # routed like trelm_fast: its paths were set and refreshed
-    word = next(p for n, p in variant.model.named_parameters() if "word_embeddings" in n)
-    before = word.detach().clone()
-    variant.plain_step()
-    assert not torch.equal(before, word.detach())
-    assert "trelm_fast_embeddings" not in suite_step.VARIANTS  # run only when --variant names it
+    settings = Settings.make("cpu", quick=True, out=tmp_path)
+    words = {}
+    for name in ("trelm_fast", "trelm_fast_frozen_embeddings"):
+        variant = suite_step.Variant(settings, "tiny", name, workload.generated_dir(), 2, 40)
+        trained = {n for n, p in variant.model.named_parameters() if p.requires_grad}
+        assert not any(".attention." in n for n in trained)
+        assert variant.routed and variant.refresh  # routed like trelm_fast: its paths were set and refreshed
+        word = next(p for n, p in variant.model.named_parameters() if "word_embeddings" in n)
+        before = word.detach().clone()
+        variant.plain_step()
+        words[name] = (word.requires_grad, torch.equal(before, word.detach()))
+    assert words == {"trelm_fast": (True, False), "trelm_fast_frozen_embeddings": (False, True)}
+    assert "trelm_fast_frozen_embeddings" not in suite_step.VARIANTS  # run only when --variant names it
 
 
 def test_back_to_back_times_windows_of_plain_steps_per_step(tmp_path):
@@ -459,21 +462,22 @@ def test_horizon_diagnostics_change_only_what_they_name():
     base = workload.config("tiny", "trelm", data_dir)
     wider = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_paths30"].overrides))
     assert (base.routing.fraction, wider.routing.fraction) == (0.1, 0.3)
+    names = configure_trainable(build_step_model("trelm", base, data_dir).mlm, base.method.trainable)
+    assert any("word_embeddings" in n for n in names) and not any(".attention." in n for n in names)
     cfg = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_attention"].overrides))
     model = build_step_model("trelm", cfg, data_dir)
-    names = configure_trainable(model.mlm, cfg.method.trainable)
-    assert any(".attention." in n for n in names) and not any("word_embeddings" in n for n in names)
-    assert not any(".intermediate." in n for n in names)  # the FFN still trains through its paths only
+    with_attention = configure_trainable(model.mlm, cfg.method.trainable)
+    assert set(with_attention) > set(names) and any(".attention." in n for n in with_attention)
+    assert not any(".intermediate." in n for n in with_attention)  # the FFN still trains through its paths only
     mix = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_theta08"].overrides))
     assert (base.loss.theta, mix.loss.theta) == (0.5, 0.8) and mix.routing == base.routing
     both = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_theta08_paths30"].overrides))
     assert (both.loss.theta, both.routing) == (mix.loss.theta, wider.routing)
     chance = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_random_paths"].overrides))
     assert chance.routing.rule == "random" and chance.routing.fraction == base.routing.fraction
-    cfg = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_embeddings"].overrides))
-    names = configure_trainable(build_step_model("trelm", cfg, data_dir).mlm, cfg.method.trainable)
-    assert any("word_embeddings" in n for n in names) and not any(".attention." in n for n in names)
-    assert not any(".intermediate." in n for n in names)
+    cfg = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_frozen_embeddings"].overrides))
+    frozen = configure_trainable(build_step_model("trelm", cfg, data_dir).mlm, cfg.method.trainable)
+    assert set(frozen) == {n for n in names if "embeddings" not in n}
     assert not set(sc.DIAGNOSTICS) & set(sc.ALL_VARIANTS)  # the suite does not run them
 
 

@@ -185,6 +185,20 @@ def test_bad_ids_in_read(ids, error, match):
         bank.read(ids, torch.zeros(len(ids), D), epoch=0)
 
 
+def test_a_bank_whose_ids_are_its_rows_checks_them_on_the_device():
+    """Ids 0..N-1 added in order are the rows: no table lookup, an id outside [0, N) fails the
+    device-side assertion (synchronous on the CPU), an id of an empty bank a ValueError."""
+    bank = KnowledgeMemoryBank(D)
+    with pytest.raises(ValueError, match="the bank is empty"):
+        bank.slots(torch.tensor([0]))
+    assert bank.slots(torch.tensor([], dtype=torch.int64)).numel() == 0
+    bank.add_entities(torch.arange(5), torch.randn(5, D))
+    assert torch.equal(bank.slots(torch.tensor([4, 0, 2])), torch.tensor([4, 0, 2]))
+    for bad in ([5], [-1], [0, 7]):
+        with pytest.raises(RuntimeError, match="not in the bank"):
+            bank.slots(torch.tensor(bad))
+
+
 @pytest.mark.parametrize(
     "span, match",
     [

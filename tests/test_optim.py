@@ -63,7 +63,7 @@ def test_configure_trainable_groups_patterns_and_errors():
 
 def test_frozen_params_get_no_grad_and_backward_stops_below_lowest_path():
     m = swap_ffn(_model())
-    configure_trainable(m)
+    configure_trainable(m, {"head", "other"})  # the embeddings frozen too (the default trains them)
     ffns = ffn_modules(m)
     ffns[1].set_path(torch.tensor([3, 8, 20]))
     seen = {}
@@ -95,7 +95,7 @@ class _LazyReference:
 
     def __init__(self, model):
         self.model = model
-        self.dense = [p for n, p in model.named_parameters() if parameter_group(n) == "head"]
+        self.dense = [p for n, p in model.named_parameters() if parameter_group(n) in TRELM_TRAINABLE]
         decay = [p for p in self.dense if p.dim() >= 2]
         no_decay = [p for p in self.dense if p.dim() < 2]
         kw = dict(lr=HP["lr"], betas=HP["betas"], eps=HP["eps"], foreach=False)

@@ -142,8 +142,11 @@ def test_the_counters_see_the_syncs_they_look_for():
 # Issue 12's target: at most 1.25 x dense_opt's ops in a plain step (on the GPU every op is a launch).
 # Measured here (2 layers, d 32, I 48, 3 x 17 tokens with padding, fp32, dropout 0):
 # - the GPU's dispatch (`kernel_backend("gpu")`: Triton kernels as one launch each, the sparse weight
-#   gradients as gather + matmul): trelm_fast 444 vs dense_opt 363, 1.22x: the target;
-# - kernels by their PyTorch references (the CPU's count): 684 vs 363, 1.88x, mostly the slice-AdamW
+#   gradients as gather + matmul): trelm_fast 446 vs dense_opt 365, 1.22x (static shapes: 457 vs
+#   367, 1.245x): the target. Training the embeddings by default (2026-11-27) added 24 ops (their
+#   backward, from layer 0's attention down); one skip flag read as bool by the kernels, eq. 7 as a
+#   lerp and a dot for the weighted mean took as many away;
+# - kernels by their PyTorch references (the CPU's count): 705 vs 365, 1.93x, mostly the slice-AdamW
 #   reference (about 34 ops per sliced tensor, 3 per layer, where the GPU launches one kernel) and
 #   the bank update's reference (106 ops against 39 with the kernel). On the benchmark's tiny shape
 #   (reference kernels) 840 vs 490 before issue 12's work, 767 vs 469 after. This guards against

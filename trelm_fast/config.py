@@ -85,10 +85,11 @@ class MethodConfig:
 
     ``trainable``: what trains besides the knowledge-path slices in the path methods: group names
     of `trelm_fast.optim` (embeddings, attention, layernorm, ffn, ffn_out_bias, head, pooler,
-    other = the knowledge projection) or fnmatch patterns over parameter names.
+    other = the knowledge projection) or fnmatch patterns over parameter names. Default
+    (`trelm_fast.optim.TRELM_TRAINABLE`): embeddings (the tied MLM decoder among them), head, other.
     """
     name: str = "trelm"
-    trainable: list = field(default_factory=lambda: ["head", "other"])
+    trainable: list = field(default_factory=lambda: ["embeddings", "head", "other"])
 
 
 @dataclass

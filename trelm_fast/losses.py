@@ -110,11 +110,11 @@ def mlm_loss(hidden: Tensor, labels: Tensor, head: MLMHead) -> Tensor:
 
 
 def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
-    """values.mean() for weight None, else sum(weight * values) (weights 1 / N_real for the real
-    rows, 0 for padding: the mean over the real rows, 0 when there are none)."""
+    """values.mean() for weight None, else sum(weight * values) for values and weight [N] (weights
+    1 / N_real for the real rows, 0 for padding: the mean over the real rows, 0 when there are none)."""
     if weight is None:
         return values.mean()
-    return (values * weight).sum()
+    return torch.dot(values, weight.to(values.dtype))
 
 
 def _cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:

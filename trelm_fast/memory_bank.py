@@ -176,8 +176,10 @@ class KnowledgeMemoryBank:
         """
         _check_ids(entity_ids, "entity_ids")
         if self._identity:
+            if len(self) == 0 and entity_ids.numel():
+                raise ValueError("KnowledgeMemoryBank: the bank is empty; add the entities with add_entities() first")
             ids = entity_ids.to(self.device, non_blocking=True)
-            torch._assert_async(((ids >= 0) & (ids < len(self))).all(),
+            torch._assert_async((ids.clamp(0, len(self) - 1) == ids).all(),  # every id in [0, N)
                                 "KnowledgeMemoryBank: an entity id is not in the bank")
             return ids
         slots = torch.from_numpy(self.table.lookup(entity_ids.cpu().numpy())).to(torch.int64)
@@ -259,7 +261,7 @@ class KnowledgeMemoryBank:
         slots = self.slots(entity_ids)
         local = self._local[slots].float()
         gmean = torch.where((self._counts[slots] > 0)[:, None], self._gmean[slots].float(), local)
-        return 0.5 * (local + gmean)
+        return torch.lerp(local, gmean, 0.5)
 
     def read(self, entity_ids: torch.Tensor, h_e: torch.Tensor, epoch: float | torch.Tensor) -> torch.Tensor:
         """Eq. 7: (1 - lam) h_e + lam/2 (M_local + M_global); [T, d] in h_e's dtype, grad flows to h_e only.
@@ -274,7 +276,7 @@ class KnowledgeMemoryBank:
             )
         lam = self.lam(epoch)
         mem = self.memory(entity_ids).to(h_e.device, h_e.dtype)
-        return (1.0 - lam) * h_e + lam * mem
+        return torch.lerp(h_e, mem, lam.to(h_e.dtype) if isinstance(lam, torch.Tensor) else lam)
 
     # ------------------------------------------------------------------------------------ updating
     def _lengths(self, final_hidden, attention_mask, lengths) -> torch.Tensor:

@@ -13,10 +13,13 @@ parameter names map to them):
     pooler        the pooler
     other         everything else, e.g. modules the trainer adds (knowledge projection)
 
-`TRELM_TRAINABLE` = {"head", "other"} is the default in TRELM mode: in the Transformer blocks only
-the knowledge-path slices of the FFNs learn (the paper's selective update); the embeddings and the
-tied decoder weight (a dense [V, d] gradient and Adam update every step) stay frozen; the small MLM
-head and the trainer's own modules train. `DENSE_TRAINABLE` is every group.
+`TRELM_TRAINABLE` = {"embeddings", "head", "other"} is the default in TRELM mode: in the Transformer
+blocks only the knowledge-path slices of the FFNs learn (the paper's selective update); outside them
+the embeddings (with the tied decoder weight, against which every masked token and CKA answer is
+scored: a dense [V, d] gradient and Adam update every step), the MLM head and the trainer's own
+modules train. Frozen embeddings (`method.trainable=[head,other]`, the default before 2026-11-27)
+made a cheaper step but slower learning: docs/results.md, "The embeddings trained beside the
+paths". `DENSE_TRAINABLE` is every group.
 `configure_trainable` sets requires_grad, so frozen parameters get no gradient and autograd's
 backward stops below the lowest layer that has a path or a trainable parameter.
 
@@ -54,7 +57,7 @@ from trelm_fast.kernels.slice_adamw import slice_adamw
 from trelm_fast.models import parameter_group  # the groups of each family's parameter names
 
 GROUPS = ("embeddings", "attention", "layernorm", "ffn", "ffn_out_bias", "head", "pooler", "other")
-TRELM_TRAINABLE = frozenset({"head", "other"})
+TRELM_TRAINABLE = frozenset({"embeddings", "head", "other"})
 DENSE_TRAINABLE = frozenset(GROUPS)
 
 
@@ -188,12 +191,12 @@ class TrelmOptimizer:
             finally:
                 self.dense.found_inf = None
         b1, b2 = self.betas
+        kept = None if skip is None else (~skip).long()  # 1, or 0 on a skipped step: what each step count gains
         for i, f in enumerate(self.ffns):
             if all(t.grad is None for t in f.leaves):
                 continue
             st, idx = self._state_for(i), f.path
-            ones = torch.ones_like(idx) if skip is None else (~skip).long().expand(idx.numel())
-            st["step"].index_add_(0, idx, ones)
+            st["step"].index_add_(0, idx, torch.ones_like(idx) if kept is None else kept.expand(idx.numel()))
             for name, proj, p, leaf, wd in self._targets(f):
                 g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 m, v = st[f"exp_avg_{name}"], st[f"exp_avg_sq_{name}"]

@@ -7,7 +7,7 @@ Methods (paper table 6 and DESIGN.md section 3):
 
 | method        | injection | bank | routing       | objective                                   | trained                     |
 |---------------|-----------|------|---------------|---------------------------------------------|-----------------------------|
-| `trelm`       | yes       | yes  | fused, every R| MLM at labelled positions + CKA (eq. 3)     | path slices + `method.trainable` groups (default: MLM head, knowledge projection) |
+| `trelm`       | yes       | yes  | fused, every R| MLM at labelled positions + CKA (eq. 3)     | path slices + `method.trainable` groups (default: embeddings, MLM head, knowledge projection) |
 | `trelm_fast`  | = `trelm` (the benchmark name)                                                                          |
 | `no_injection`| no        | yes  | fused         | as `trelm`                                  | as `trelm`                  |
 | `no_kmb`      | yes       | no   | fused         | as `trelm`                                  | as `trelm`                  |

@@ -78,7 +78,7 @@ class LlamaAdapter(CausalLMAdapter):
 
     def parameter_group(self, parts: list[str]) -> str | None:
         if parts[0] == "lm_head" or "embed_tokens" in parts:
-            return "embeddings"  # the [V, d] output matrix (tied or not) stays frozen like BERT's decoder
+            return "embeddings"  # the [V, d] output matrix (tied or not), grouped like BERT's decoder
         if "layers" not in parts:  # the final norm: `model.norm` (other families' `*.norm` are theirs)
             return "layernorm" if parts[:-1] in (["norm"], ["model", "norm"]) else None
         if parts[-2:-1] in (["input_layernorm"], ["post_attention_layernorm"]):
