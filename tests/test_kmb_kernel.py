@@ -97,15 +97,18 @@ def test_kernel_on_precomputed_means_as_length_one_windows():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("fn", [kmb_update_ref, kmb_update_triton])
-def test_a_skip_flag_on_the_device_leaves_the_bank_unchanged(fn):
+def test_a_skip_flag_on_the_device_leaves_the_bank_unchanged(fn, device):
+    """skip = True (a 0-dim bool tensor the kernel reads as it is) changes nothing; False is a plain update."""
     (hidden, *rest), bank = _problem(5)
+    hidden, rest, bank = hidden.to(device), [t.to(device) for t in rest], tuple(t.to(device) for t in bank)
     got = tuple(t.clone() for t in bank)
-    fn(torch.full_like(hidden, float("nan")), *rest, *got, 0.3, skip=torch.tensor(True))
+    fn(torch.full_like(hidden, float("nan")), *rest, *got, 0.3, skip=torch.tensor(True, device=device))
     assert all(torch.equal(a, b) for a, b in zip(got, bank))
     expected = tuple(t.clone() for t in bank)
     kmb_update_ref(hidden, *rest, *expected, 0.3)
-    fn(hidden, *rest, *got, 0.3, rounds=None, skip=torch.tensor(False))
+    fn(hidden, *rest, *got, 0.3, rounds=None, skip=torch.tensor(False, device=device))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
 

@@ -79,18 +79,21 @@ def test_bad_shapes_are_named():
         slice_adamw(p, torch.zeros(2, 4), m, v, steps[:3], torch.tensor([0, 1]), 0, **HP)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("fn", [slice_adamw_reference, slice_adamw_triton])
-def test_a_skip_flag_on_the_device_leaves_everything_unchanged(fn):
-    """A step with a non-finite loss: NaN gradients, skip = True; nothing is written. skip = False is a plain step."""
-    p, m, v, steps = _state((19, 37), 1, seed=5)
-    idx = torch.tensor([2, 5, 36])
+def test_a_skip_flag_on_the_device_leaves_everything_unchanged(fn, device):
+    """A step with a non-finite loss: NaN gradients, skip = True; nothing is written. skip = False is a plain step.
+    The kernel reads the flag, a 0-dim bool tensor, as it is."""
+    p, m, v, steps = (t.to(device) for t in _state((19, 37), 1, seed=5))
+    idx = torch.tensor([2, 5, 36], device=device)
     before = [t.clone() for t in (p, m, v)]
-    fn(p, torch.full((19, 3), float("nan")), m, v, steps, idx, 1, **HP, skip=torch.tensor(True))
+    fn(p, torch.full((19, 3), float("nan"), device=device), m, v, steps, idx, 1, **HP,
+       skip=torch.tensor(True, device=device))
     assert all(torch.equal(a, b) for a, b in zip((p, m, v), before))
-    g = _rand(19, 3, seed=6)
+    g = _rand(19, 3, seed=6).to(device)
     expected = [t.clone() for t in before]
     slice_adamw_reference(expected[0], g, *expected[1:], steps, idx, 1, **HP)
-    fn(p, g, m, v, steps, idx, 1, **HP, skip=torch.tensor(False))
+    fn(p, g, m, v, steps, idx, 1, **HP, skip=torch.tensor(False, device=device))
     for a, b in zip((p, m, v), expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
