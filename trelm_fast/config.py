@@ -79,6 +79,14 @@ class DataConfig:
     num_workers: int = 0
 
 
+def _trelm_trainable() -> list:
+    """`method.trainable`'s default, from the optimizer's one definition (imported here, not at the
+    top: `trelm_fast.optim` imports torch)."""
+    from trelm_fast.optim import TRELM_TRAINABLE
+
+    return sorted(TRELM_TRAINABLE)
+
+
 @dataclass
 class MethodConfig:
     """Which training method runs (one of METHODS).
@@ -89,7 +97,7 @@ class MethodConfig:
     (`trelm_fast.optim.TRELM_TRAINABLE`): embeddings (the tied MLM decoder among them), head, other.
     """
     name: str = "trelm"
-    trainable: list = field(default_factory=lambda: ["embeddings", "head", "other"])
+    trainable: list = field(default_factory=_trelm_trainable)
 
 
 @dataclass
