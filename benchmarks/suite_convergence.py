@@ -113,6 +113,7 @@ DIAGNOSTICS = {
     "trelm_theta08_paths30": Variant("trelm", SLICE_LRS, ("loss.theta=0.8", "routing.fraction=0.3")),
     "trelm_random_paths": Variant("trelm", SLICE_LRS, ("routing.rule=random",)),
     "trelm_frozen_embeddings": Variant("trelm", SLICE_LRS, ("method.trainable=[head,other]",)),
+    "trelm_slice_lr2": Variant("trelm", SLICE_LRS, ("optim.slice_lr_scale=2",)),
 }
 """Long-run diagnostics, for benchmarks/convergence_horizon.py only (not run by the suite): why does
 trelm level off lower than dense? (On the H100 its P@1 on the facts said 10+ times levelled off near
@@ -125,7 +126,10 @@ Whether attribution matters: `trelm_random_paths`, paths drawn at random at ever
 (`routing.rule=random`, no attribution). What training the embeddings is worth:
 `trelm_frozen_embeddings`, the embeddings frozen, the tied MLM decoder (the word embedding matrix,
 against which every object prediction is scored) among them, as `trelm` did before 2026-11-27 (the
-runs that made the embeddings the default named the other side `trelm_embeddings`)."""
+runs that made the embeddings the default named the other side `trelm_embeddings`). Whether the
+slices want another rate than the embeddings they now train beside: `trelm_slice_lr2`, the slices
+at twice the variant's rate (`optim.slice_lr_scale=2`; the s11 sweep moved both together, and 2e-3
+crossed first but levelled off lower)."""
 
 
 @dataclass(frozen=True)

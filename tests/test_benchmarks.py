@@ -478,6 +478,8 @@ def test_horizon_diagnostics_change_only_what_they_name():
     cfg = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_frozen_embeddings"].overrides))
     frozen = configure_trainable(build_step_model("trelm", cfg, data_dir).mlm, cfg.method.trainable)
     assert set(frozen) == {n for n in names if "embeddings" not in n}
+    faster = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_slice_lr2"].overrides))
+    assert (base.optim.slice_lr_scale, faster.optim.slice_lr_scale) == (1.0, 2.0) and faster.optim.lr == base.optim.lr
     assert not set(sc.DIAGNOSTICS) & set(sc.ALL_VARIANTS)  # the suite does not run them
 
 

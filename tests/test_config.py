@@ -50,6 +50,7 @@ def test_parse_overrides_forms():
     ("kmb.gamma=1", "kmb.gamma"),
     ("kmb.beta=0.5", "kmb.beta"),
     ("routing.m=0", "routing.m"),
+    ("optim.slice_lr_scale=0", "optim.slice_lr_scale"),
     ("routing.fraction=0", "routing.fraction"),
     ("routing.fraction=1.2", "routing.fraction"),
     ("method.name=magic", "method.name"),

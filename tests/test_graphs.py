@@ -70,6 +70,17 @@ def test_rehearsed_graph_steps_train_as_eager_steps(method, rule, dataset):
         assert runs == [1, 7]
 
 
+def test_rehearsed_graph_steps_keep_the_slices_own_rate(dataset):
+    """optim.slice_lr_scale != 1: the slices read a second rate tensor, refilled whenever the
+    schedule changes the rate (every step here), and train as the eager step's float rate does."""
+    batches = _same_shape_batches(5)
+    eager, graphed = (_train("trelm", dataset, g, batches, "optim.slice_lr_scale=2.5") for g in (False, True))
+    _compare(eager, graphed)
+    opt = graphed[5].optimizer
+    assert opt.slice_lr_tensor is not opt.lr_tensor
+    assert opt.slice_lr_tensor.item() == pytest.approx(2.5 * opt.lr_tensor.item())
+
+
 def _constants(flat) -> list:
     """The number and dtype arguments of an op (what a captured graph keeps as they were)."""
     return [a for a in flat if isinstance(a, (bool, int, float, torch.dtype))]

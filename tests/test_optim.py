@@ -91,9 +91,10 @@ def test_frozen_params_get_no_grad_and_backward_stops_below_lowest_path():
 
 
 class _LazyReference:
-    """torch AdamW over the dense trainable params + one AdamW parameter per neuron slice."""
+    """torch AdamW over the dense trainable params + one AdamW parameter per neuron slice (at
+    ``slice_lr``, default the dense rate)."""
 
-    def __init__(self, model):
+    def __init__(self, model, slice_lr=None):
         self.model = model
         self.dense = [p for n, p in model.named_parameters() if parameter_group(n) in TRELM_TRAINABLE]
         decay = [p for p in self.dense if p.dim() >= 2]
@@ -109,7 +110,7 @@ class _LazyReference:
         flat = [r for layer in self.rows for r in layer]
         self.ffn_opt = torch.optim.AdamW(
             [{"params": [p for r in flat for p in (r[0], r[2])], "weight_decay": HP["weight_decay"]},
-             {"params": [r[1] for r in flat], "weight_decay": 0.0}], **kw)
+             {"params": [r[1] for r in flat], "weight_decay": 0.0}], **{**kw, "lr": slice_lr or HP["lr"]})
 
     def step(self, paths):
         for layer, rows, path in zip(self.layers, self.rows, paths):
@@ -147,13 +148,14 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def test_slice_optimizer_equals_lazy_torch_adamw():
+@pytest.mark.parametrize("slice_lr_scale", [1.0, 2.5])
+def test_slice_optimizer_equals_lazy_torch_adamw(slice_lr_scale):
     ref = _model()
     trelm = swap_ffn(copy.deepcopy(ref))
     configure_trainable(trelm)
     configure_trainable(ref, TRELM_TRAINABLE | {"ffn"})
-    opt = TrelmOptimizer(trelm, **HP)
-    lazy = _LazyReference(ref)
+    opt = TrelmOptimizer(trelm, **HP, slice_lr_scale=slice_lr_scale)
+    lazy = _LazyReference(ref, slice_lr=HP["lr"] * slice_lr_scale)
     for it in range(3):
         for f, p in zip(ffn_modules(trelm), PATHS[it]):
             f.set_path(p)

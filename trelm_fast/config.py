@@ -142,8 +142,10 @@ class RoutingConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW (slice AdamW for path rows/columns, torch AdamW for the rest)."""
+    """AdamW (slice AdamW for path rows/columns, torch AdamW for the rest). The parameters trained
+    whole learn at ``lr``, the knowledge-path slices at ``lr * slice_lr_scale``."""
     lr: float = 1e-3
+    slice_lr_scale: float = 1.0
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -443,6 +445,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
     o = cfg.optim
     _positive(o.lr, "optim.lr", s)
+    _positive(o.slice_lr_scale, "optim.slice_lr_scale", s)
     _positive(o.weight_decay, "optim.weight_decay", s, allow_zero=True)
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(o, name) < 1.0:

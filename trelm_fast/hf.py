@@ -89,8 +89,9 @@ class TrelmTorchOptimizer(torch.optim.Optimizer):
     param_groups: the dense parameters, then the slice leaves of the current paths (`set_slices`
     after every path change), so fp16 unscaling and inf checks cover both. `step()` runs the dense
     AdamW and the slice AdamW at the learning rate the scheduler set on the groups (one rate: the
-    scheduler scales every group alike), changing nothing when ``skip`` (a bool scalar tensor, read
-    on the device) is true. State is the TrelmOptimizer's own state dict.
+    scheduler scales every group alike; the slices step at it x `optim.slice_lr_scale`), changing
+    nothing when ``skip`` (a bool scalar tensor, read on the device) is true. State is the
+    TrelmOptimizer's own state dict.
     """
 
     def __init__(self, trelm: TrelmOptimizer):

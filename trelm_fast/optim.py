@@ -34,10 +34,14 @@ W1's (and b1's); a fused gate (ModernBERT's [G; W1]) gets rows S and I + S, and 
 transposed (GPT-2's Conv1D) are updated through their nn.Linear-layout views. Paths may change
 between steps: state is kept for all I neurons.
 
+`slice_lr_scale` (`optim.slice_lr_scale`): the slices learn at `lr` x this, the parameters trained
+whole at `lr`; a schedule that sets `lr` moves both.
+
 `device_lr=True` (CUDA graphs, `trelm_fast.graphs`): the learning rate lives in a 0-dim fp32
-tensor on the parameters' device, updated in place (`fill_`) when `lr` is set, and read on the
-device by both updates (fused AdamW with a tensor lr, `capturable` on CUDA; the slice kernel through
-a pointer), so a captured step reads each step's rate. Off, the rate is a Python float (no fill).
+tensor on the parameters' device (a second one for the slices when `slice_lr_scale` != 1), updated
+in place (`fill_`) when `lr` is set, and read on the device by both updates (fused AdamW with a
+tensor lr, `capturable` on CUDA; the slice kernel through a pointer), so a captured step reads each
+step's rate. Off, the rate is a Python float (no fill).
 
 `step(skip)`: with a bool scalar tensor, the whole update (dense and slices, step counters included)
 is dropped on the device when it is true (the fused AdamW's `found_inf`), so a step with a
@@ -106,16 +110,16 @@ class TrelmOptimizer:
     model: one module or several (e.g. the HF model and the trainer's knowledge projection).
     Dense parameters are those requiring grad at construction. Use: backward, (DDP:
     allreduce_slice_grads), step(), zero_grad(); set new paths after step()/zero_grad().
-    `lr` may be changed between steps (schedules): `opt.lr = value`; ``device_lr``: keep it in a
-    device tensor too (module docstring).
+    `lr` may be changed between steps (schedules): `opt.lr = value`; the slices step at
+    `lr * slice_lr_scale`; ``device_lr``: keep the rates in device tensors too (module docstring).
     """
 
     def __init__(self, model: nn.Module | Iterable[nn.Module], lr: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, device_lr: bool = False):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+                 weight_decay: float = 0.01, device_lr: bool = False, slice_lr_scale: float = 1.0):
+        if lr < 0 or eps < 0 or weight_decay < 0 or slice_lr_scale < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"TrelmOptimizer: invalid hyper-parameters lr={lr} betas={betas} eps={eps} "
-                             f"weight_decay={weight_decay}")
+                             f"weight_decay={weight_decay} slice_lr_scale={slice_lr_scale}")
         mods = _modules(model)
         self.ffns: list[TrelmFFN] = list(dict.fromkeys(f for m in mods for f in ffn_modules(m)))
         seen, params = set(), []
@@ -127,6 +131,10 @@ class TrelmOptimizer:
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         trained = params + [f.up.weight for f in self.ffns]
         self.lr_tensor = torch.tensor(float(lr), device=trained[0].device) if device_lr and trained else None
+        self.slice_lr_scale = float(slice_lr_scale)
+        self.slice_lr_tensor = self.lr_tensor
+        if self.lr_tensor is not None and self.slice_lr_scale != 1.0:
+            self.slice_lr_tensor = self.lr_tensor * self.slice_lr_scale
         self.dense = _dense_adamw(params, lr if self.lr_tensor is None else self.lr_tensor, self.betas, eps,
                                   weight_decay)
         self._lr = lr
@@ -141,9 +149,15 @@ class TrelmOptimizer:
         self._lr = float(value)
         if self.lr_tensor is not None:
             self.lr_tensor.fill_(self._lr)
+            if self.slice_lr_tensor is not self.lr_tensor:
+                self.slice_lr_tensor.fill_(self._lr * self.slice_lr_scale)
         if self.dense is not None:
             for g in self.dense.param_groups:
                 g["lr"] = self._lr if self.lr_tensor is None else self.lr_tensor
+
+    def _slice_lr(self) -> float | Tensor:
+        """The slices' rate, `lr * slice_lr_scale`: a float, or under ``device_lr`` its device tensor."""
+        return self._lr * self.slice_lr_scale if self.slice_lr_tensor is None else self.slice_lr_tensor
 
     def trained_tensors(self) -> list[Tensor]:
         """What this optimizer updates from ``.grad``: the dense parameters, then the slice leaves of
@@ -204,7 +218,7 @@ class TrelmOptimizer:
                 for p_b, m_b, v_b, g_b in zip(proj.neuron_blocks(p), proj.neuron_blocks(m), proj.neuron_blocks(v),
                                               proj.neuron_blocks(g, stored=False)):
                     slice_adamw(p_b, g_b, m_b, v_b, st["step"], idx, proj.axis if p.dim() == 2 else 0,
-                                self._lr if self.lr_tensor is None else self.lr_tensor, b1, b2, self.eps, wd, skip)
+                                self._slice_lr(), b1, b2, self.eps, wd, skip)
 
     def zero_grad(self) -> None:
         """Drop dense and slice gradients (set to None)."""
@@ -216,7 +230,8 @@ class TrelmOptimizer:
 
     def state_dict(self) -> dict:
         """Tensors and Python scalars only (readable with torch.load(weights_only=True)); the same with
-        and without ``device_lr`` (the rate and the `capturable` flag as an eager optimizer has them)."""
+        and without ``device_lr`` (the rate and the `capturable` flag as an eager optimizer has them).
+        `slice_lr_scale` is a setting, not state: the constructor's holds after a load."""
         dense = None if self.dense is None else self.dense.state_dict()
         if dense is not None and self.lr_tensor is not None:
             dense["param_groups"] = [{**g, "lr": self._lr, "capturable": False} for g in dense["param_groups"]]

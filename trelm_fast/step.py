@@ -311,7 +311,8 @@ class TrainStep:
         modules = [model.mlm, model.injection]
         self.dense_params = [p for m in modules for p in m.parameters() if p.requires_grad]
         self.optimizer = TrelmOptimizer(modules, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                        weight_decay=o.weight_decay, device_lr=self.cfg.train.cuda_graphs)
+                                        weight_decay=o.weight_decay, device_lr=self.cfg.train.cuda_graphs,
+                                        slice_lr_scale=o.slice_lr_scale)
 
     # ------------------------------------------------------------------------- routing
 
