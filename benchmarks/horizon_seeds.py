@@ -1,4 +1,5 @@
-"""`python benchmarks/horizon_seeds.py --out DIR RUN_DIR [RUN_DIR ...] [--measure p_at_1_said_10+ ...]`
+"""`python benchmarks/horizon_seeds.py --out DIR RUN_DIR [RUN_DIR ...] [--measure p_at_1_said_10+ ...]
+[--label OLD=NEW ...] [--variant LABEL ...]`
 
 Several `convergence_horizon.py` runs, read back from their curves.json, as one result over seeds.
 Per seed and measure, the mark is 80% of that seed's `dense` gain and each variant's time to it is
@@ -10,7 +11,9 @@ curve (`report.plot_convergence`: a colour per variant, a line per seed).
 Runs of one seed made in separate calls share the common start and the data order, not the
 machine's moment, so the summary names the directory of every curve. A curve key
 (`<dataset>/<label>/seed<k>`) found in two directories is an error: say which one to use by leaving
-the other out. Writes DIR/summary.md and DIR/seeds.png.
+the other out. `--label OLD=NEW` reads the curves of variant label OLD as NEW (a run made before a
+rename: `--label trelm_embeddings@0.001=trelm`); `--variant` keeps only the labels it names (after
+`--label`) beside the dense runs. Writes DIR/summary.md and DIR/seeds.png.
 """
 from __future__ import annotations
 
@@ -26,14 +29,22 @@ from report import plot_convergence
 DEFAULT_MEASURES = ("p_at_1_said_10+", "valid_mlm_loss")
 
 
-def load_curves(run_dirs: list[Path]) -> tuple[dict[str, dict], dict[str, Path]]:
-    """Every curve of `run_dirs` by key, and the directory each came from."""
+def load_curves(run_dirs: list[Path], labels: dict[str, str] | None = None,
+                keep: set[str] | None = None) -> tuple[dict[str, dict], dict[str, Path]]:
+    """Every curve of `run_dirs` by key, and the directory each came from; a variant label in
+    `labels` is read as its value, and with `keep` only the dense curves and those labels are kept."""
+    labels = labels or {}
     curves, source = {}, {}
     for run_dir in run_dirs:
         path = run_dir / "curves.json"
         if not path.is_file():
             raise SystemExit(f"{path}: no such file (not a convergence_horizon.py output directory)")
         for key, curve in json.loads(path.read_text()).items():
+            dataset, label, seed = key.split("/")
+            label = labels.get(label, label)
+            if keep is not None and label not in keep and not is_dense(label):
+                continue
+            key = f"{dataset}/{label}/{seed}"
             if key in curves:
                 raise SystemExit(f"{key} is in both {source[key]} and {run_dir}: leave one of them out")
             curves[key], source[key] = curve, run_dir
@@ -106,8 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--measure", action="append", default=None,
                    help=f"a curve key (repeatable; default {' '.join(DEFAULT_MEASURES)})")
+    p.add_argument("--label", action="append", default=[], metavar="OLD=NEW",
+                   help="read the curves of variant label OLD as NEW (repeatable)")
+    p.add_argument("--variant", action="append", default=None, metavar="LABEL",
+                   help="keep only these variant labels beside the dense runs (repeatable; default: all)")
     args = p.parse_args(argv)
-    curves, source = load_curves(args.run_dirs)
+    if bad := [text for text in args.label if text.count("=") != 1 or "" in text.split("=")]:
+        p.error(f"--label takes OLD=NEW, got {bad[0]!r}")
+    labels = dict(text.split("=") for text in args.label)
+    curves, source = load_curves(args.run_dirs, labels, None if args.variant is None else set(args.variant))
     args.out.mkdir(parents=True, exist_ok=True)
     lines = summary(curves, source, args.measure or list(DEFAULT_MEASURES))
     write_atomically(args.out / "summary.md", "\n".join(lines) + "\n")

@@ -448,6 +448,16 @@ def test_horizon_seeds_compares_each_seed_with_its_own_dense(tmp_path):
     write(tmp_path / "c", {"small/trelm/seed0": [0.0, 0.1, 0.2]})
     with pytest.raises(SystemExit, match=r"small/trelm/seed0 is in both .*a and .*c"):
         horizon_seeds.main([str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "out")])
+    # a run made under an earlier name joins its variant's row; --variant leaves the others out
+    write(tmp_path / "d", {"small/dense/seed2": [0.0, 0.5, 1.0], "small/old@0.001/seed2": [0.0, 0.9, 0.9],
+                           "small/old@0.002/seed2": [0.0, 0.0, 0.0]})
+    assert horizon_seeds.main([str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "out"),
+                               "--measure", "p_at_1_x", "--label", "old@0.001=trelm", "--variant", "trelm"]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| trelm | 50 s (0.33x) / 0.800 | 89 s (0.56x) / 0.900 | 0.44x (0.33-0.56) | 0.850 |" in summary
+    assert "old@" not in summary.split("## ")[1] and "| dense | 150 s / 0.500 | 160 s / 1.000 |" in summary
+    with pytest.raises(SystemExit):
+        horizon_seeds.main([str(tmp_path / "a"), "--out", str(tmp_path / "out"), "--label", "trelm"])
     with pytest.raises(SystemExit, match=r"missing/curves.json: no such file"):
         horizon_seeds.main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
 
