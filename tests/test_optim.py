@@ -94,7 +94,7 @@ class _LazyReference:
     """torch AdamW over the dense trainable params + one AdamW parameter per neuron slice (at
     ``slice_lr``, default the dense rate)."""
 
-    def __init__(self, model, slice_lr=None):
+    def __init__(self, model, slice_lr=HP["lr"]):
         self.model = model
         self.dense = [p for n, p in model.named_parameters() if parameter_group(n) in TRELM_TRAINABLE]
         decay = [p for p in self.dense if p.dim() >= 2]
@@ -110,7 +110,7 @@ class _LazyReference:
         flat = [r for layer in self.rows for r in layer]
         self.ffn_opt = torch.optim.AdamW(
             [{"params": [p for r in flat for p in (r[0], r[2])], "weight_decay": HP["weight_decay"]},
-             {"params": [r[1] for r in flat], "weight_decay": 0.0}], **{**kw, "lr": slice_lr or HP["lr"]})
+             {"params": [r[1] for r in flat], "weight_decay": 0.0}], **{**kw, "lr": slice_lr})
 
     def step(self, paths):
         for layer, rows, path in zip(self.layers, self.rows, paths):
