@@ -60,8 +60,8 @@ FRACTION = 0.8
 SEEDS = (0, 1, 2)
 WHOLE_MODEL_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
 SLICE_LRS = (3e-4, 1e-3, 3e-3)
-"""The sweep's grids. Whole-model methods reach up to 3e-4: over the horizon's 700-1500 s runs (docs/results.md)
-`dense` and `kmb_only` learned the frequent facts fastest there, a rate a grid ending at 1e-4 could not choose."""
+"""The sweep's grids. Whole-model methods reach 3e-4: in the horizon's 1000-1500 s runs (docs/results.md)
+`dense` learned the frequent facts faster at 3e-4 than at 1e-4, a rate a grid ending at 1e-4 could not choose."""
 LR_WARMUP_SHARE = 0.1
 """The learning-rate warm-up of every run is this share of its step-time budget (in steps at the
 variant's measured step time), so a slower method is not still warming up when its budget ends."""
