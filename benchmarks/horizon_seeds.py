@@ -29,6 +29,15 @@ from report import plot_convergence
 DEFAULT_MEASURES = ("p_at_1_said_10+", "valid_mlm_loss")
 
 
+def parse_label(text: str) -> tuple[str, str]:
+    """'OLD=NEW' -> (OLD, NEW), both non-empty and without '=' (as `convergence_horizon.parse_variant`
+    parses NAME=LR)."""
+    old, sep, new = text.partition("=")
+    if not (sep and old and new) or "=" in new:
+        raise argparse.ArgumentTypeError(f"--label takes OLD=NEW, got {text!r}")
+    return old, new
+
+
 def load_curves(run_dirs: list[Path], labels: dict[str, str] | None = None,
                 keep: set[str] | None = None) -> tuple[dict[str, dict], dict[str, Path]]:
     """Every curve of `run_dirs` by key, and the directory each came from; a variant label in
@@ -117,15 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--measure", action="append", default=None,
                    help=f"a curve key (repeatable; default {' '.join(DEFAULT_MEASURES)})")
-    p.add_argument("--label", action="append", default=[], metavar="OLD=NEW",
+    p.add_argument("--label", action="append", type=parse_label, default=[], metavar="OLD=NEW",
                    help="read the curves of variant label OLD as NEW (repeatable)")
     p.add_argument("--variant", action="append", default=None, metavar="LABEL",
                    help="keep only these variant labels beside the dense runs (repeatable; default: all)")
     args = p.parse_args(argv)
-    if bad := [text for text in args.label if text.count("=") != 1 or "" in text.split("=")]:
-        p.error(f"--label takes OLD=NEW, got {bad[0]!r}")
-    labels = dict(text.split("=") for text in args.label)
-    curves, source = load_curves(args.run_dirs, labels, None if args.variant is None else set(args.variant))
+    curves, source = load_curves(args.run_dirs, dict(args.label), None if args.variant is None else set(args.variant))
     args.out.mkdir(parents=True, exist_ok=True)
     lines = summary(curves, source, args.measure or list(DEFAULT_MEASURES))
     write_atomically(args.out / "summary.md", "\n".join(lines) + "\n")
