@@ -116,6 +116,7 @@ DIAGNOSTICS = {
     "trelm_random_paths": Variant("trelm", SLICE_LRS, ("routing.rule=random",)),
     "trelm_frozen_embeddings": Variant("trelm", SLICE_LRS, ("method.trainable=[head,other]",)),
     "trelm_slice_lr2": Variant("trelm", SLICE_LRS, ("optim.slice_lr_scale=2",)),
+    "frozen_dense": Variant("frozen_dense", WHOLE_MODEL_LRS),
 }
 """Long-run diagnostics, for benchmarks/convergence_horizon.py only (not run by the suite): why does
 trelm level off lower than dense? (On the H100 its P@1 on the facts said 10+ times levelled off near
@@ -131,7 +132,10 @@ against which every object prediction is scored) among them, as `trelm` did befo
 runs that made the embeddings the default named the other side `trelm_embeddings`). Whether the
 slices want another rate than the embeddings they now train beside: `trelm_slice_lr2`, the slices
 at twice the variant's rate (`optim.slice_lr_scale=2`; the s11 sweep moved both together, and 2e-3
-crossed first but levelled off lower)."""
+crossed first but levelled off lower). Where trelm's held-out gap to `kmb_only` sits: `frozen_dense`,
+`kmb_only` with attention and layer norms frozen (every FFN whole, no routing), so beside `kmb_only`
+at one rate it measures what training attention is worth, and beside `trelm` what the FFN neurons
+off the paths are."""
 
 
 @dataclass(frozen=True)
