@@ -466,7 +466,8 @@ def test_horizon_diagnostics_change_only_what_they_name():
     import suite_convergence as sc
     import workload
     from trelm_fast.optim import configure_trainable
-    from trelm_fast.step import build_step_model
+    from trelm_fast.models import parameter_group
+    from trelm_fast.step import build_step_model, make_step
 
     data_dir = workload.generated_dir()
     base = workload.config("tiny", "trelm", data_dir)
@@ -490,6 +491,12 @@ def test_horizon_diagnostics_change_only_what_they_name():
     assert set(frozen) == {n for n in names if "embeddings" not in n}
     faster = workload.config("tiny", "trelm", data_dir, list(sc.DIAGNOSTICS["trelm_slice_lr2"].overrides))
     assert (base.optim.slice_lr_scale, faster.optim.slice_lr_scale) == (1.0, 2.0) and faster.optim.lr == base.optim.lr
+    whole_ffn = sc.DIAGNOSTICS["frozen_dense"]
+    cfg = workload.config("tiny", whole_ffn.method, data_dir, list(whole_ffn.overrides))
+    step = make_step(whole_ffn.method, build_step_model(whole_ffn.method, cfg, data_dir), cfg)
+    trained = {n for n, p in step.model.mlm.named_parameters() if p.requires_grad}
+    groups = {parameter_group(n) for n in trained}
+    assert set(names) < trained and groups == {"embeddings", "head", "ffn"}  # attention and layer norms frozen
     assert not set(sc.DIAGNOSTICS) & set(sc.ALL_VARIANTS)  # the suite does not run them
 
 
