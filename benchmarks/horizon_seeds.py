@@ -5,8 +5,10 @@ Several `convergence_horizon.py` runs, read back from their curves.json, as one 
 Per seed and measure, the mark is 80% of that seed's `dense` gain and each variant's time to it is
 interpolated between evaluations, as in the horizon's own time-to-mark table
 (`convergence_horizon.times_to_mark`), with its ratio to dense's time and its value at the end.
-Per variant, the median and range of those ratios over the seeds follow, and one plot of every
-curve (`report.plot_convergence`: a colour per variant, a line per seed).
+Per variant, the median and range of those ratios over the seeds follow, the median final value,
+the median of each seed's mean over the second half of its run (`second_half_mean`: the level a
+run holds late, where one evaluation's swing decides less than it does the final value), and one
+plot of every curve (`report.plot_convergence`: a colour per variant, a line per seed).
 
 Runs of one seed made in separate calls share the common start and the data order, not the
 machine's moment, so the summary names the directory of every curve. A curve key
@@ -60,8 +62,16 @@ def load_curves(run_dirs: list[Path], labels: dict[str, str] | None = None,
     return curves, source
 
 
-def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, tuple[float | None, float | None, float]]]:
-    """variant label -> seed -> (time to that seed's dense mark, ratio to dense's time, final value).
+def second_half_mean(curve: dict, measure: str) -> float:
+    """Mean of `measure` over the evaluations at or after half the run's last clock (`probe_wall_s`)."""
+    half = curve["probe_wall_s"][-1] / 2
+    late = [v for t, v in zip(curve["probe_wall_s"], curve[measure]) if t >= half]
+    return sum(late) / len(late)
+
+
+def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, tuple[float | None, float | None, float, float]]]:
+    """variant label -> seed -> (time to that seed's dense mark, ratio to dense's time, final value,
+    `second_half_mean`).
     Seeds without a dense curve of at least two evaluations (`dense_reference`), or whose dense never
     improves the measure, are left out; ratio None where either time is missing."""
     by_seed: dict[int, dict[str, dict]] = {}
@@ -79,7 +89,8 @@ def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, tupl
             continue
         for label, t in times.items():
             ratio = t / times[reference] if t is not None and times[reference] and not is_dense(label) else None
-            rows.setdefault(label, {})[seed] = (t, ratio, runs[label][measure][-1])
+            curve = runs[label]
+            rows.setdefault(label, {})[seed] = (t, ratio, curve[measure][-1], second_half_mean(curve, measure))
     return rows
 
 
@@ -91,23 +102,25 @@ def measure_lines(curves: dict[str, dict], measure: str) -> list[str]:
     seeds = sorted({s for per_seed in rows.values() for s in per_seed})
     lines = [f"## {measure}", "",
              "Cells: time to the seed's dense mark (ratio to dense's time) / value at the end.", "",
-             "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | median ratio (range) | median final |",
-             "|---|" + "---|" * (len(seeds) + 2)]
+             "| variant | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | median ratio (range) | median final | median mean, second half |",
+             "|---|" + "---|" * (len(seeds) + 3)]
     for label, per_seed in rows.items():
         cells = []
         for s in seeds:
             if s not in per_seed:
                 cells.append("")
                 continue
-            t, ratio, final = per_seed[s]
+            t, ratio, final, _ = per_seed[s]
             cells.append(("not reached" if t is None else f"{t:.0f} s" + (f" ({ratio:.2f}x)" if ratio else ""))
                          + f" / {final:.3f}")
-        ratios = [r for _, r, _ in per_seed.values() if r is not None]
-        missed = sum(t is None for t, _, _ in per_seed.values())
+        ratios = [r for _, r, _, _ in per_seed.values() if r is not None]
+        missed = sum(t is None for t, _, _, _ in per_seed.values())
         spread = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "")
         spread += f"{'; ' if ratios else ''}not reached in {missed} of {len(per_seed)}" if missed else ""
+        finals, late = zip(*(row[2:] for row in per_seed.values()))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {spread} | "
-                     f"{statistics.median(f for _, _, f in per_seed.values()):.3f} |")
+                     f"{statistics.median(finals):.3f} | {statistics.median(late):.3f} |")
     return lines + [""]
 
 

@@ -441,9 +441,10 @@ def test_horizon_seeds_compares_each_seed_with_its_own_dense(tmp_path):
     assert horizon_seeds.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out"),
                                "--measure", "p_at_1_x"]) == 0
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| trelm | 50 s (0.33x) / 0.800 | not reached / 0.100 | 0.33x (0.33-0.33); not reached in 1 of 2 | 0.450 |" \
+    assert "| trelm | 50 s (0.33x) / 0.800 | not reached / 0.100 | 0.33x (0.33-0.33); not reached in 1 of 2 | 0.450 | 0.450 |" \
         in summary
-    assert "| dense | 150 s / 0.500 |" in summary and "| dense@0.0003 |  | 160 s / 0.200 |" in summary
+    assert "| dense | 150 s / 0.500 |  |  | 0.500 | 0.400 |" in summary  # second half: the evaluations at 100, 200 s
+    assert "| dense@0.0003 |  | 160 s / 0.200 |" in summary
     assert f"`small/trelm/seed1` {tmp_path / 'b'}" in summary and (tmp_path / "out" / "seeds.png").exists()
     write(tmp_path / "c", {"small/trelm/seed0": [0.0, 0.1, 0.2]})
     with pytest.raises(SystemExit, match=r"small/trelm/seed0 is in both .*a and .*c"):
@@ -454,7 +455,7 @@ def test_horizon_seeds_compares_each_seed_with_its_own_dense(tmp_path):
     assert horizon_seeds.main([str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "out"),
                                "--measure", "p_at_1_x", "--label", "old@0.001=trelm", "--variant", "trelm"]) == 0
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| trelm | 50 s (0.33x) / 0.800 | 89 s (0.56x) / 0.900 | 0.44x (0.33-0.56) | 0.850 |" in summary
+    assert "| trelm | 50 s (0.33x) / 0.800 | 89 s (0.56x) / 0.900 | 0.44x (0.33-0.56) | 0.850 | 0.850 |" in summary
     assert "old@" not in summary.split("## ")[1] and "| dense | 150 s / 0.500 | 160 s / 1.000 |" in summary
     with pytest.raises(SystemExit):
         horizon_seeds.main([str(tmp_path / "a"), "--out", str(tmp_path / "out"), "--label", "trelm"])
