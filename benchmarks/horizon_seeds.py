@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from convergence_horizon import dense_reference, is_dense, lower_is_better, times_to_mark, write_atomically
 from report import plot_convergence
@@ -69,9 +70,17 @@ def second_half_mean(curve: dict, measure: str) -> float:
     return sum(late) / len(late)
 
 
-def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, tuple[float | None, float | None, float, float]]]:
-    """variant label -> seed -> (time to that seed's dense mark, ratio to dense's time, final value,
-    `second_half_mean`).
+class SeedRow(NamedTuple):
+    """One variant on one seed: time to the seed's dense mark (None: not reached), its ratio to
+    dense's time (None for dense or where a time is missing), the final value, `second_half_mean`."""
+    time: float | None
+    ratio: float | None
+    final: float
+    late: float
+
+
+def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, SeedRow]]:
+    """variant label -> seed -> its `SeedRow`.
     Seeds without a dense curve of at least two evaluations (`dense_reference`), or whose dense never
     improves the measure, are left out; ratio None where either time is missing."""
     by_seed: dict[int, dict[str, dict]] = {}
@@ -90,7 +99,7 @@ def seed_rows(curves: dict[str, dict], measure: str) -> dict[str, dict[int, tupl
         for label, t in times.items():
             ratio = t / times[reference] if t is not None and times[reference] and not is_dense(label) else None
             curve = runs[label]
-            rows.setdefault(label, {})[seed] = (t, ratio, curve[measure][-1], second_half_mean(curve, measure))
+            rows.setdefault(label, {})[seed] = SeedRow(t, ratio, curve[measure][-1], second_half_mean(curve, measure))
     return rows
 
 
@@ -111,16 +120,17 @@ def measure_lines(curves: dict[str, dict], measure: str) -> list[str]:
             if s not in per_seed:
                 cells.append("")
                 continue
-            t, ratio, final, _ = per_seed[s]
-            cells.append(("not reached" if t is None else f"{t:.0f} s" + (f" ({ratio:.2f}x)" if ratio else ""))
-                         + f" / {final:.3f}")
-        ratios = [r for _, r, _, _ in per_seed.values() if r is not None]
-        missed = sum(t is None for t, _, _, _ in per_seed.values())
+            row = per_seed[s]
+            cells.append(("not reached" if row.time is None
+                          else f"{row.time:.0f} s" + (f" ({row.ratio:.2f}x)" if row.ratio else ""))
+                         + f" / {row.final:.3f}")
+        ratios = [row.ratio for row in per_seed.values() if row.ratio is not None]
+        missed = sum(row.time is None for row in per_seed.values())
         spread = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "")
         spread += f"{'; ' if ratios else ''}not reached in {missed} of {len(per_seed)}" if missed else ""
-        finals, late = zip(*(row[2:] for row in per_seed.values()))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {spread} | "
-                     f"{statistics.median(finals):.3f} | {statistics.median(late):.3f} |")
+                     f"{statistics.median(row.final for row in per_seed.values()):.3f} | "
+                     f"{statistics.median(row.late for row in per_seed.values()):.3f} |")
     return lines + [""]
 
 
